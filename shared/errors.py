@@ -1,0 +1,86 @@
+"""Sluice's own exception types.
+
+Every error carries the context an operator needs to act on it: which source, stream, sink or key.
+`transient` tells the consumer whether retrying the same work can succeed (a database restart, a
+429) or not (a constraint violation, a malformed value).
+"""
+
+from __future__ import annotations
+
+
+class SluiceError(Exception):
+    """Base of every error Sluice raises on purpose."""
+
+    transient: bool = False
+
+    def __init__(self, message: str, **context: object) -> None:
+        self.message = message
+        self.context = {k: v for k, v in context.items() if v is not None}
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        if not self.context:
+            return self.message
+        where = ", ".join(f"{k}={v}" for k, v in self.context.items())
+        return f"{self.message} ({where})"
+
+
+class ConfigError(SluiceError):
+    """The configuration is wrong; `problems` lists every mistake found (file, key, expectation)."""
+
+    def __init__(self, problems: list[str], file: str | None = None) -> None:
+        self.problems = problems
+        head = f"invalid configuration in {file}" if file else "invalid configuration"
+        super().__init__(head + ":\n  - " + "\n  - ".join(problems))
+
+
+class ServiceError(SluiceError):
+    """An embedded service (Redis, PostgreSQL) could not be started or reached."""
+
+
+class SourceError(SluiceError):
+    """Reading from a source failed."""
+
+
+class TransientSourceError(SourceError):
+    transient = True
+
+
+class D1Error(SourceError):
+    """The D1 REST API answered with an error (HTTP status, Cloudflare code, message)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: int | None = None,
+        transient: bool = False,
+        **context: object,
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.transient = transient
+        super().__init__(message, status=status, code=code, **context)
+
+
+class SinkError(SluiceError):
+    """Writing a page to a sink failed."""
+
+
+class TransientSinkError(SinkError):
+    """The sink is unreachable, busy or asked us to retry: the same page may succeed later."""
+
+    transient = True
+
+
+class RejectedBySinkError(SinkError):
+    """The database rejected the page's data (a constraint, a value out of range)."""
+
+
+class UnknownStreamError(SluiceError):
+    """A page names a stream the settings do not define."""
+
+
+class MessageError(SluiceError):
+    """A queue message body could not be decoded into a page."""
