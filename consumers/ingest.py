@@ -1,0 +1,173 @@
+"""The ingest task: page → validate → dedupe → sink → dead letters → progress.
+
+Runs on the queue of its sink (`ingest.postgres`, `ingest.sqlite`). Every outcome is explicit:
+- committed: the page's valid records are in the sink (once, whatever the deliveries);
+- transient sink error: the page is retried with exponential backoff and full jitter; when the
+  retries run out its records become dead letters, never dropped;
+- invalid records and records the sink refused: dead letters, while the rest is committed.
+The message is acknowledged only when the task returns (late ack), so a killed worker's page is
+delivered again and the keyed writes make that harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Task
+
+from consumers.dead_letter import DeadLetter, send_dead_letters
+from shared.celery_app import app
+from shared.errors import (
+    MessageError,
+    RejectedBySinkError,
+    SinkError,
+    TransientSinkError,
+    UnknownStreamError,
+)
+from shared.page import Page, decode
+from shared.records import Rejected, dedupe, record_key
+from shared.sink import PageMeta, WriteResult
+from shared.streams import Stream
+
+log = logging.getLogger("sluice.ingest")
+
+
+def backoff(attempt: int, cap: float) -> float:
+    """Full jitter: uniform in [0, min(cap, 0.5 s · 2^attempt)] (spreads retries of many pages)."""
+    return random.uniform(0, min(cap, 0.5 * 2**attempt))
+
+
+@app.task(name="sluice.ingest", bind=True, acks_late=True, reject_on_worker_lost=True)
+def ingest(self: Task, body: object) -> dict[str, Any]:
+    ctx = app.context
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    try:
+        page = decode(body)
+        stream = ctx.settings.stream(page.stream)
+    except (MessageError, UnknownStreamError) as exc:
+        _dead_letter_message(body, exc)
+        return {"status": "malformed", "error": str(exc)}
+
+    good, rejected = ctx.validator(stream).validate(page.columns, page.rows)
+    rows = dedupe(stream, good)
+    meta = PageMeta(
+        page_id=page.id,
+        source=page.source,
+        run_id=page.run,
+        received=len(page.rows),
+        invalid=len(rejected),
+        attempts=self.request.retries + 1,
+        started_at=started,
+    )
+    sink = ctx.sink(page.sink)
+    max_retries = ctx.settings.pipeline.max_retries
+    try:
+        result = sink.write(stream, rows, meta)
+    except TransientSinkError as exc:
+        if self.request.retries < max_retries:
+            cap = ctx.settings.pipeline.visibility_timeout / 10
+            delay = backoff(self.request.retries, cap)
+            log.warning("page %s to %s: %s; retry %d/%d in %.1fs", page.id, page.sink, exc,
+                        self.request.retries + 1, max_retries, delay)
+            raise self.retry(exc=exc, countdown=delay, max_retries=max_retries) from exc
+        log.error("page %s to %s: retries exhausted: %s", page.id, page.sink, exc)
+        rejected += [Rejected(r, None, str(exc), "RetriesExhausted") for r in rows]
+        result = WriteResult(0, 0)
+    except RejectedBySinkError as exc:
+        # The database refused something validation let through: isolate it.
+        result, refused = _isolate(sink, stream, rows, meta, exc)
+        rejected += refused
+    except SinkError as exc:
+        log.error("page %s to %s failed: %s", page.id, page.sink, exc)
+        rejected += [Rejected(r, None, str(exc), type(exc).__name__) for r in rows]
+        result = WriteResult(0, 0)
+
+    if rejected:
+        send_dead_letters([_dead_letter(stream, page, r) for r in rejected])
+    if ctx.progress.committed(page.id, page.sink):
+        app.send_task("sluice.ack_page", args=[page.source, page.id])
+    return {
+        "page": page.id,
+        "sink": page.sink,
+        "stream": page.stream,
+        "received": meta.received,
+        "inserted": result.inserted,
+        "duplicates": result.duplicates,
+        "dead_letters": len(rejected),
+        "ms": round((time.perf_counter() - t0) * 1000, 2),
+    }
+
+
+def _isolate(
+    sink: Any, stream: Stream, rows: list[list[Any]], meta: PageMeta, first: RejectedBySinkError
+) -> tuple[WriteResult, list[Rejected]]:
+    """Bisect the page until each refused record stands alone; commit the rest.
+
+    k bad records among n cost O(k·log n) transactions. Sub-pages are written under derived page
+    ids (`<page>/<range>`), so a redelivery during isolation skips the parts already committed.
+    """
+    refused: list[Rejected] = []
+    inserted = 0
+    half = len(rows) // 2
+    stack: list[tuple[int, int]] = [(half, len(rows)), (0, half)]
+    if len(rows) == 1:
+        refused.append(Rejected(rows[0], None, first.message, "RejectedBySink"))
+        stack = []
+    while stack:
+        lo, hi = stack.pop()
+        if lo >= hi:
+            continue
+        part = rows[lo:hi]
+        sub = PageMeta(f"{meta.page_id}/{lo}-{hi}", meta.source, meta.run_id, len(part), 0,
+                       meta.attempts, meta.started_at)
+        try:
+            inserted += sink.write(stream, part, sub).inserted
+        except RejectedBySinkError as exc:
+            if hi - lo == 1:
+                refused.append(Rejected(part[0], None, exc.message, "RejectedBySink"))
+            else:
+                mid = (lo + hi) // 2
+                stack += [(mid, hi), (lo, mid)]
+    valid = meta.received - meta.invalid - len(refused)
+    return WriteResult(inserted, valid - inserted), refused
+
+
+def _dead_letter(stream: Stream, page: Page, r: Rejected) -> DeadLetter:
+    names: Sequence[str] = page.columns if len(r.row) == len(page.columns) else stream.column_names
+    payload = dict(zip(names, r.row, strict=False)) if len(r.row) <= len(names) else {
+        "_row": list(r.row)}
+    message = f"{r.field}: {r.rule}" if r.field else r.rule
+    return DeadLetter(
+        stream=stream.name,
+        sink=page.sink,
+        record_key=record_key(stream, r.row),
+        source=page.source,
+        page_id=page.id,
+        payload=payload,
+        error_class=r.error_class,
+        error_message=message,
+    )
+
+
+def _dead_letter_message(body: object, exc: Exception) -> None:
+    """A message we cannot read at all is kept whole as one dead letter."""
+    info = body if isinstance(body, dict) else {}
+    page_id = str(info.get("id") or "unknown")
+    send_dead_letters([
+        DeadLetter(
+            stream=str(info.get("stream") or "unknown"),
+            sink=str(info.get("sink") or "unknown"),
+            record_key=f"message:{page_id}",
+            source=str(info.get("source") or "unknown"),
+            page_id=page_id,
+            payload={"_message": repr(body)[:100_000]},
+            error_class=type(exc).__name__,
+            error_message=str(exc),
+        )
+    ])

@@ -1,0 +1,40 @@
+"""Acknowledge a page to its source once every sink has committed it (D1: set processed_at).
+
+Sent by the ingest task of the last sink to commit. If the acknowledgement fails it is retried;
+if it is lost, the rows stay unprocessed and are read again after the in-flight lease: a
+duplicate delivery the sinks absorb, never a loss.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Task
+
+from producers.registry import open_source
+from shared.celery_app import app
+from shared.errors import SluiceError
+
+log = logging.getLogger("sluice.ack")
+
+
+@app.task(name="sluice.ack_page", bind=True, acks_late=True, reject_on_worker_lost=True,
+          max_retries=20)
+def ack_page(self: Task, source_name: str, page_id: str) -> str:
+    ctx = app.context
+    found = ctx.progress.ack_data(page_id)
+    if found is None:
+        return "already acknowledged"
+    _, ack = found
+    source = open_source(ctx.settings, source_name)
+    try:
+        source.acknowledge(ack)
+    except SluiceError as exc:
+        delay = min(300, 2 ** min(self.request.retries, 8))
+        log.warning("ack of page %s to %s failed (%s); retry in %ss", page_id, source_name, exc,
+                    delay)
+        raise self.retry(exc=exc, countdown=delay) from exc
+    finally:
+        source.close()
+    ctx.progress.done(source_name, page_id)
+    return "acknowledged"

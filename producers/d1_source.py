@@ -1,0 +1,176 @@
+"""D1 source: rows of a D1 table with `processed_at IS NULL`, read in key order, in pages.
+
+Seed 000's rule, kept across the queue: a row is marked processed only after every sink has
+committed it (producers/ack.py calls `acknowledge`). Two modes share the same SQL:
+- local: a D1 SQLite file, given directly or found in wrangler's state folder (apis.md §2.5);
+- remote: the D1 REST `/query` API (producers/d1_rest.py), keeping to 100 bound parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import sqlite3
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from producers.d1_rest import D1Client
+from producers.source import SourcePage
+from shared.database import sqlite_connect
+from shared.errors import SourceError, TransientSourceError
+from shared.settings import D1SourceConfig, Settings
+from shared.streams import Stream
+
+MAX_PARAMS = 100
+
+
+def miniflare_object_filename(name: str, unique_key: str = "miniflare-D1DatabaseObject") -> str:
+    """The file name wrangler/miniflare gives a local D1 database (apis.md §2.5)."""
+    key = hashlib.sha256(unique_key.encode()).digest()
+    name_hmac = hmac.new(key, name.encode(), hashlib.sha256).digest()[:16]
+    mac = hmac.new(key, name_hmac, hashlib.sha256).digest()[:16]
+    return (name_hmac + mac).hex() + ".sqlite"
+
+
+def wrangler_d1_path(state_dir: Path, database_id: str) -> Path:
+    return state_dir / "v3" / "d1" / "miniflare-D1DatabaseObject" / miniflare_object_filename(
+        database_id)
+
+
+class D1Database(Protocol):
+    def query(self, sql: str, params: Sequence[object] = ()) -> list[dict[str, Any]]: ...
+
+    def batch(self, statements: Sequence[tuple[str, Sequence[object]]]) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class LocalD1:
+    """A local D1 file through sqlite3, with the same two calls as the REST client."""
+
+    def __init__(self, path: Path, busy_timeout_ms: int) -> None:
+        if not path.exists():
+            raise SourceError(f"D1 file not found: {path}")
+        self._conn = sqlite_connect(path, busy_timeout_ms)
+        self._conn.row_factory = sqlite3.Row
+
+    def query(self, sql: str, params: Sequence[object] = ()) -> list[dict[str, Any]]:
+        try:
+            return [dict(r) for r in self._conn.execute(sql, tuple(params))]
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise TransientSourceError(str(exc)) from exc
+            raise SourceError(str(exc)) from exc
+
+    def batch(self, statements: Sequence[tuple[str, Sequence[object]]]) -> None:
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in statements:
+                    self._conn.execute(sql, tuple(params))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise TransientSourceError(str(exc)) from exc
+            raise SourceError(str(exc)) from exc
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class RemoteD1:
+    def __init__(self, client: D1Client) -> None:
+        self._client = client
+
+    def query(self, sql: str, params: Sequence[object] = ()) -> list[dict[str, Any]]:
+        return self._client.query(sql, params)
+
+    def batch(self, statements: Sequence[tuple[str, Sequence[object]]]) -> Any:
+        return self._client.batch(statements)
+
+    def close(self) -> None:
+        pass
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class D1Source:
+    def __init__(self, name: str, cfg: D1SourceConfig, stream: Stream, db: D1Database) -> None:
+        self.name = name
+        self.stream = stream
+        self.cfg = cfg
+        self.db = db
+        self.table = _quote(cfg.table or stream.table)
+        self.key = _quote(cfg.key_column)
+        cols = ", ".join(_quote(c) for c in stream.column_names)
+        self._select_cols = f"{self.key} AS sluice_key, {cols}"
+
+    def pages(self, after: Any | None, max_pages: int) -> Iterator[SourcePage]:
+        size = self.cfg.batch_size
+        for _ in range(max_pages):
+            if after is None:
+                sql = (f"SELECT {self._select_cols} FROM {self.table} WHERE processed_at IS NULL"
+                       f" ORDER BY {self.key} LIMIT ?")
+                params: list[object] = [size]
+            else:
+                sql = (f"SELECT {self._select_cols} FROM {self.table} WHERE processed_at IS NULL"
+                       f" AND {self.key} > ? ORDER BY {self.key} LIMIT ?")
+                params = [after, size]
+            found = self.db.query(sql, params)
+            if not found:
+                return
+            names = self.stream.column_names
+            rows = [[r[c] for c in names] for r in found]
+            keys = [r["sluice_key"] for r in found]
+            after = keys[-1]
+            yield SourcePage(rows=rows, ack=keys, last_key=after)
+            if len(found) < size:
+                return
+
+    def acknowledge(self, ack: Any) -> None:
+        """Mark the page's rows processed; rows already marked keep their first time."""
+        keys = list(ack)
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        per = MAX_PARAMS - 1  # one parameter is the timestamp
+        statements = []
+        for i in range(0, len(keys), per):
+            chunk = keys[i:i + per]
+            marks = ", ".join("?" for _ in chunk)
+            statements.append((
+                f"UPDATE {self.table} SET processed_at = ? WHERE {self.key} IN ({marks})"
+                " AND processed_at IS NULL",
+                [now, *chunk],
+            ))
+        if statements:
+            self.db.batch(statements)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def open_d1_source(name: str, cfg: D1SourceConfig, settings: Settings) -> D1Source:
+    stream = settings.stream(cfg.stream)
+    db: D1Database
+    if cfg.mode == "local":
+        if cfg.path:
+            path = Path(cfg.path)
+        else:
+            assert cfg.wrangler_state and cfg.database_id
+            path = wrangler_d1_path(Path(cfg.wrangler_state), cfg.database_id)
+        db = LocalD1(path, settings.pipeline.sqlite_busy_timeout_ms)
+    else:
+        token = settings.secret(cfg.api_token_env)
+        if not token:
+            raise SourceError(f"remote D1 needs an API token in ${cfg.api_token_env}", source=name)
+        assert cfg.account_id and cfg.database_id
+        db = RemoteD1(D1Client(account_id=cfg.account_id, database_id=cfg.database_id,
+                               api_token=token, base_url=cfg.base_url))
+    return D1Source(name, cfg, stream, db)

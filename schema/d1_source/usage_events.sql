@@ -1,0 +1,19 @@
+-- The D1-side usage_events table that the D1 source reads (seed 000): the hot store where events
+-- land first. Repeated idempotency keys are allowed here (the sinks dedupe them); processed_at is
+-- set by Sluice only after every sink has committed the row. D1-compatible.
+
+CREATE TABLE IF NOT EXISTS usage_events (
+    id               TEXT PRIMARY KEY,
+    organisation_id  TEXT,
+    project_id       TEXT,
+    idempotency_key  TEXT,
+    metric_name      TEXT,
+    metric_value     REAL,
+    unit             TEXT,
+    "timestamp"      TEXT,
+    metadata         TEXT,
+    created_at       TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    processed_at     TEXT
+);
+CREATE INDEX IF NOT EXISTS idx_usage_events_unprocessed
+    ON usage_events (processed_at, id);

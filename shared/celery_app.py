@@ -1,0 +1,88 @@
+"""The Celery app: the one piece of module-level state, configured from Settings.
+
+Reliability settings (reference/celery.md §2): late acks so a page is acknowledged only after its
+commit; requeue when a pool process dies; a visibility timeout far above the longest page so Redis
+only redelivers what a dead worker held. msgpack keeps page messages compact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, signals
+from kombu import Queue
+
+from shared.context import Context
+from shared.settings import Settings
+
+INGEST_QUEUES = ("ingest.postgres", "ingest.sqlite")
+QUEUES = (*INGEST_QUEUES, "dead_letter", "progress", "produce")
+
+
+def ingest_queue(sink: str) -> str:
+    return f"ingest.{sink}"
+
+
+class SluiceCelery(Celery):  # type: ignore[misc]
+    _context: Context | None = None
+
+    def configure(self, settings: Settings) -> Context:
+        """Point the app at the settings' broker (starting the embedded one if unset)."""
+        ctx = Context(settings)
+        vt = settings.pipeline.visibility_timeout
+        self.conf.update(
+            broker_url=ctx.broker_url,
+            broker_connection_retry_on_startup=True,
+            broker_transport_options={
+                "visibility_timeout": vt,
+                # Restore a dead worker's messages soon after the timeout (kombu 5.7 defaults
+                # sweep only about every 100 s).
+                "unacked_restore_interval": min(10, max(1, vt // 10)),
+                "unacked_restore_throttle": 1,
+            },
+            task_serializer="msgpack",
+            result_serializer="msgpack",
+            accept_content=["msgpack", "json"],
+            task_ignore_result=True,
+            task_acks_late=True,
+            task_reject_on_worker_lost=True,
+            worker_prefetch_multiplier=2,
+            worker_send_task_events=True,
+            task_queues=[Queue(q) for q in QUEUES],
+            task_default_queue="produce",
+            task_routes={
+                "sluice.dead_letter": {"queue": "dead_letter"},
+                "sluice.ack_page": {"queue": "progress"},
+                "sluice.produce": {"queue": "produce"},
+            },
+            worker_hijack_root_logger=False,
+            worker_redirect_stdouts=False,
+        )
+        self._context = ctx
+        return ctx
+
+    @property
+    def context(self) -> Context:
+        if self._context is None:
+            self.configure(Settings.load())
+        assert self._context is not None
+        return self._context
+
+
+app = SluiceCelery(
+    "sluice",
+    include=["consumers.ingest", "consumers.dead_letter", "producers.ack", "producers.produce"],
+)
+
+
+@signals.worker_process_init.connect
+def _fresh_context_after_fork(**_: Any) -> None:
+    # A forked pool process must not reuse its parent's sockets.
+    if app._context is not None:
+        app._context = Context(app._context.settings)
+
+
+@signals.worker_process_shutdown.connect
+def _close_context(**_: Any) -> None:
+    if app._context is not None:
+        app._context.close()

@@ -1,0 +1,59 @@
+"""Connections: resolve the configured (or embedded) URLs and open them the same way everywhere."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import sqlalchemy
+from sqlalchemy.engine import Engine, make_url
+
+from shared.settings import Settings
+
+
+def postgres_url(settings: Settings) -> str:
+    """SLUICE_POSTGRES_URL, or the embedded server of the data folder (started on demand)."""
+    if settings.postgres_url:
+        return settings.postgres_url
+    from shared.embedded import ensure_postgres
+
+    return ensure_postgres(settings.data_dir)
+
+
+def broker_url(settings: Settings) -> str:
+    """SLUICE_BROKER_URL, or the embedded Redis of the data folder (started on demand)."""
+    if settings.broker_url:
+        return settings.broker_url
+    from shared.embedded import ensure_redis
+
+    return ensure_redis(settings.data_dir)
+
+
+def libpq_dsn(url: str) -> str:
+    """A SQLAlchemy URL (postgresql+psycopg2://…) as a DSN psycopg2.connect accepts."""
+    u = make_url(url)
+    return u.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def postgres_engine(url: str) -> Engine:
+    u = make_url(url)
+    if u.drivername == "postgresql":
+        u = u.set(drivername="postgresql+psycopg2")
+    return sqlalchemy.create_engine(u, pool_pre_ping=True, pool_size=2, max_overflow=2)
+
+
+def sqlite_connect(path: Path, busy_timeout_ms: int = 30_000) -> sqlite3.Connection:
+    """A connection in autocommit mode (we issue BEGIN IMMEDIATE ourselves) with D1's semantics:
+    foreign keys on. WAL lets readers run while one writer writes; the busy timeout makes a second
+    writer wait for the lock instead of failing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None,
+                           check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    # limits.md 2t-2: a large cache and rare checkpoints are what make bulk inserts fast.
+    conn.execute("PRAGMA cache_size=-262144")
+    conn.execute("PRAGMA wal_autocheckpoint=20000")
+    return conn

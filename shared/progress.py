@@ -1,0 +1,97 @@
+"""Pages in flight, kept in Redis: a source's progress advances only after every sink committed.
+
+For each page the producer registers the sinks still to commit it and the source's acknowledgement
+data (for D1: the row ids to mark processed). Each sink, after its commit, removes itself; the one
+that empties the set triggers the acknowledgement. The producer also records, per source, the last
+key of each page in flight, so the next run continues after them instead of enqueuing the same
+rows again; pages older than the lease are presumed lost and their rows are read again.
+If Redis itself loses this state, the rows simply stay unacknowledged and are read again: a
+duplicate delivery, which the sinks absorb, never a loss.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import redis
+
+_PREFIX = "sluice"
+
+# Remove this sink from the page's pending set; return 1 when no sink is left.
+_COMMITTED = """
+redis.call('SREM', KEYS[1], ARGV[1])
+if redis.call('SCARD', KEYS[1]) == 0 then return 1 end
+return 0
+"""
+
+
+class Progress:
+    def __init__(self, client: redis.Redis, lease_seconds: float, key_ttl: int = 7 * 86400):
+        self.r = client
+        self.lease_seconds = lease_seconds
+        self.key_ttl = max(key_ttl, int(lease_seconds * 2))
+        self._committed = client.register_script(_COMMITTED)
+
+    @staticmethod
+    def _pending(page_id: str) -> str:
+        return f"{_PREFIX}:page:{page_id}:pending"
+
+    @staticmethod
+    def _ack(page_id: str) -> str:
+        return f"{_PREFIX}:page:{page_id}:ack"
+
+    @staticmethod
+    def _inflight(source: str) -> str:
+        return f"{_PREFIX}:inflight:{source}"
+
+    @staticmethod
+    def _resume(source: str) -> str:
+        return f"{_PREFIX}:resume:{source}"
+
+    def register(self, source: str, page_id: str, sinks: Sequence[str], ack: Any,
+                 last_key: Any) -> None:
+        """Called before the page is published, so a fast consumer always finds it."""
+        p = self.r.pipeline(transaction=True)
+        p.sadd(self._pending(page_id), *sinks)
+        p.expire(self._pending(page_id), self.key_ttl)
+        p.set(self._ack(page_id), msgpack.packb([source, ack]), ex=self.key_ttl)
+        p.zadd(self._inflight(source), {page_id: time.time()})
+        p.hset(self._resume(source), page_id, msgpack.packb(last_key))
+        p.execute()
+
+    def committed(self, page_id: str, sink: str) -> bool:
+        """Record that `sink` committed the page; True when every sink has."""
+        return bool(self._committed(keys=[self._pending(page_id)], args=[sink]))
+
+    def ack_data(self, page_id: str) -> tuple[str, Any] | None:
+        raw = self.r.get(self._ack(page_id))
+        if raw is None:
+            return None
+        source, ack = msgpack.unpackb(raw)
+        return str(source), ack
+
+    def done(self, source: str, page_id: str) -> None:
+        p = self.r.pipeline(transaction=True)
+        p.delete(self._pending(page_id), self._ack(page_id))
+        p.zrem(self._inflight(source), page_id)
+        p.hdel(self._resume(source), page_id)
+        p.execute()
+
+    def resume_after(self, source: str) -> Any | None:
+        """Where the next run of `source` should continue: after the last key in flight, or from
+        the start (None) when nothing is in flight or a page outlived its lease."""
+        expired = self.r.zrangebyscore(self._inflight(source), "-inf",
+                                       time.time() - self.lease_seconds, start=0, num=1)
+        if expired:
+            self.r.delete(self._inflight(source), self._resume(source))
+            return None
+        values = self.r.hvals(self._resume(source))
+        if not values:
+            return None
+        return max(msgpack.unpackb(v) for v in values)
+
+    def in_flight(self, source: str) -> int:
+        return int(self.r.zcard(self._inflight(source)))

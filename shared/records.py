@@ -1,0 +1,237 @@
+"""Validate and dedupe the records of a page before any write.
+
+Validation checks each value against its column (type, required, length, NUL bytes, NaN/Infinity,
+timestamps) and normalises it to what both sinks accept: timestamps become UTC ISO-8601 strings,
+JSON columns become compact JSON text. A record that fails becomes a Rejected naming the field and
+the rule; the rest of the page goes on. Dedupe keeps one record per key according to the stream's
+conflict policy and sorts by key, so concurrent writers take row locks in the same order (limits.md F2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from shared.streams import Column, Stream
+
+Row = list[Any]
+MAX_SAFE_INT = 2**53  # D1 passes numbers through JavaScript doubles
+
+
+class InvalidValue(ValueError):
+    """A value broke a column rule; the message names the rule."""
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A record that cannot be written, and why."""
+
+    row: Sequence[Any]
+    field: str | None
+    rule: str
+    error_class: str = "ValidationError"
+
+
+def record_key(stream: Stream, row: Sequence[Any]) -> str:
+    """The key as text for dead letters; a digest of the payload when the key itself is unusable."""
+    try:
+        parts = [row[i] for i in stream.key_indexes]
+    except (IndexError, TypeError):
+        parts = []
+    if parts and all(isinstance(p, str | int) and not isinstance(p, bool) for p in parts):
+        return "|".join(str(p) for p in parts)
+    digest = hashlib.sha1(orjson.dumps(list(row), default=repr)).hexdigest()
+    return f"sha1:{digest}"
+
+
+def _text(col: Column) -> Callable[[Any], Any]:
+    limit = col.limit
+
+    def check(v: Any) -> Any:
+        if isinstance(v, str):
+            if "\x00" in v:
+                raise InvalidValue("contains a NUL byte (PostgreSQL rejects it)")
+            if len(v) > limit:
+                raise InvalidValue(f"longer than {limit} characters ({len(v)})")
+            if not v and col.required:
+                raise InvalidValue("is empty but required")
+            return v
+        if isinstance(v, int) and not isinstance(v, bool):
+            return str(v)  # numeric ids from JSON APIs are still ids
+        raise InvalidValue(f"expected text, got {type(v).__name__}")
+
+    return check
+
+
+def _int(col: Column) -> Callable[[Any], Any]:
+    def check(v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise InvalidValue(f"expected an integer, got {type(v).__name__}")
+        if isinstance(v, float):
+            if not v.is_integer():
+                raise InvalidValue(f"expected an integer, got {v!r}")
+            v = int(v)
+        if abs(v) > MAX_SAFE_INT:
+            raise InvalidValue(f"integer {v} is outside ±2^53 (D1 would lose precision)")
+        return v
+
+    return check
+
+
+def _float(col: Column) -> Callable[[Any], Any]:
+    def check(v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise InvalidValue(f"expected a number, got {type(v).__name__}")
+        f = float(v)
+        if not math.isfinite(f):
+            raise InvalidValue(f"{f!r} is not a finite number")
+        return f
+
+    return check
+
+
+def _timestamp(col: Column) -> Callable[[Any], Any]:
+    def check(v: Any) -> Any:
+        if isinstance(v, str):
+            if len(v) > 64 or "\x00" in v:
+                raise InvalidValue("is not an ISO-8601 timestamp")
+            try:
+                dt = datetime.fromisoformat(v)
+            except ValueError:
+                raise InvalidValue(f"{v[:40]!r} is not an ISO-8601 timestamp") from None
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            if not math.isfinite(v):
+                raise InvalidValue(f"{v!r} is not a valid epoch time")
+            seconds = v / 1000 if abs(v) >= 1e11 else v  # epoch milliseconds vs seconds
+            try:
+                dt = datetime.fromtimestamp(seconds, UTC)
+            except (OverflowError, OSError, ValueError):
+                raise InvalidValue(f"{v!r} is out of range for a timestamp") from None
+        else:
+            raise InvalidValue(f"expected a timestamp, got {type(v).__name__}")
+        # Naive times are UTC by convention (ACE IoT, D1 datetime('now')).
+        dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+        return dt.isoformat()
+
+    return check
+
+
+def _json(col: Column) -> Callable[[Any], Any]:
+    limit = col.limit
+
+    def check(v: Any) -> Any:
+        if isinstance(v, str):
+            if len(v) > limit:
+                raise InvalidValue(f"JSON longer than {limit} characters ({len(v)})")
+            try:
+                orjson.loads(v)
+            except orjson.JSONDecodeError as exc:
+                raise InvalidValue(f"is not valid JSON: {exc}") from None
+            text = v
+        elif isinstance(v, dict | list):
+            try:
+                text = orjson.dumps(v).decode()
+            except TypeError as exc:
+                raise InvalidValue(f"cannot be encoded as JSON: {exc}") from None
+            if len(text) > limit:
+                raise InvalidValue(f"JSON longer than {limit} characters ({len(text)})")
+        else:
+            raise InvalidValue(f"expected JSON text or an object, got {type(v).__name__}")
+        if "\x00" in text or "\\u0000" in text:
+            raise InvalidValue("contains a NUL character (PostgreSQL jsonb rejects it)")
+        return text
+
+    return check
+
+
+_CHECKERS: dict[str, Callable[[Column], Callable[[Any], Any]]] = {
+    "text": _text,
+    "int": _int,
+    "float": _float,
+    "timestamp": _timestamp,
+    "json": _json,
+}
+
+
+class Validator:
+    """Compiled per stream once; `validate` runs per page."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self._checks = [(c, _CHECKERS[c.type](c)) for c in stream.columns]
+
+    def validate(
+        self, columns: Sequence[str], rows: Sequence[Any]
+    ) -> tuple[list[Row], list[Rejected]]:
+        order = self._order(columns)
+        width = len(columns)
+        good: list[Row] = []
+        bad: list[Rejected] = []
+        checks = self._checks
+        for raw in rows:
+            if not isinstance(raw, list | tuple) or len(raw) != width:
+                bad.append(Rejected(raw if isinstance(raw, list | tuple) else [raw], None,
+                                    f"record must be a list of {width} values"))
+                continue
+            row = raw if order is None else [None if i < 0 else raw[i] for i in order]
+            out: Row = []
+            for (col, check), value in zip(checks, row, strict=True):
+                if value is None:
+                    if col.required:
+                        bad.append(Rejected(row, col.name, "is required"))
+                        break
+                    out.append(None)
+                    continue
+                try:
+                    out.append(check(value))
+                except InvalidValue as exc:
+                    bad.append(Rejected(row, col.name, str(exc)))
+                    break
+            else:
+                good.append(out)
+        return good, bad
+
+    def _order(self, columns: Sequence[str]) -> list[int] | None:
+        """None when the page's columns are the stream's; else where to find each stream column."""
+        names = self.stream.column_names
+        if tuple(columns) == names:
+            return None
+        index = {c: i for i, c in enumerate(columns)}
+        return [index.get(n, -1) for n in names]
+
+
+def dedupe(stream: Stream, rows: list[Row]) -> list[Row]:
+    """One row per key (policy decides which), sorted by key."""
+    idx = stream.key_indexes
+    seen: dict[Any, Row] = {}
+    if len(idx) == 1:
+        k0 = idx[0]
+
+        def key_of(r: Row) -> Any:
+            return r[k0]
+    else:
+
+        def key_of(r: Row) -> Any:
+            return tuple(r[i] for i in idx)
+
+    if stream.conflict == "ignore":
+        for r in rows:
+            seen.setdefault(key_of(r), r)
+    elif stream.conflict == "update":
+        for r in rows:
+            seen[key_of(r)] = r
+    else:
+        assert stream.version_column is not None
+        v = stream.column_names.index(stream.version_column)
+        for r in rows:
+            k = key_of(r)
+            old = seen.get(k)
+            if old is None or (r[v] is not None and (old[v] is None or r[v] > old[v])):
+                seen[k] = r
+    return [seen[k] for k in sorted(seen)]

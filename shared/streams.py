@@ -1,0 +1,75 @@
+"""Streams: named datasets with their columns, key and conflict policy.
+
+The catalog below mirrors the tables in schema/ (both dialects); the TOML file chooses, per stream,
+which sinks it goes to and may override its conflict policy. A column's type decides how a value is
+validated and normalised before any write (see shared/records.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+ColumnType = Literal["text", "int", "float", "timestamp", "json"]
+ConflictPolicy = Literal["ignore", "update", "newer"]
+CONFLICT_POLICIES: tuple[ConflictPolicy, ...] = ("ignore", "update", "newer")
+
+# PostgreSQL rejects longer index entries and D1 caps a row at 2 MB; keep text well inside both.
+DEFAULT_MAX_TEXT = 65_536
+DEFAULT_MAX_JSON = 1_000_000
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: ColumnType
+    required: bool = True
+    max_length: int | None = None  # for text/json, in characters
+
+    @property
+    def limit(self) -> int:
+        if self.max_length is not None:
+            return self.max_length
+        return DEFAULT_MAX_JSON if self.type == "json" else DEFAULT_MAX_TEXT
+
+
+@dataclass(frozen=True)
+class Stream:
+    name: str
+    table: str
+    columns: tuple[Column, ...]
+    key: tuple[str, ...]
+    conflict: ConflictPolicy = "ignore"
+    version_column: str | None = None  # compared by the "newer" policy
+    sinks: tuple[str, ...] = ("postgres", "sqlite")
+    column_names: tuple[str, ...] = field(init=False)
+    key_indexes: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = tuple(c.name for c in self.columns)
+        object.__setattr__(self, "column_names", names)
+        object.__setattr__(self, "key_indexes", tuple(names.index(k) for k in self.key))
+
+    def with_settings(self, *, sinks: tuple[str, ...], conflict: ConflictPolicy) -> Stream:
+        return replace(self, sinks=sinks, conflict=conflict)
+
+
+USAGE_EVENTS = Stream(
+    name="usage_events",
+    table="usage_events",
+    columns=(
+        Column("id", "text", max_length=255),
+        Column("organisation_id", "text", max_length=255),
+        Column("project_id", "text", required=False, max_length=255),
+        Column("idempotency_key", "text", max_length=255),
+        Column("metric_name", "text", max_length=255),
+        Column("metric_value", "float"),
+        Column("unit", "text", required=False, max_length=64),
+        Column("timestamp", "timestamp"),
+        Column("metadata", "json", required=False, max_length=100_000),
+    ),
+    key=("idempotency_key",),
+    conflict="ignore",
+)
+
+CATALOG: dict[str, Stream] = {s.name: s for s in (USAGE_EVENTS,)}
