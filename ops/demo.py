@@ -81,7 +81,7 @@ def run_demo(records: int, data_dir: Path, workers: int, page_size: int = 1000,
 
     run_ids: list[str] = []
     result = DemoResult()
-    with WorkerPool(env, data_dir / "logs") as pool:
+    with WorkerPool(env, data_dir / "logs", loglevel="WARNING") as pool:
         pool.start("postgres", ["ingest.postgres", "dead_letter", "progress"], workers)
         pool.start("sqlite", ["ingest.sqlite"], 1)
         t0 = time.perf_counter()

@@ -14,8 +14,9 @@ from pathlib import Path
 class WorkerPool:
     """Worker processes started with the same environment; stopped on exit (warm, then cold)."""
 
-    def __init__(self, env: Mapping[str, str], log_dir: Path) -> None:
-        self.env = dict(env)
+    def __init__(self, env: Mapping[str, str], log_dir: Path, loglevel: str = "INFO") -> None:
+        self.env = env  # read at each start, so a config written later is seen
+        self.loglevel = loglevel
         self.log_dir = log_dir
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -24,8 +25,9 @@ class WorkerPool:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = (self.log_dir / f"worker-{name}.log").open("ab")
         cmd = [sys.executable, "-m", "ops.cli", "worker", "--queues", ",".join(queues),
-               "--concurrency", str(concurrency), "--hostname", f"{name}@%h", *extra]
-        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+               "--concurrency", str(concurrency), "--hostname", f"{name}@%h",
+               "--loglevel", self.loglevel, *extra]
+        proc = subprocess.Popen(cmd, env=dict(self.env), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.procs.append(proc)
         return proc

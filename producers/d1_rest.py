@@ -223,7 +223,10 @@ def _retryable_status(status: int) -> bool:
 
 
 class D1Client:
-    """Runs SQL on one D1 database over the REST API."""
+    """Runs SQL on one D1 database over the REST API.
+
+    Uses one `requests.Session`, which is not guaranteed thread-safe: one client per thread.
+    """
 
     def __init__(
         self,
@@ -356,15 +359,20 @@ class D1Client:
         status = response.status_code
         headers = response.headers
         ok = 200 <= status < 300
+        envelope: Any = None
+        problem: str | None = None
         try:
-            envelope = json.loads(response.content, parse_constant=_reject_constant)
-        except ValueError as exc:
-            envelope, problem = None, str(exc)
+            # D1 declares charset=UTF-8; decoding explicitly stops json guessing UTF-16/32.
+            text = response.content.decode("utf-8")
+            envelope = json.loads(text, parse_constant=_reject_constant)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+            problem = str(exc)
         else:
-            problem = None if isinstance(envelope, dict) else f"top level is {type(envelope).__name__}"
+            if not isinstance(envelope, dict):
+                problem = f"top level is {type(envelope).__name__}, not an object"
 
-        if envelope is None or problem is not None:
-            content_type = headers.get("Content-Type", "no content type")
+        if problem is not None:
+            content_type = headers.get("Content-Type") or "no content type"
             if ok:
                 # A 2xx whose body does not parse is most likely a proxy or connection hiccup.
                 message = (
@@ -383,19 +391,19 @@ class D1Client:
                 return _Retryable(message, status=status, headers=headers)
             raise D1Error(self._redact(message), status=status, endpoint=self.endpoint)
 
-        assert isinstance(envelope, dict)
         if not ok or envelope.get("success") is not True:
-            code, message = _first_error(envelope)
-            if message is None:
-                message = f"HTTP {status} with success={envelope.get('success')!r} and no errors"
+            code, server_message = _first_error(envelope)
+            reason = server_message or (
+                f"HTTP {status} with success={envelope.get('success')!r} and no errors"
+            )
             transient = (
                 _retryable_status(status)
                 or code == RATE_LIMIT_CODE
-                or is_transient_d1_message(message)
+                or is_transient_d1_message(reason)
             )
             if _override(transient, headers):
-                return _Retryable(message, status=status, code=code, headers=headers)
-            raise D1Error(self._redact(message), status=status, code=code, endpoint=self.endpoint)
+                return _Retryable(reason, status=status, code=code, headers=headers)
+            raise D1Error(self._redact(reason), status=status, code=code, endpoint=self.endpoint)
 
         result = envelope.get("result")
         if not isinstance(result, list) or not all(isinstance(item, dict) for item in result):
@@ -403,8 +411,8 @@ class D1Client:
         for index, item in enumerate(result):
             if item.get("success") is False:
                 # D1 can report a statement failure inside an otherwise successful envelope.
-                code, message = _first_error(envelope)
-                detail = item.get("error") or message or "success=false without a message"
+                code, server_message = _first_error(envelope)
+                detail = item.get("error") or server_message or "success=false without a message"
                 text = f"statement {index} failed: {detail}"
                 if _override(is_transient_d1_message(text), headers):
                     return _Retryable(text, status=status, code=code, headers=headers)

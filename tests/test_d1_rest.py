@@ -143,7 +143,9 @@ def test_query_returns_rows_like_the_real_fixture(fake: FakeD1, client: D1Client
 
 
 def test_params_are_converted(fake: FakeD1, client: D1Client) -> None:
-    rows = client.query("SELECT ? AS a, ? AS b, ? AS c, ? AS d, ? AS e", [True, False, None, 1.5, "x"])
+    rows = client.query(
+        "SELECT ? AS a, ? AS b, ? AS c, ? AS d, ? AS e", [True, False, None, 1.5, "x"]
+    )
 
     assert rows == [{"a": 1, "b": 0, "c": None, "d": 1.5, "e": "x"}]
     assert fake.requests[-1].body["params"] == [1, 0, None, 1.5, "x"]
@@ -201,7 +203,9 @@ def test_failing_batch_rolls_back_every_statement(
     assert len(fake.requests) == 1  # SQL errors are not retried
 
 
-def test_multi_statement_sql_is_one_transaction(fake: FakeD1, client: D1Client, db_path: Path) -> None:
+def test_multi_statement_sql_is_one_transaction(
+    fake: FakeD1, client: D1Client, db_path: Path
+) -> None:
     with pytest.raises(D1Error, match="no such table: nope: SQLITE_ERROR"):
         client.query("INSERT INTO prices VALUES ('A', 1, 1.0); INSERT INTO nope VALUES (1);")
 
@@ -214,7 +218,7 @@ def test_multi_statement_sql_is_one_transaction(fake: FakeD1, client: D1Client, 
 def test_101_params_rejected_client_side_and_by_the_fake(fake: FakeD1, client: D1Client) -> None:
     sql = "SELECT " + ", ".join("?" for _ in range(101))
 
-    with pytest.raises(D1Error, match="101 bound parameters.*limit of 100") as caught:
+    with pytest.raises(D1Error, match=r"101 bound parameters.*limit of 100") as caught:
         client.query(sql, list(range(101)))
     assert caught.value.transient is False
     assert fake.requests == []
@@ -319,7 +323,9 @@ def test_429_with_retry_after_is_honoured(
     assert fake.request_count == 2
 
 
-def test_429_with_http_date_retry_after(fake: FakeD1, client: D1Client, delays: list[float]) -> None:
+def test_429_with_http_date_retry_after(
+    fake: FakeD1, client: D1Client, delays: list[float]
+) -> None:
     fake.fail_next("rate_limit", retry_after_date=30)
 
     assert client.query(SELECT_ONE) == [{"one": 1}]
@@ -463,8 +469,53 @@ def test_truncated_json_reported_clearly_when_it_persists(
     error = caught.value
     assert error.transient is True
     assert error.status == 200
-    assert error.message.startswith(f"malformed JSON in HTTP 200 response from POST {client.endpoint}")
+    assert error.message.startswith(
+        f"malformed JSON in HTTP 200 response from POST {client.endpoint}"
+    )
     assert "20 bytes" in error.message
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ("", "Expecting value"),
+        ("null", "top level is NoneType"),
+        ("[]", "top level is list"),
+        ('{"success": true, "result": NaN}', "non-standard JSON constant NaN"),
+        (b"\xff\xfe", "codec can't decode"),
+    ],
+)
+def test_unparsable_200_bodies_are_transient(
+    fake: FakeD1, make_client: MakeClient, body: str | bytes, problem: str
+) -> None:
+    fake.fail_next("body", body=body)
+
+    with pytest.raises(D1Error) as caught:
+        make_client(max_attempts=1).query(SELECT_ONE)
+
+    assert caught.value.transient is True
+    assert "malformed JSON in HTTP 200 response" in caught.value.message
+    assert problem in caught.value.message
+
+
+def test_json_of_the_wrong_shape_is_not_retried(fake: FakeD1, client: D1Client) -> None:
+    fake.fail_next("body", body='{"success": true, "errors": [], "messages": [], "result": {}}')
+
+    with pytest.raises(D1Error, match="unexpected response shape") as caught:
+        client.query(SELECT_ONE)
+
+    assert caught.value.transient is False
+    assert fake.request_count == 1
+
+
+def test_html_404_is_not_retried(fake: FakeD1, client: D1Client) -> None:
+    fake.fail_next("body", status=404, body="<html>nope</html>", content_type="text/html")
+
+    with pytest.raises(D1Error, match="HTTP 404 with non-JSON body") as caught:
+        client.query(SELECT_ONE)
+
+    assert (caught.value.transient, caught.value.status) == (False, 404)
+    assert fake.request_count == 1
 
 
 def test_short_body_is_retried(fake: FakeD1, client: D1Client) -> None:
@@ -473,7 +524,9 @@ def test_short_body_is_retried(fake: FakeD1, client: D1Client) -> None:
     assert fake.request_count == 2
 
 
-def test_read_timeout_is_retried(fake: FakeD1, make_client: MakeClient, delays: list[float]) -> None:
+def test_read_timeout_is_retried(
+    fake: FakeD1, make_client: MakeClient, delays: list[float]
+) -> None:
     fake.fail_next("delay", seconds=2.0)
     client = make_client(timeout=(1.0, 0.2))
 
@@ -513,7 +566,9 @@ def test_connection_refused_is_transient(fake: FakeD1, delays: list[float]) -> N
 
 
 def test_x_should_retry_header_overrides(fake: FakeD1, client: D1Client) -> None:
-    fake.fail_next("error", status=400, code=7500, message="odd", headers={"x-should-retry": "true"})
+    fake.fail_next(
+        "error", status=400, code=7500, message="odd", headers={"x-should-retry": "true"}
+    )
     assert client.query(SELECT_ONE) == [{"one": 1}]
 
     fake.fail_next("error", status=503, message="nope", headers={"x-should-retry": "false"})
@@ -596,7 +651,10 @@ def test_fake_allows_documented_pragmas_and_enforces_foreign_keys(client: D1Clie
     client.batch(
         [
             ("CREATE TABLE parent (id INTEGER PRIMARY KEY)", []),
-            ("CREATE TABLE child (id INTEGER PRIMARY KEY, parent_id INTEGER REFERENCES parent)", []),
+            (
+                "CREATE TABLE child (id INTEGER PRIMARY KEY, parent_id INTEGER REFERENCES parent)",
+                [],
+            ),
         ]
     )
     with pytest.raises(D1Error, match=r"FOREIGN KEY constraint failed: SQLITE_CONSTRAINT"):
@@ -617,7 +675,10 @@ def test_fake_raw_endpoint_and_param_types(fake: FakeD1) -> None:
     }
 
     response = requests.post(
-        fake.query_url(DB_ID), json={"sql": "SELECT ?", "params": [{"a": 1}]}, headers=auth, timeout=5
+        fake.query_url(DB_ID),
+        json={"sql": "SELECT ?", "params": [{"a": 1}]},
+        headers=auth,
+        timeout=5,
     )
     assert response.status_code == 400
     assert response.json()["errors"][0]["message"].startswith("D1_TYPE_ERROR: Type 'object'")

@@ -150,7 +150,7 @@ def test_concurrent_ensure_redis_starts_one_server(data_dir: Path, tmp_path: Pat
 
 
 def test_stale_redis_files_lead_to_a_fresh_start(data_dir: Path) -> None:
-    url = ensure_redis(data_dir)
+    ensure_redis(data_dir)
     pid_file = data_dir / "redis" / "redis.pid"
     old_pid = _pid(pid_file)
     os.kill(old_pid, signal.SIGKILL)
@@ -167,7 +167,6 @@ def test_stale_redis_files_lead_to_a_fresh_start(data_dir: Path) -> None:
     finally:
         client.close()
     assert service_status(data_dir)["redis"] == new_url
-    del url
 
 
 def test_postgres_shared_between_processes(data_dir: Path, tmp_path: Path) -> None:
@@ -194,8 +193,7 @@ def test_postgres_shared_between_processes(data_dir: Path, tmp_path: Path) -> No
             assert cur.fetchall() == [(42,)]
     finally:
         conn.close()
-    postmasters = [pid for pid, name in _live_pids(data_dir / "postgres").items()]
-    assert _pid(data_dir / "postgres" / "postmaster.pid") in postmasters
+    assert _pid(data_dir / "postgres" / "postmaster.pid") in _live_pids(data_dir / "postgres")
     print(f"postgres cold start (initdb + start): {started_in:.3f}s")
 
 

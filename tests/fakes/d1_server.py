@@ -102,6 +102,9 @@ FAULT_OPTIONS: dict[str, frozenset[str]] = {
     "delay": frozenset({"seconds"}),
     # Closes the socket with a TCP RST without answering or running the request.
     "reset": frozenset(),
+    # Exactly this answer: body (str or bytes, default empty), status (default 200),
+    # content_type (default JSON), headers. For empty, invalid or wrongly typed bodies.
+    "body": frozenset({"body", "status", "content_type", "headers"}),
 }
 
 HTML_PAGE = (
@@ -423,7 +426,9 @@ class FakeD1:
                 self._count += 1
                 number = self._count
             self.requests.append(
-                RecordedRequest(number, handler.command, handler.path, headers, authorized, body, raw)
+                RecordedRequest(
+                    number, handler.command, handler.path, headers, authorized, body, raw
+                )
             )
 
         fault = self.faults.take(number) if number is not None else None
@@ -491,6 +496,15 @@ class FakeD1:
             item = {"success": False, "error": message, "results": [], "meta": {}}
             data = json.dumps(envelope([item])).encode("utf-8")
             self._send(handler, 200, data, JSON_CONTENT_TYPE, {})
+        elif kind == "body":
+            data = opts.get("body", b"")
+            self._send(
+                handler,
+                int(opts.get("status", 200)),
+                data.encode("utf-8") if isinstance(data, str) else bytes(data),
+                str(opts.get("content_type", JSON_CONTENT_TYPE)),
+                dict(opts.get("headers", {})),
+            )
         elif kind == "d1_transient":
             message = str(opts.get("message", DEFAULT_TRANSIENT_MESSAGE))
             status = int(opts.get("status", 400))
@@ -565,7 +579,9 @@ class FakeD1:
         if "batch" in body:
             items = body["batch"]
             if not isinstance(items, list) or not items:
-                raise _Failure(400, 7400, "The request is malformed: batch must be a non-empty list")
+                raise _Failure(
+                    400, 7400, "The request is malformed: batch must be a non-empty list"
+                )
         elif "sql" in body:
             items = [body]
         else:

@@ -1,0 +1,96 @@
+"""Shared test helpers: configs, draining the pipeline, reading what landed."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import Counter
+from pathlib import Path
+
+import psycopg2
+
+from ops.status import total_depth
+from producers.produce import RunSummary, run_source
+from shared.context import Context
+from shared.database import libpq_dsn
+
+
+def d1_config(d1_path: Path, *, page_size: int = 500, max_batches: int = 10,
+              visibility_timeout: int = 3600, max_retries: int = 8,
+              source: str = "d1_usage") -> str:
+    return f"""
+[pipeline]
+page_size = {page_size}
+visibility_timeout = {visibility_timeout}
+max_retries = {max_retries}
+
+[sources.{source}]
+kind = "d1"
+stream = "usage_events"
+path = "{d1_path}"
+batch_size = {page_size}
+max_batches = {max_batches}
+"""
+
+
+def drain(ctx: Context, source: str, timeout: float = 120) -> list[RunSummary]:
+    """Run the source until it is empty and every page is committed and acknowledged."""
+    runs = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = run_source(ctx, source)
+        assert s.status == "ok", s.error
+        runs.append(s)
+        if s.pages == 0 and ctx.progress.in_flight(source) == 0 and total_depth(ctx.redis) == 0:
+            return runs
+        if s.pages == 0:
+            time.sleep(0.2)
+    raise AssertionError(f"pipeline did not drain within {timeout}s "
+                         f"(in flight: {ctx.progress.in_flight(source)}, "
+                         f"queued: {total_depth(ctx.redis)})")
+
+
+def wait_queues_empty(ctx: Context, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while total_depth(ctx.redis) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert total_depth(ctx.redis) == 0
+
+
+def pg_keys(pg_url: str, table: str = "usage_events", key: str = "idempotency_key") -> Counter[str]:
+    conn = psycopg2.connect(libpq_dsn(pg_url))
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT {key} FROM {table}")
+            return Counter(r[0] for r in cur.fetchall())
+    finally:
+        conn.close()
+
+
+def pg_scalar(pg_url: str, sql: str) -> object:
+    conn = psycopg2.connect(libpq_dsn(pg_url))
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+def sqlite_keys(path: Path, table: str = "usage_events",
+                key: str = "idempotency_key") -> Counter[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return Counter(r[0] for r in conn.execute(f"SELECT {key} FROM {table}"))
+    finally:
+        conn.close()
+
+
+def d1_processed(path: Path) -> tuple[int, int]:
+    conn = sqlite3.connect(path)
+    try:
+        total, done = conn.execute(
+            "SELECT count(*), count(processed_at) FROM usage_events").fetchone()
+        return int(total), int(done)
+    finally:
+        conn.close()
