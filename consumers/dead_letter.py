@@ -67,8 +67,16 @@ def write_dead_letters(dsn: str, letters: list[dict[str, Any]]) -> int:
     # One row per key within the batch (the last wins), sorted to avoid lock-order deadlocks.
     unique = {(d["stream"], d["sink"], d["record_key"]): d for d in letters}
     rows = [
-        (d["stream"], d["sink"], d["record_key"], d["source"], d["page_id"],
-         _payload_json(d["payload"]), d["error_class"], d["error_message"][:10_000])
+        (
+            d["stream"],
+            d["sink"],
+            d["record_key"],
+            d["source"],
+            d["page_id"],
+            _payload_json(d["payload"]),
+            d["error_class"],
+            d["error_message"][:10_000],
+        )
         for _, d in sorted(unique.items())
     ]
     conn = psycopg2.connect(dsn, connect_timeout=10, application_name="sluice-dead-letter")
@@ -80,8 +88,13 @@ def write_dead_letters(dsn: str, letters: list[dict[str, Any]]) -> int:
     return len(rows)
 
 
-@app.task(name="sluice.dead_letter", bind=True, acks_late=True, reject_on_worker_lost=True,
-          max_retries=None)
+@app.task(
+    name="sluice.dead_letter",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,
+)
 def dead_letter(self: Task, letters: list[dict[str, Any]]) -> int:
     ctx = app.context
     try:

@@ -73,8 +73,15 @@ def ingest(self: Task, body: object) -> dict[str, Any]:
         if self.request.retries < max_retries:
             cap = ctx.settings.pipeline.visibility_timeout / 10
             delay = backoff(self.request.retries, cap)
-            log.warning("page %s to %s: %s; retry %d/%d in %.1fs", page.id, page.sink, exc,
-                        self.request.retries + 1, max_retries, delay)
+            log.warning(
+                "page %s to %s: %s; retry %d/%d in %.1fs",
+                page.id,
+                page.sink,
+                exc,
+                self.request.retries + 1,
+                max_retries,
+                delay,
+            )
             raise self.retry(exc=exc, countdown=delay, max_retries=max_retries) from exc
         log.error("page %s to %s: retries exhausted: %s", page.id, page.sink, exc)
         rejected += [Rejected(r, None, str(exc), "RetriesExhausted") for r in rows]
@@ -124,8 +131,15 @@ def _isolate(
         if lo >= hi:
             continue
         part = rows[lo:hi]
-        sub = PageMeta(f"{meta.page_id}/{lo}-{hi}", meta.source, meta.run_id, len(part), 0,
-                       meta.attempts, meta.started_at)
+        sub = PageMeta(
+            f"{meta.page_id}/{lo}-{hi}",
+            meta.source,
+            meta.run_id,
+            len(part),
+            0,
+            meta.attempts,
+            meta.started_at,
+        )
         try:
             inserted += sink.write(stream, part, sub).inserted
         except RejectedBySinkError as exc:
@@ -140,8 +154,9 @@ def _isolate(
 
 def _dead_letter(stream: Stream, page: Page, r: Rejected) -> DeadLetter:
     names: Sequence[str] = page.columns if len(r.row) == len(page.columns) else stream.column_names
-    payload = dict(zip(names, r.row, strict=False)) if len(r.row) <= len(names) else {
-        "_row": list(r.row)}
+    payload = (
+        dict(zip(names, r.row, strict=False)) if len(r.row) <= len(names) else {"_row": list(r.row)}
+    )
     message = f"{r.field}: {r.rule}" if r.field else r.rule
     return DeadLetter(
         stream=stream.name,
@@ -159,15 +174,17 @@ def _dead_letter_message(body: object, exc: Exception) -> None:
     """A message we cannot read at all is kept whole as one dead letter."""
     info = body if isinstance(body, dict) else {}
     page_id = str(info.get("id") or "unknown")
-    send_dead_letters([
-        DeadLetter(
-            stream=str(info.get("stream") or "unknown"),
-            sink=str(info.get("sink") or "unknown"),
-            record_key=f"message:{page_id}",
-            source=str(info.get("source") or "unknown"),
-            page_id=page_id,
-            payload={"_message": repr(body)[:100_000]},
-            error_class=type(exc).__name__,
-            error_message=str(exc),
-        )
-    ])
+    send_dead_letters(
+        [
+            DeadLetter(
+                stream=str(info.get("stream") or "unknown"),
+                sink=str(info.get("sink") or "unknown"),
+                record_key=f"message:{page_id}",
+                source=str(info.get("source") or "unknown"),
+                page_id=page_id,
+                payload={"_message": repr(body)[:100_000]},
+                error_class=type(exc).__name__,
+                error_message=str(exc),
+            )
+        ]
+    )

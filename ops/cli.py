@@ -88,9 +88,11 @@ def cmd_produce(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary.as_dict()))
     else:
-        print(f"{summary.source}: {summary.status}, {summary.pages} page(s), "
-              f"{summary.records} record(s) in {summary.seconds}s"
-              + (f" — {summary.error}" if summary.error else ""))
+        print(
+            f"{summary.source}: {summary.status}, {summary.pages} page(s), "
+            f"{summary.records} record(s) in {summary.seconds}s"
+            + (f" — {summary.error}" if summary.error else "")
+        )
     return 0 if summary.status != "failed" else 1
 
 
@@ -127,8 +129,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ops.demo import run_demo
 
     data_dir = Path(args.data_dir or os.environ.get("SLUICE_DATA_DIR") or ".sluice/demo")
-    started_here = not (os.environ.get("SLUICE_BROKER_URL") and os.environ.get(
-        "SLUICE_POSTGRES_URL"))
+    started_here = not (
+        os.environ.get("SLUICE_BROKER_URL") and os.environ.get("SLUICE_POSTGRES_URL")
+    )
     say = (lambda m: print(m, file=sys.stderr)) if not args.json else None
     try:
         r = run_demo(args.records, data_dir, args.workers, args.page_size, progress=say)
@@ -138,9 +141,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
             stop_services(data_dir.resolve())
     doc: dict[str, Any] = {
-        "fetched": r.fetched, "inserted": r.inserted, "duplicates": r.duplicates,
-        "dead_letters": r.dead_letters, "seconds": r.seconds,
-        "records_per_second": r.records_per_second, "sinks": r.sinks, "data": r.data,
+        "fetched": r.fetched,
+        "inserted": r.inserted,
+        "duplicates": r.duplicates,
+        "dead_letters": r.dead_letters,
+        "seconds": r.seconds,
+        "records_per_second": r.records_per_second,
+        "sinks": r.sinks,
+        "data": r.data,
     }
     if args.json:
         print(json.dumps(doc))
@@ -211,8 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -59,8 +59,9 @@ def write_demo_config(data_dir: Path, d1_path: Path, page_size: int) -> Path:
     return path
 
 
-def run_demo(records: int, data_dir: Path, workers: int, page_size: int = 1000,
-             progress: Any = None) -> DemoResult:
+def run_demo(
+    records: int, data_dir: Path, workers: int, page_size: int = 1000, progress: Any = None
+) -> DemoResult:
     say = progress or (lambda _msg: None)
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -108,23 +109,30 @@ def run_demo(records: int, data_dir: Path, workers: int, page_size: int = 1000,
 
 
 def _collect(state: Any, sqlite_path: Path, run_ids: list[str], result: DemoResult) -> None:
-    q = ("SELECT coalesce(sum(inserted), 0), coalesce(sum(duplicates), 0),"
-         " coalesce(sum(invalid), 0) FROM ingestion_runs WHERE run_id IN ({})")
+    q = (
+        "SELECT coalesce(sum(inserted), 0), coalesce(sum(duplicates), 0),"
+        " coalesce(sum(invalid), 0) FROM ingestion_runs WHERE run_id IN ({})"
+    )
     with state.connect() as conn:
         ins, dup, inv = conn.execute(
             text(q.format(", ".join(f":r{i}" for i in range(len(run_ids))))),
             {f"r{i}": r for i, r in enumerate(run_ids)},
         ).one()
         dead = conn.execute(
-            text("SELECT count(DISTINCT record_key) FROM failed_ingestions WHERE source = :s"
-                 " AND status = 'pending'"), {"s": SOURCE}).scalar_one()
+            text(
+                "SELECT count(DISTINCT record_key) FROM failed_ingestions WHERE source = :s"
+                " AND status = 'pending'"
+            ),
+            {"s": SOURCE},
+        ).scalar_one()
     result.sinks["postgres"] = {"inserted": int(ins), "duplicates": int(dup), "invalid": int(inv)}
     lite = sqlite_connect(sqlite_path)
     try:
         marks = ", ".join("?" for _ in run_ids)
         row = lite.execute(
             "SELECT coalesce(sum(inserted), 0), coalesce(sum(duplicates), 0),"
-            f" coalesce(sum(invalid), 0) FROM ingestion_runs WHERE run_id IN ({marks})", run_ids
+            f" coalesce(sum(invalid), 0) FROM ingestion_runs WHERE run_id IN ({marks})",
+            run_ids,
         ).fetchone()
     finally:
         lite.close()

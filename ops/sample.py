@@ -15,9 +15,16 @@ from pathlib import Path
 
 from shared.migrations import SCHEMA_DIR, split_statements
 
-METRICS = [("api_calls", "count"), ("storage", "bytes"), ("compute", "seconds"),
-           ("bandwidth", "bytes"), ("tokens", "count"), ("messages", "count"),
-           ("queries", "count"), ("memory", "mb_hours")]
+METRICS = [
+    ("api_calls", "count"),
+    ("storage", "bytes"),
+    ("compute", "seconds"),
+    ("bandwidth", "bytes"),
+    ("tokens", "count"),
+    ("messages", "count"),
+    ("queries", "count"),
+    ("memory", "mb_hours"),
+]
 REGIONS = ["eu-west", "us-east", "us-west", "ap-south"]
 SDKS = ["py/1.4.2", "js/2.0.1", "go/0.9.0"]
 
@@ -34,8 +41,17 @@ INVALID = [
     ("metric_value", None, "missing value"),
     ("unit", "u" * 100, "oversized unit"),
 ]
-COLUMNS = ("id", "organisation_id", "project_id", "idempotency_key", "metric_name",
-           "metric_value", "unit", "timestamp", "metadata")
+COLUMNS = (
+    "id",
+    "organisation_id",
+    "project_id",
+    "idempotency_key",
+    "metric_name",
+    "metric_value",
+    "unit",
+    "timestamp",
+    "metadata",
+)
 
 
 @dataclass
@@ -67,10 +83,21 @@ def generate_rows(n: int, seed: int = 20261124) -> tuple[list[tuple[object, ...]
         metric, unit = METRICS[rng.randrange(len(METRICS))]
         ts = t0 + i * 0.5 + rng.random()
         ts_text = _iso(ts)
-        meta = (f'{{"region":"{REGIONS[rng.randrange(4)]}","sdk":"{SDKS[rng.randrange(3)]}",'
-                f'"host":"h{rng.randrange(1000):03d}"}}')
-        row: list[object] = [rid, f"org_{org:04d}", f"proj_{org:04d}_{rng.randrange(10)}", key,
-                             metric, round(rng.random() * 1000, 3), unit, ts_text, meta]
+        meta = (
+            f'{{"region":"{REGIONS[rng.randrange(4)]}","sdk":"{SDKS[rng.randrange(3)]}",'
+            f'"host":"h{rng.randrange(1000):03d}"}}'
+        )
+        row: list[object] = [
+            rid,
+            f"org_{org:04d}",
+            f"proj_{org:04d}_{rng.randrange(10)}",
+            key,
+            metric,
+            round(rng.random() * 1000, 3),
+            unit,
+            ts_text,
+            meta,
+        ]
         if i in invalid_at:
             col, value, _ = next(bad)
             row[COLUMNS.index(col)] = value

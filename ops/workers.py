@@ -20,15 +20,29 @@ class WorkerPool:
         self.log_dir = log_dir
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, queues: Sequence[str], concurrency: int,
-              extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, queues: Sequence[str], concurrency: int, extra: Sequence[str] = ()
+    ) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = (self.log_dir / f"worker-{name}.log").open("ab")
-        cmd = [sys.executable, "-m", "ops.cli", "worker", "--queues", ",".join(queues),
-               "--concurrency", str(concurrency), "--hostname", f"{name}@%h",
-               "--loglevel", self.loglevel, *extra]
-        proc = subprocess.Popen(cmd, env=dict(self.env), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "ops.cli",
+            "worker",
+            "--queues",
+            ",".join(queues),
+            "--concurrency",
+            str(concurrency),
+            "--hostname",
+            f"{name}@%h",
+            "--loglevel",
+            self.loglevel,
+            *extra,
+        ]
+        proc = subprocess.Popen(
+            cmd, env=dict(self.env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.procs.append(proc)
         return proc
 

@@ -18,8 +18,9 @@ from shared.errors import SluiceError
 log = logging.getLogger("sluice.ack")
 
 
-@app.task(name="sluice.ack_page", bind=True, acks_late=True, reject_on_worker_lost=True,
-          max_retries=20)
+@app.task(
+    name="sluice.ack_page", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=20
+)
 def ack_page(self: Task, source_name: str, page_id: str) -> str:
     ctx = app.context
     found = ctx.progress.ack_data(page_id)
@@ -31,8 +32,9 @@ def ack_page(self: Task, source_name: str, page_id: str) -> str:
         source.acknowledge(ack)
     except SluiceError as exc:
         delay = min(300, 2 ** min(self.request.retries, 8))
-        log.warning("ack of page %s to %s failed (%s); retry in %ss", page_id, source_name, exc,
-                    delay)
+        log.warning(
+            "ack of page %s to %s failed (%s); retry in %ss", page_id, source_name, exc, delay
+        )
         raise self.retry(exc=exc, countdown=delay) from exc
     finally:
         source.close()

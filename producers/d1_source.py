@@ -35,8 +35,13 @@ def miniflare_object_filename(name: str, unique_key: str = "miniflare-D1Database
 
 
 def wrangler_d1_path(state_dir: Path, database_id: str) -> Path:
-    return state_dir / "v3" / "d1" / "miniflare-D1DatabaseObject" / miniflare_object_filename(
-        database_id)
+    return (
+        state_dir
+        / "v3"
+        / "d1"
+        / "miniflare-D1DatabaseObject"
+        / miniflare_object_filename(database_id)
+    )
 
 
 class D1Database(Protocol):
@@ -117,12 +122,16 @@ class D1Source:
         size = self.cfg.batch_size
         for _ in range(max_pages):
             if after is None:
-                sql = (f"SELECT {self._select_cols} FROM {self.table} WHERE processed_at IS NULL"
-                       f" ORDER BY {self.key} LIMIT ?")
+                sql = (
+                    f"SELECT {self._select_cols} FROM {self.table} WHERE processed_at IS NULL"
+                    f" ORDER BY {self.key} LIMIT ?"
+                )
                 params: list[object] = [size]
             else:
-                sql = (f"SELECT {self._select_cols} FROM {self.table} WHERE processed_at IS NULL"
-                       f" AND {self.key} > ? ORDER BY {self.key} LIMIT ?")
+                sql = (
+                    f"SELECT {self._select_cols} FROM {self.table} WHERE processed_at IS NULL"
+                    f" AND {self.key} > ? ORDER BY {self.key} LIMIT ?"
+                )
                 params = [after, size]
             found = self.db.query(sql, params)
             if not found:
@@ -142,13 +151,15 @@ class D1Source:
         per = MAX_PARAMS - 1  # one parameter is the timestamp
         statements = []
         for i in range(0, len(keys), per):
-            chunk = keys[i:i + per]
+            chunk = keys[i : i + per]
             marks = ", ".join("?" for _ in chunk)
-            statements.append((
-                f"UPDATE {self.table} SET processed_at = ? WHERE {self.key} IN ({marks})"
-                " AND processed_at IS NULL",
-                [now, *chunk],
-            ))
+            statements.append(
+                (
+                    f"UPDATE {self.table} SET processed_at = ? WHERE {self.key} IN ({marks})"
+                    " AND processed_at IS NULL",
+                    [now, *chunk],
+                )
+            )
         if statements:
             self.db.batch(statements)
 
@@ -171,6 +182,12 @@ def open_d1_source(name: str, cfg: D1SourceConfig, settings: Settings) -> D1Sour
         if not token:
             raise SourceError(f"remote D1 needs an API token in ${cfg.api_token_env}", source=name)
         assert cfg.account_id and cfg.database_id
-        db = RemoteD1(D1Client(account_id=cfg.account_id, database_id=cfg.database_id,
-                               api_token=token, base_url=cfg.base_url))
+        db = RemoteD1(
+            D1Client(
+                account_id=cfg.account_id,
+                database_id=cfg.database_id,
+                api_token=token,
+                base_url=cfg.base_url,
+            )
+        )
     return D1Source(name, cfg, stream, db)

@@ -60,8 +60,9 @@ def run_source(ctx: Context, name: str, max_batches: int | None = None) -> RunSu
             page = Page(uuid.uuid4().hex, stream.name, "", name, run_id, columns, sp.rows)
             ctx.progress.register(name, page.id, stream.sinks, sp.ack, sp.last_key)
             for sink in stream.sinks:
-                app.send_task("sluice.ingest", args=[page.for_sink(sink).encode()],
-                              queue=ingest_queue(sink))
+                app.send_task(
+                    "sluice.ingest", args=[page.for_sink(sink).encode()], queue=ingest_queue(sink)
+                )
             summary.pages += 1
             summary.records += len(sp.rows)
             lock.extend(LOCK_SECONDS, replace_ttl=True)
@@ -86,11 +87,21 @@ def _record_run(ctx: Context, s: RunSummary, started: datetime, stream: str) -> 
     try:
         with ctx.state.begin() as conn:
             conn.execute(
-                text("INSERT INTO source_runs (run_id, source, stream, started_at, finished_at,"
-                     " status, pages, records, error) VALUES (:run_id, :source, :stream,"
-                     " :started, now(), :status, :pages, :records, :error)"),
-                {"run_id": s.run_id, "source": s.source, "stream": stream, "started": started,
-                 "status": s.status, "pages": s.pages, "records": s.records, "error": s.error},
+                text(
+                    "INSERT INTO source_runs (run_id, source, stream, started_at, finished_at,"
+                    " status, pages, records, error) VALUES (:run_id, :source, :stream,"
+                    " :started, now(), :status, :pages, :records, :error)"
+                ),
+                {
+                    "run_id": s.run_id,
+                    "source": s.source,
+                    "stream": stream,
+                    "started": started,
+                    "status": s.status,
+                    "pages": s.pages,
+                    "records": s.records,
+                    "error": s.error,
+                },
             )
     except Exception as exc:  # the run itself succeeded; its history row is best effort
         log.warning("could not record run %s of %s: %s", s.run_id, s.source, exc)

@@ -20,9 +20,14 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         else:
             assert src.schedule.cron is not None
             minute, hour, day, month, weekday = src.schedule.cron.split()
-            when = crontab(minute=minute, hour=hour, day_of_month=day, month_of_year=month,
-                           day_of_week=weekday)
+            when = crontab(
+                minute=minute, hour=hour, day_of_month=day, month_of_year=month, day_of_week=weekday
+            )
         # A run that is still waiting when the next one is due is dropped, not stacked up.
-        out[f"produce:{name}"] = {"task": "sluice.produce", "schedule": when, "args": [name],
-                                  "options": {"queue": "produce", "expires": 60}}
+        out[f"produce:{name}"] = {
+            "task": "sluice.produce",
+            "schedule": when,
+            "args": [name],
+            "options": {"queue": "produce", "expires": 60},
+        }
     return out

@@ -38,10 +38,13 @@ class Context:
     def redis(self) -> redis.Redis:
         url = self.settings.env.get("SLUICE_REDIS_URL") or self.broker_url
         if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise SluiceError("page tracking needs Redis: set SLUICE_REDIS_URL when the broker "
-                              "is not Redis", broker=url.split("://")[0])
-        return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10,
-                                    health_check_interval=30)
+            raise SluiceError(
+                "page tracking needs Redis: set SLUICE_REDIS_URL when the broker is not Redis",
+                broker=url.split("://")[0],
+            )
+        return redis.Redis.from_url(
+            url, socket_timeout=30, socket_connect_timeout=10, health_check_interval=30
+        )
 
     @cached_property
     def progress(self) -> Progress:
@@ -62,8 +65,9 @@ class Context:
             elif name == "sqlite":
                 from shared.sqlite_sink import SqliteSink
 
-                sink = SqliteSink(self.settings.sqlite_path,
-                                  self.settings.pipeline.sqlite_busy_timeout_ms)
+                sink = SqliteSink(
+                    self.settings.sqlite_path, self.settings.pipeline.sqlite_busy_timeout_ms
+                )
             else:
                 raise SluiceError(f"unknown sink {name!r}; known: postgres, sqlite", sink=name)
             self._sinks[name] = sink

@@ -47,8 +47,9 @@ def sqlite_connect(path: Path, busy_timeout_ms: int = 30_000) -> sqlite3.Connect
     foreign keys on. WAL lets readers run while one writer writes; the busy timeout makes a second
     writer wait for the lock instead of failing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None,
-                           check_same_thread=False)
+    conn = sqlite3.connect(
+        path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+    )
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")

@@ -38,25 +38,25 @@ def migrate_postgres(url: str) -> list[str]:
     applied: list[str] = []
     conn = psycopg2.connect(libpq_dsn(url))
     try:
-        with conn:
-            with conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
-                cur.execute(
-                    "CREATE TABLE IF NOT EXISTS sluice_migrations ("
-                    " version TEXT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-                )
-                cur.execute("SELECT version FROM sluice_migrations")
-                done = {r[0] for r in cur.fetchall()}
-                for version, path in migration_files("postgres"):
-                    if version in done:
-                        continue
-                    try:
-                        cur.execute(path.read_text())
-                    except psycopg2.Error as exc:
-                        raise MigrationError(f"{path.name} failed: {exc}".strip(),
-                                             sink="postgres") from exc
-                    cur.execute("INSERT INTO sluice_migrations (version) VALUES (%s)", (version,))
-                    applied.append(version)
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS sluice_migrations ("
+                " version TEXT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            cur.execute("SELECT version FROM sluice_migrations")
+            done = {r[0] for r in cur.fetchall()}
+            for version, path in migration_files("postgres"):
+                if version in done:
+                    continue
+                try:
+                    cur.execute(path.read_text())
+                except psycopg2.Error as exc:
+                    raise MigrationError(
+                        f"{path.name} failed: {exc}".strip(), sink="postgres"
+                    ) from exc
+                cur.execute("INSERT INTO sluice_migrations (version) VALUES (%s)", (version,))
+                applied.append(version)
     finally:
         conn.close()
     return applied
@@ -73,8 +73,9 @@ def migrate_sqlite(path: Path) -> list[str]:
         for version, file in migration_files("sqlite"):
             conn.execute("BEGIN IMMEDIATE")
             try:
-                if conn.execute("SELECT 1 FROM sluice_migrations WHERE version = ?",
-                                (version,)).fetchone():
+                if conn.execute(
+                    "SELECT 1 FROM sluice_migrations WHERE version = ?", (version,)
+                ).fetchone():
                     conn.execute("ROLLBACK")
                     continue
                 for statement in split_statements(file.read_text()):

@@ -48,11 +48,25 @@ def decode(body: object) -> Page:
         raise MessageError(f"unsupported page version {body.get('v')!r}", page=body.get("id"))
     problems = [
         f"{name} must be {kind.__name__}"
-        for name, kind in (("id", str), ("stream", str), ("sink", str), ("source", str),
-                           ("run", str), ("columns", list), ("rows", list))
+        for name, kind in (
+            ("id", str),
+            ("stream", str),
+            ("sink", str),
+            ("source", str),
+            ("run", str),
+            ("columns", list),
+            ("rows", list),
+        )
         if not isinstance(body.get(name), kind)
     ]
     if problems:
         raise MessageError("malformed page: " + "; ".join(problems), page=body.get("id"))
-    return Page(body["id"], body["stream"], body["sink"], body["source"], body["run"],
-                body["columns"], body["rows"])
+    return Page(
+        body["id"],
+        body["stream"],
+        body["sink"],
+        body["source"],
+        body["run"],
+        body["columns"],
+        body["rows"],
+    )

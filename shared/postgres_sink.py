@@ -1,5 +1,5 @@
 """PostgreSQL sink: COPY the page into a temporary staging table, then one
-INSERT … SELECT … ON CONFLICT into the target (2.5× faster than execute_values, limits.md 1c).
+INSERT … SELECT … ON CONFLICT into the target (2.5 times faster than execute_values, limits.md 1c).
 
 The target-less `ON CONFLICT DO NOTHING` arbitrates every unique index, so a row whose `id` is
 already present is skipped like one whose idempotency key is (limits.md F3). Any error rolls the
@@ -34,9 +34,12 @@ def copy_text(rows: Sequence[Sequence[Any]]) -> bytes:
     for row in rows:
         out.append(
             "\t".join(
-                "\\N" if v is None
-                else v.translate(_ESCAPES) if isinstance(v, str)
-                else repr(v) if isinstance(v, float)
+                "\\N"
+                if v is None
+                else v.translate(_ESCAPES)
+                if isinstance(v, str)
+                else repr(v)
+                if isinstance(v, float)
                 else str(v)
                 for v in row
             )
@@ -60,8 +63,9 @@ class PostgresSink:
     def _connection(self) -> psycopg2.extensions.connection:
         if self._conn is None or self._conn.closed:
             try:
-                self._conn = psycopg2.connect(self._dsn, connect_timeout=10,
-                                              application_name="sluice-postgres-sink")
+                self._conn = psycopg2.connect(
+                    self._dsn, connect_timeout=10, application_name="sluice-postgres-sink"
+                )
             except psycopg2.OperationalError as exc:
                 raise TransientSinkError(f"cannot connect: {exc}".strip(), sink=self.name) from exc
         return self._conn
@@ -74,15 +78,20 @@ class PostgresSink:
         stage = _quote(f"sluice_stage_{stream.table}")
         cols = ", ".join(_quote(c) for c in stream.column_names)
         key = ", ".join(_quote(k) for k in stream.key)
-        create = (f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
-                  f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+        create = (
+            f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
+            f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
         copy = f"COPY {stage} ({cols}) FROM STDIN"
         insert = f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {stage} ORDER BY {key} "
         if stream.conflict == "ignore":
             insert += "ON CONFLICT DO NOTHING"
         else:
-            updates = ", ".join(f"{_quote(c)} = EXCLUDED.{_quote(c)}"
-                                for c in stream.column_names if c not in stream.key)
+            updates = ", ".join(
+                f"{_quote(c)} = EXCLUDED.{_quote(c)}"
+                for c in stream.column_names
+                if c not in stream.key
+            )
             insert += f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
             if stream.conflict == "newer":
                 assert stream.version_column is not None
@@ -101,8 +110,17 @@ class PostgresSink:
                     " inserted, duplicates, invalid, attempts, started_at)"
                     " VALUES (%s, %s, %s, %s, %s, %s, 0, 0, %s, %s, %s)"
                     " ON CONFLICT (page_id, sink) DO NOTHING",
-                    (meta.page_id, self.name, stream.name, meta.source, meta.run_id,
-                     meta.received, meta.invalid, meta.attempts, meta.started_at),
+                    (
+                        meta.page_id,
+                        self.name,
+                        stream.name,
+                        meta.source,
+                        meta.run_id,
+                        meta.received,
+                        meta.invalid,
+                        meta.attempts,
+                        meta.started_at,
+                    ),
                 )
                 first_delivery = cur.rowcount == 1
                 inserted = 0

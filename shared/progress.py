@@ -51,8 +51,9 @@ class Progress:
     def _resume(source: str) -> str:
         return f"{_PREFIX}:resume:{source}"
 
-    def register(self, source: str, page_id: str, sinks: Sequence[str], ack: Any,
-                 last_key: Any) -> None:
+    def register(
+        self, source: str, page_id: str, sinks: Sequence[str], ack: Any, last_key: Any
+    ) -> None:
         """Called before the page is published, so a fast consumer always finds it."""
         p = self.r.pipeline(transaction=True)
         p.sadd(self._pending(page_id), *sinks)
@@ -83,8 +84,9 @@ class Progress:
     def resume_after(self, source: str) -> Any | None:
         """Where the next run of `source` should continue: after the last key in flight, or from
         the start (None) when nothing is in flight or a page outlived its lease."""
-        expired = self.r.zrangebyscore(self._inflight(source), "-inf",
-                                       time.time() - self.lease_seconds, start=0, num=1)
+        expired = self.r.zrangebyscore(
+            self._inflight(source), "-inf", time.time() - self.lease_seconds, start=0, num=1
+        )
         if expired:
             self.r.delete(self._inflight(source), self._resume(source))
             return None

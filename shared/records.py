@@ -4,7 +4,8 @@ Validation checks each value against its column (type, required, length, NUL byt
 timestamps) and normalises it to what both sinks accept: timestamps become UTC ISO-8601 strings,
 JSON columns become compact JSON text. A record that fails becomes a Rejected naming the field and
 the rule; the rest of the page goes on. Dedupe keeps one record per key according to the stream's
-conflict policy and sorts by key, so concurrent writers take row locks in the same order (limits.md F2).
+conflict policy and sorts by key, so concurrent writers take row locks in the same order
+(limits.md F2).
 """
 
 from __future__ import annotations
@@ -176,8 +177,13 @@ class Validator:
         checks = self._checks
         for raw in rows:
             if not isinstance(raw, list | tuple) or len(raw) != width:
-                bad.append(Rejected(raw if isinstance(raw, list | tuple) else [raw], None,
-                                    f"record must be a list of {width} values"))
+                bad.append(
+                    Rejected(
+                        raw if isinstance(raw, list | tuple) else [raw],
+                        None,
+                        f"record must be a list of {width} values",
+                    )
+                )
                 continue
             row = raw if order is None else [None if i < 0 else raw[i] for i in order]
             out: Row = []

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from shared.errors import ConfigError
 from shared.streams import CATALOG, ConflictPolicy, Stream
 
-SINK_NAMES = ("postgres", "sqlite")
+SinkName = Literal["postgres", "sqlite"]
+SINK_NAMES: tuple[SinkName, ...] = ("postgres", "sqlite")
 
 
 class _Model(BaseModel):
@@ -38,7 +39,9 @@ class Schedule(_Model):
         if (self.every is None) == (self.cron is None):
             raise ValueError("set exactly one of 'every' (seconds) or 'cron' (crontab string)")
         if self.cron is not None and len(self.cron.split()) != 5:
-            raise ValueError(f"cron must have 5 fields (minute hour day month weekday): {self.cron!r}")
+            raise ValueError(
+                f"cron must have 5 fields (minute hour day month weekday): {self.cron!r}"
+            )
         return self
 
 
@@ -73,7 +76,7 @@ SourceConfig = D1SourceConfig
 
 
 class StreamConfig(_Model):
-    sinks: list[Literal["postgres", "sqlite"]] = Field(default_factory=lambda: list(SINK_NAMES))
+    sinks: list[SinkName] = Field(default_factory=lambda: list(SINK_NAMES))
     conflict: ConflictPolicy | None = None
 
 
@@ -120,8 +123,9 @@ class Settings:
         base = path.parent if path else Path.cwd()
         data_dir = Path(env.get("SLUICE_DATA_DIR") or cfg.pipeline.data_dir or ".sluice")
         if not data_dir.is_absolute():
-            data_dir = (base if cfg.pipeline.data_dir and not env.get("SLUICE_DATA_DIR")
-                        else Path.cwd()) / data_dir
+            data_dir = (
+                base if cfg.pipeline.data_dir and not env.get("SLUICE_DATA_DIR") else Path.cwd()
+            ) / data_dir
         sqlite_text = env.get("SLUICE_SQLITE_PATH")
         sqlite_path = Path(sqlite_text) if sqlite_text else data_dir / "sluice.sqlite"
         streams: dict[str, Stream] = {}
@@ -131,7 +135,8 @@ class Settings:
                 sinks=tuple(sc.sinks), conflict=sc.conflict or stream.conflict
             )
         sources = {
-            name: src.model_copy(update=_resolve_paths(src, base)) for name, src in cfg.sources.items()
+            name: src.model_copy(update=_resolve_paths(src, base))
+            for name, src in cfg.sources.items()
         }
         return cls(
             config_path=path,

@@ -48,13 +48,17 @@ class SqliteSink:
         if stream.conflict == "ignore":
             sql += "ON CONFLICT DO NOTHING"
         else:
-            updates = ", ".join(f"{_quote(c)} = excluded.{_quote(c)}"
-                                for c in stream.column_names if c not in stream.key)
+            updates = ", ".join(
+                f"{_quote(c)} = excluded.{_quote(c)}"
+                for c in stream.column_names
+                if c not in stream.key
+            )
             sql += f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
             if stream.conflict == "newer":
                 assert stream.version_column is not None
                 v = _quote(stream.version_column)
-                sql += f" WHERE {_quote(stream.table)}.{v} IS NULL OR excluded.{v} > {_quote(stream.table)}.{v}"
+                t = _quote(stream.table)
+                sql += f" WHERE {t}.{v} IS NULL OR excluded.{v} > {t}.{v}"
         self._sql[(stream.name, stream.conflict)] = sql
         return sql
 
@@ -68,8 +72,17 @@ class SqliteSink:
                     "INSERT INTO ingestion_runs (page_id, sink, stream, source, run_id, received,"
                     " inserted, duplicates, invalid, attempts, started_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (meta.page_id, self.name, stream.name, meta.source, meta.run_id,
-                     meta.received, meta.invalid, meta.attempts, meta.started_at.isoformat()),
+                    (
+                        meta.page_id,
+                        self.name,
+                        stream.name,
+                        meta.source,
+                        meta.run_id,
+                        meta.received,
+                        meta.invalid,
+                        meta.attempts,
+                        meta.started_at.isoformat(),
+                    ),
                 )
                 first_delivery = cur.rowcount == 1
                 before = conn.total_changes

@@ -135,10 +135,12 @@ class Env:
 def env(tmp_path: Path, pg_url: str, redis_url: str) -> Env:
     sqlite_path = tmp_path / "sink.sqlite"
     vars_ = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    vars_.update({
-        "SLUICE_BROKER_URL": redis_url,
-        "SLUICE_POSTGRES_URL": pg_url,
-        "SLUICE_SQLITE_PATH": str(sqlite_path),
-        "SLUICE_DATA_DIR": str(tmp_path / "data"),
-    })
+    vars_.update(
+        {
+            "SLUICE_BROKER_URL": redis_url,
+            "SLUICE_POSTGRES_URL": pg_url,
+            "SLUICE_SQLITE_PATH": str(sqlite_path),
+            "SLUICE_DATA_DIR": str(tmp_path / "data"),
+        }
+    )
     return Env(vars_, tmp_path, sqlite_path, pg_url, redis_url)

@@ -15,9 +15,15 @@ from shared.context import Context
 from shared.database import libpq_dsn
 
 
-def d1_config(d1_path: Path, *, page_size: int = 500, max_batches: int = 10,
-              visibility_timeout: int = 3600, max_retries: int = 8,
-              source: str = "d1_usage") -> str:
+def d1_config(
+    d1_path: Path,
+    *,
+    page_size: int = 500,
+    max_batches: int = 10,
+    visibility_timeout: int = 3600,
+    max_retries: int = 8,
+    source: str = "d1_usage",
+) -> str:
     return f"""
 [pipeline]
 page_size = {page_size}
@@ -45,9 +51,11 @@ def drain(ctx: Context, source: str, timeout: float = 120) -> list[RunSummary]:
             return runs
         if s.pages == 0:
             time.sleep(0.2)
-    raise AssertionError(f"pipeline did not drain within {timeout}s "
-                         f"(in flight: {ctx.progress.in_flight(source)}, "
-                         f"queued: {total_depth(ctx.redis)})")
+    raise AssertionError(
+        f"pipeline did not drain within {timeout}s "
+        f"(in flight: {ctx.progress.in_flight(source)}, "
+        f"queued: {total_depth(ctx.redis)})"
+    )
 
 
 def wait_queues_empty(ctx: Context, timeout: float = 60) -> None:
@@ -77,8 +85,9 @@ def pg_scalar(pg_url: str, sql: str) -> object:
         conn.close()
 
 
-def sqlite_keys(path: Path, table: str = "usage_events",
-                key: str = "idempotency_key") -> Counter[str]:
+def sqlite_keys(
+    path: Path, table: str = "usage_events", key: str = "idempotency_key"
+) -> Counter[str]:
     conn = sqlite3.connect(path)
     try:
         return Counter(r[0] for r in conn.execute(f"SELECT {key} FROM {table}"))
@@ -90,7 +99,8 @@ def d1_processed(path: Path) -> tuple[int, int]:
     conn = sqlite3.connect(path)
     try:
         total, done = conn.execute(
-            "SELECT count(*), count(processed_at) FROM usage_events").fetchone()
+            "SELECT count(*), count(processed_at) FROM usage_events"
+        ).fetchone()
         return int(total), int(done)
     finally:
         conn.close()

@@ -50,8 +50,9 @@ def assert_exact(env: Env, expected: set[str]) -> None:
         assert max(keys.values()) == 1, f"{name}: a key was written twice"
 
 
-def test_end_to_end_both_sinks_then_second_run_inserts_nothing(env: Env,
-                                                               workers: WorkerPool) -> None:
+def test_end_to_end_both_sinks_then_second_run_inserts_nothing(
+    env: Env, workers: WorkerPool
+) -> None:
     d1 = env.dir / "d1.sqlite"
     sample = write_d1_file(d1, 20_000)
     env.write_config(d1_config(d1, page_size=500))
@@ -64,12 +65,19 @@ def test_end_to_end_both_sinks_then_second_run_inserts_nothing(env: Env,
     assert_exact(env, sample.distinct_valid_keys)
     assert d1_processed(d1) == (20_000, 20_000)
     # Every invalid row is a dead letter, once per sink, naming the field.
-    assert pg_scalar(env.pg_url, "SELECT count(DISTINCT record_key) FROM failed_ingestions") == \
-        sample.invalid
-    assert pg_scalar(env.pg_url, "SELECT count(*) FROM failed_ingestions WHERE error_message"
-                     " NOT LIKE '%:%'") == 0
-    inserted = pg_scalar(env.pg_url, "SELECT sum(inserted) FROM ingestion_runs"
-                         " WHERE sink = 'postgres'")
+    assert (
+        pg_scalar(env.pg_url, "SELECT count(DISTINCT record_key) FROM failed_ingestions")
+        == sample.invalid
+    )
+    assert (
+        pg_scalar(
+            env.pg_url, "SELECT count(*) FROM failed_ingestions WHERE error_message NOT LIKE '%:%'"
+        )
+        == 0
+    )
+    inserted = pg_scalar(
+        env.pg_url, "SELECT sum(inserted) FROM ingestion_runs WHERE sink = 'postgres'"
+    )
     assert inserted == len(sample.distinct_valid_keys)
 
     # Same rows in a fresh D1 file: everything is a duplicate, nothing new is written.
@@ -77,8 +85,10 @@ def test_end_to_end_both_sinks_then_second_run_inserts_nothing(env: Env,
     runs2 = drain(ctx, "d1_usage")
     assert sum(r.records for r in runs2) == 20_000
     ids = ",".join(f"'{r.run_id}'" for r in runs2)
-    assert pg_scalar(env.pg_url, f"SELECT sum(inserted) FROM ingestion_runs WHERE run_id IN ({ids})"
-                     ) == 0
+    assert (
+        pg_scalar(env.pg_url, f"SELECT sum(inserted) FROM ingestion_runs WHERE run_id IN ({ids})")
+        == 0
+    )
     assert_exact(env, sample.distinct_valid_keys)
     assert d1_processed(d1) == (20_000, 20_000)
 
@@ -108,8 +118,7 @@ def test_two_runs_at_once_enqueue_each_row_once(env: Env) -> None:
     assert ctx.redis.llen("ingest.sqlite") == 20
 
 
-def test_sigkill_worker_mid_run_loses_and_duplicates_nothing(env: Env,
-                                                             workers: WorkerPool) -> None:
+def test_sigkill_worker_mid_run_loses_and_duplicates_nothing(env: Env, workers: WorkerPool) -> None:
     d1 = env.dir / "d1.sqlite"
     sample = write_d1_file(d1, 30_000)
     # A short visibility timeout so the killed worker's pages come back within the test.
