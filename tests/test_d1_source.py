@@ -1,0 +1,142 @@
+"""The D1 source: local files, wrangler's layout, and the REST API through a fake D1 on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ops.sample import write_d1_file
+from ops.workers import WorkerPool
+from producers.d1_source import miniflare_object_filename, wrangler_d1_path
+from producers.registry import open_source
+from shared.celery_app import app
+from shared.migrations import migrate_sqlite
+from shared.settings import Settings
+from tests.conftest import Env
+from tests.fakes.d1_server import FakeD1
+from tests.helpers import d1_config, d1_processed, drain, pg_keys, sqlite_keys
+
+DB_ID = "11111111-2222-3333-4444-555555555555"
+
+
+def test_miniflare_file_name_matches_wrangler() -> None:
+    # The value miniflare itself produced for this id (reference/apis.md §2.5).
+    assert miniflare_object_filename(DB_ID) == (
+        "f023adf8de81e80d62670e09f086149af129cccda34c51f26517069258c53e8c.sqlite"
+    )
+
+
+def _settings(env: Env, body: str) -> Settings:
+    env.write_config(body)
+    return Settings.load(env.vars)
+
+
+def test_local_pages_in_key_order_with_batch_limits(env: Env) -> None:
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 2_500)
+    settings = _settings(env, d1_config(d1, page_size=1000, max_batches=2))
+    source = open_source(settings, "d1_usage")
+    pages = list(source.pages(None, 2))
+    assert [len(p.rows) for p in pages] == [1000, 1000]  # max_batches stops the run
+    keys = [k for p in pages for k in p.ack]
+    assert keys == sorted(keys) and len(set(keys)) == 2000
+    assert [r[0] for r in pages[0].rows] == pages[0].ack  # column order = stream order (id first)
+    rest = list(source.pages(pages[-1].last_key, 10))
+    assert [len(p.rows) for p in rest] == [500]
+    assert rest[0].ack[0] > keys[-1]
+
+    source.acknowledge(pages[0].ack)
+    source.acknowledge(pages[0].ack)  # twice is harmless
+    assert d1_processed(d1) == (2_500, 1_000)
+    again = [k for p in source.pages(None, 10) for k in p.ack]
+    assert len(again) == 1_500 and not set(again) & set(pages[0].ack)
+    source.close()
+
+
+def test_wrangler_local_layout(env: Env) -> None:
+    state = env.dir / ".wrangler" / "state"
+    path = wrangler_d1_path(state, DB_ID)
+    path.parent.mkdir(parents=True)
+    write_d1_file(path, 300)
+    settings = _settings(env, f"""
+[sources.w]
+kind = "d1"
+stream = "usage_events"
+wrangler_state = "{state}"
+database_id = "{DB_ID}"
+""")
+    source = open_source(settings, "w")
+    assert sum(len(p.rows) for p in source.pages(None, 10)) == 300
+    source.close()
+
+
+def remote_config(fake: FakeD1, page_size: int = 500) -> str:
+    return f"""
+[pipeline]
+page_size = {page_size}
+
+[sources.d1_usage]
+kind = "d1"
+stream = "usage_events"
+mode = "remote"
+account_id = "{fake.account_id}"
+database_id = "{DB_ID}"
+base_url = "{fake.base_url}"
+api_token_env = "TEST_D1_TOKEN"
+batch_size = {page_size}
+max_batches = 10
+"""
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeD1]:
+    with FakeD1() as f:
+        yield f
+
+
+def test_remote_reads_and_marks_within_d1_limits(env: Env, fake: FakeD1) -> None:
+    d1 = env.dir / "remote.sqlite"
+    write_d1_file(d1, 1_200)
+    fake.add_database(DB_ID, d1)
+    env.vars["TEST_D1_TOKEN"] = fake.token
+    settings = _settings(env, remote_config(fake))
+    source = open_source(settings, "d1_usage")
+    fake.fail_on(2, "rate_limit", retry_after=0)  # the 2nd request is throttled once
+    fake.fail_on(3, "server_error", status=503)  # and the next answers with an HTML 503
+    pages = list(source.pages(None, 10))
+    assert [len(p.rows) for p in pages] == [500, 500, 200]
+    source.acknowledge(pages[0].ack)
+    assert d1_processed(d1) == (1_200, 500)
+    bodies = [r.body for r in fake.requests if isinstance(r.body, dict)]
+    marks = [b for b in bodies if "batch" in b]
+    assert len(marks) == 1 and len(marks[0]["batch"]) == 6  # 500 ids, 99 per statement
+    for stmt in marks[0]["batch"]:
+        assert len(stmt["params"]) <= 100
+    assert all(r.authorized for r in fake.requests)
+    source.close()
+
+
+def test_remote_source_end_to_end(env: Env, fake: FakeD1) -> None:
+    d1 = env.dir / "remote.sqlite"
+    sample = write_d1_file(d1, 4_000)
+    fake.add_database(DB_ID, d1)
+    env.vars["TEST_D1_TOKEN"] = fake.token
+    settings = _settings(env, remote_config(fake))
+    ctx = app.configure(settings)
+    migrate_sqlite(env.sqlite_path)
+    fake.fail_next("d1_transient")  # a transient D1 error on the first read
+    with WorkerPool(env.vars, env.dir / "logs") as pool:
+        pool.start("pg", ["ingest.postgres", "dead_letter", "progress"], 2)
+        pool.start("lite", ["ingest.sqlite"], 1)
+        drain(ctx, "d1_usage")
+    assert set(pg_keys(env.pg_url)) == sample.distinct_valid_keys
+    assert set(sqlite_keys(env.sqlite_path)) == sample.distinct_valid_keys
+    assert d1_processed(d1) == (4_000, 4_000)
+
+
+def test_missing_local_file_is_a_clear_error(env: Env) -> None:
+    settings = _settings(env, d1_config(env.dir / "absent.sqlite"))
+    with pytest.raises(Exception, match="D1 file not found"):
+        open_source(settings, "d1_usage")

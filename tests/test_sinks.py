@@ -1,0 +1,142 @@
+"""Sinks against real databases: keyed writes, redelivery, lock contention, poison records."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg2
+import pytest
+
+from consumers.ingest import ingest
+from ops.sample import generate_rows
+from ops.workers import WorkerPool
+from shared.celery_app import app
+from shared.database import libpq_dsn
+from shared.errors import TransientSinkError
+from shared.migrations import migrate_sqlite
+from shared.page import Page
+from shared.postgres_sink import PostgresSink
+from shared.records import Validator, dedupe
+from shared.settings import Settings
+from shared.sink import PageMeta, Sink
+from shared.sqlite_sink import SqliteSink
+from shared.streams import USAGE_EVENTS
+from tests.conftest import Env
+from tests.helpers import pg_keys, pg_scalar, sqlite_keys
+
+
+def valid_rows(n: int) -> list[list[Any]]:
+    rows, _, _ = generate_rows(n, seed=7)
+    good, _ = Validator(USAGE_EVENTS).validate(USAGE_EVENTS.column_names, [list(r) for r in rows])
+    return good
+
+
+def meta(page_id: str, received: int) -> PageMeta:
+    return PageMeta(page_id, "test", "run-1", received, 0, 1, datetime.now(UTC))
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def sink(request: pytest.FixtureRequest, env: Env) -> Sink:
+    if request.param == "postgres":
+        return PostgresSink(env.pg_url)
+    migrate_sqlite(env.sqlite_path)
+    return SqliteSink(env.sqlite_path)
+
+
+def test_keyed_write_counts_and_redelivery(sink: Sink) -> None:
+    rows = valid_rows(2_000)
+    page = dedupe(USAGE_EVENTS, rows)
+    first = sink.write(USAGE_EVENTS, page, meta("p1", len(rows)))
+    assert first.inserted == len(page)
+    assert first.duplicates == len(rows) - len(page)
+    # The same page delivered again: recognised, nothing written.
+    again = sink.write(USAGE_EVENTS, page, meta("p1", len(rows)))
+    assert again.already_committed and again.inserted == 0
+    # The same records in another page: all duplicates, by key.
+    other = sink.write(USAGE_EVENTS, page, meta("p2", len(page)))
+    assert (other.inserted, other.duplicates) == (0, len(page))
+    sink.close()
+
+
+def test_sqlite_writer_waits_for_a_held_lock(env: Env) -> None:
+    migrate_sqlite(env.sqlite_path)
+    holder = sqlite3.connect(env.sqlite_path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    released = threading.Event()
+
+    def release() -> None:
+        time.sleep(2)
+        holder.execute("COMMIT")
+        released.set()
+
+    threading.Thread(target=release).start()
+    sink = SqliteSink(env.sqlite_path, busy_timeout_ms=30_000)
+    rows = dedupe(USAGE_EVENTS, valid_rows(500))
+    t0 = time.monotonic()
+    result = sink.write(USAGE_EVENTS, rows, meta("locked", len(rows)))
+    assert released.is_set() and time.monotonic() - t0 >= 1.5
+    assert result.inserted == len(rows)
+    sink.close()
+    holder.close()
+
+
+def test_sqlite_lock_held_past_the_timeout_is_transient(env: Env) -> None:
+    migrate_sqlite(env.sqlite_path)
+    holder = sqlite3.connect(env.sqlite_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    sink = SqliteSink(env.sqlite_path, busy_timeout_ms=200)
+    rows = dedupe(USAGE_EVENTS, valid_rows(10))
+    with pytest.raises(TransientSinkError, match="locked"):
+        sink.write(USAGE_EVENTS, rows, meta("busy", len(rows)))
+    holder.execute("ROLLBACK")
+    # Nothing half-written: the retry writes the whole page.
+    assert sink.write(USAGE_EVENTS, rows, meta("busy", len(rows))).inserted == len(rows)
+    sink.close()
+    holder.close()
+
+
+def _refuse_negative_values(env: Env) -> None:
+    """A rule the database enforces but the stream does not know: validation lets it through."""
+    conn = psycopg2.connect(libpq_dsn(env.pg_url))
+    with conn, conn.cursor() as cur:
+        cur.execute("ALTER TABLE usage_events ADD CONSTRAINT metric_value_non_negative"
+                    " CHECK (metric_value >= 0)")
+    conn.close()
+    lite = sqlite3.connect(env.sqlite_path)
+    lite.execute("CREATE TRIGGER refuse_negative BEFORE INSERT ON usage_events"
+                 " WHEN NEW.metric_value < 0 BEGIN SELECT RAISE(ABORT, 'metric_value must be"
+                 " non-negative'); END")
+    lite.commit()
+    lite.close()
+
+
+@pytest.mark.parametrize("sink_name", ["postgres", "sqlite"])
+def test_poison_records_are_isolated_and_the_rest_committed(env: Env, sink_name: str) -> None:
+    env.write_config("")
+    app.configure(Settings.load(env.vars))
+    migrate_sqlite(env.sqlite_path)
+    _refuse_negative_values(env)
+    rows = dedupe(USAGE_EVENTS, valid_rows(1_300))[:1_000]
+    poison = {17, 500, 999}
+    for i in poison:
+        rows[i][5] = -1.0
+    page = Page(uuid.uuid4().hex, "usage_events", sink_name, "test", "run-1",
+                list(USAGE_EVENTS.column_names), rows)
+    result = ingest.apply(args=[page.encode()]).get()
+    assert (result["inserted"], result["dead_letters"]) == (997, 3)
+    keys = pg_keys(env.pg_url) if sink_name == "postgres" else sqlite_keys(env.sqlite_path)
+    assert set(keys) == {r[3] for i, r in enumerate(rows) if i not in poison}
+    with WorkerPool(env.vars, env.dir / "logs") as pool:
+        pool.start("dl", ["dead_letter"], 1)
+        deadline = time.monotonic() + 30
+        while pg_scalar(env.pg_url, "SELECT count(*) FROM failed_ingestions") < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert pg_scalar(env.pg_url, "SELECT count(*) FROM failed_ingestions WHERE error_class ="
+                     " 'RejectedBySink' AND error_message LIKE '%non%negative%'") == 3
+
