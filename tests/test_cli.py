@@ -1,0 +1,85 @@
+"""The `sluice` command as users run it: real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ops.sample import generate_rows, write_d1_file
+from shared.migrations import migrate_sqlite
+from tests.conftest import Env
+from tests.helpers import d1_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sluice(
+    *args: str, env: dict[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ops.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_demo_with_embedded_servers_is_exact_and_idempotent(tmp_path: Path) -> None:
+    """No URLs set: the demo starts the embedded Redis and PostgreSQL of its data folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    data = tmp_path / "demo"
+    _, valid, invalid = generate_rows(5_000)
+    first = sluice("demo", "--records", "5000", "--json", "--data-dir", str(data), env=env)
+    assert first.returncode == 0, first.stderr
+    doc = json.loads(first.stdout)
+    assert doc["fetched"] == 5_000
+    assert doc["inserted"] == len(valid)
+    assert doc["dead_letters"] == invalid
+    assert doc["duplicates"] == 5_000 - invalid - len(valid)
+    for sink in ("postgres", "sqlite"):
+        assert doc["sinks"][sink]["inserted"] == len(valid)
+    # Same rows, fresh D1 file, same sinks: nothing new.
+    second = sluice("demo", "--records", "5000", "--json", "--data-dir", str(data), env=env)
+    assert second.returncode == 0, second.stderr
+    doc2 = json.loads(second.stdout)
+    assert doc2["inserted"] == 0 and doc2["duplicates"] == 5_000 - invalid
+    # The demo stopped the servers it started.
+    status = sluice("services", "status", env=dict(env, SLUICE_DATA_DIR=str(data)))
+    assert "not running" in status.stdout and "redis://" not in status.stdout
+
+
+def test_produce_and_status_json(env: Env) -> None:
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 1_200)
+    env.write_config(d1_config(d1, page_size=500, max_batches=2))
+    migrate_sqlite(env.sqlite_path)
+    run = sluice("produce", "d1_usage", "--json", env=env.vars)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert (summary["status"], summary["pages"], summary["records"]) == ("ok", 2, 1_000)
+    status = sluice("status", "--json", env=env.vars)
+    assert status.returncode == 0, status.stderr
+    queues = json.loads(status.stdout)["queues"]
+    assert queues["ingest.postgres"] == {"waiting": 2, "unacked": 0, "total": 2}
+    assert queues["ingest.sqlite"]["total"] == 2
+
+
+def test_migrate_twice(env: Env) -> None:
+    first = sluice("migrate", env=env.vars)
+    assert first.returncode == 0, first.stderr
+    assert "sqlite: applied 0001_core" in first.stdout
+    assert "postgres: up to date" in first.stdout  # the test database is already migrated
+    second = sluice("migrate", env=env.vars)
+    assert "sqlite: up to date" in second.stdout
+
+
+def test_unknown_source_is_a_clear_error(env: Env) -> None:
+    env.write_config("")
+    r = sluice("produce", "nope", env=env.vars)
+    assert r.returncode == 1
+    assert "unknown source 'nope'" in r.stdout
