@@ -1,9 +1,8 @@
-"""The D1 source: local files, wrangler's layout, and the REST API through a fake D1 on 127.0.0.1."""
+"""The D1 source: local files, wrangler's layout, and the REST API through a fake D1."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -60,13 +59,16 @@ def test_wrangler_local_layout(env: Env) -> None:
     path = wrangler_d1_path(state, DB_ID)
     path.parent.mkdir(parents=True)
     write_d1_file(path, 300)
-    settings = _settings(env, f"""
+    settings = _settings(
+        env,
+        f"""
 [sources.w]
 kind = "d1"
 stream = "usage_events"
 wrangler_state = "{state}"
 database_id = "{DB_ID}"
-""")
+""",
+    )
     source = open_source(settings, "w")
     assert sum(len(p.rows) for p in source.pages(None, 10)) == 300
     source.close()

@@ -104,13 +104,17 @@ def _refuse_negative_values(env: Env) -> None:
     """A rule the database enforces but the stream does not know: validation lets it through."""
     conn = psycopg2.connect(libpq_dsn(env.pg_url))
     with conn, conn.cursor() as cur:
-        cur.execute("ALTER TABLE usage_events ADD CONSTRAINT metric_value_non_negative"
-                    " CHECK (metric_value >= 0)")
+        cur.execute(
+            "ALTER TABLE usage_events ADD CONSTRAINT metric_value_non_negative"
+            " CHECK (metric_value >= 0)"
+        )
     conn.close()
     lite = sqlite3.connect(env.sqlite_path)
-    lite.execute("CREATE TRIGGER refuse_negative BEFORE INSERT ON usage_events"
-                 " WHEN NEW.metric_value < 0 BEGIN SELECT RAISE(ABORT, 'metric_value must be"
-                 " non-negative'); END")
+    lite.execute(
+        "CREATE TRIGGER refuse_negative BEFORE INSERT ON usage_events"
+        " WHEN NEW.metric_value < 0 BEGIN SELECT RAISE(ABORT, 'metric_value must be"
+        " non-negative'); END"
+    )
     lite.commit()
     lite.close()
 
@@ -125,8 +129,15 @@ def test_poison_records_are_isolated_and_the_rest_committed(env: Env, sink_name:
     poison = {17, 500, 999}
     for i in poison:
         rows[i][5] = -1.0
-    page = Page(uuid.uuid4().hex, "usage_events", sink_name, "test", "run-1",
-                list(USAGE_EVENTS.column_names), rows)
+    page = Page(
+        uuid.uuid4().hex,
+        "usage_events",
+        sink_name,
+        "test",
+        "run-1",
+        list(USAGE_EVENTS.column_names),
+        rows,
+    )
     result = ingest.apply(args=[page.encode()]).get()
     assert (result["inserted"], result["dead_letters"]) == (997, 3)
     keys = pg_keys(env.pg_url) if sink_name == "postgres" else sqlite_keys(env.sqlite_path)
@@ -137,6 +148,11 @@ def test_poison_records_are_isolated_and_the_rest_committed(env: Env, sink_name:
         while pg_scalar(env.pg_url, "SELECT count(*) FROM failed_ingestions") < 3:
             assert time.monotonic() < deadline
             time.sleep(0.1)
-    assert pg_scalar(env.pg_url, "SELECT count(*) FROM failed_ingestions WHERE error_class ="
-                     " 'RejectedBySink' AND error_message LIKE '%non%negative%'") == 3
-
+    assert (
+        pg_scalar(
+            env.pg_url,
+            "SELECT count(*) FROM failed_ingestions WHERE error_class ="
+            " 'RejectedBySink' AND error_message LIKE '%non%negative%'",
+        )
+        == 3
+    )
