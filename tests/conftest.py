@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from shared.database import libpq_dsn
 from shared.migrations import migrate_postgres
 
-REDIS_TEST_DB = 13
+OWNER_KEY = "sluice:test-session-owner"
 
 
 def _port_open(port: int) -> bool:
@@ -105,11 +105,28 @@ def pg_url(pg_server: str, pg_template: str) -> Iterator[str]:
     conn.close()
 
 
+@pytest.fixture(scope="session")
+def redis_db(redis_server: str) -> Iterator[int]:
+    """A Redis database number this test session owns, so concurrent sessions never collide."""
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    for db in range(1, 16):
+        client = redis.Redis.from_url(f"{redis_server}/{db}")
+        if client.set(OWNER_KEY, owner, nx=True, ex=6 * 3600):
+            yield db
+            client.flushdb()
+            client.close()
+            return
+        client.close()
+    raise RuntimeError("no free Redis database (1-15) for this test session")
+
+
 @pytest.fixture
-def redis_url(redis_server: str) -> str:
-    url = f"{redis_server}/{REDIS_TEST_DB}"
+def redis_url(redis_server: str, redis_db: int) -> str:
+    url = f"{redis_server}/{redis_db}"
     client = redis.Redis.from_url(url)
+    owner = client.get(OWNER_KEY)
     client.flushdb()
+    client.set(OWNER_KEY, owner or b"?", ex=6 * 3600)
     client.close()
     return url
 
