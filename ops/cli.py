@@ -125,6 +125,39 @@ def cmd_services(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dlq_filters(args: argparse.Namespace) -> Any:
+    from ops.dlq import Filters
+
+    return Filters(
+        ids=args.ids or None, stream=args.stream, sink=args.sink, error=args.error,
+        source=args.source, since=args.since,
+        status=None if args.status == "all" else args.status, limit=args.limit,
+    )
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from ops import dlq
+    from shared.celery_app import app
+
+    ctx = app.configure(_settings())
+    if args.action == "show":
+        row = dlq.show_letter(ctx.state, args.id)
+        print(json.dumps(row, default=str, indent=2))
+        return 0
+    f = _dlq_filters(args)
+    if args.action == "list":
+        rows = dlq.list_letters(ctx.state, f)
+        print(json.dumps(rows, default=str) if args.json else dlq.format_table(rows))
+    elif args.action == "replay":
+        r = dlq.replay(ctx, f, dry_run=args.dry_run)
+        verb = "would replay" if args.dry_run else "replayed"
+        print(f"{verb} {r.records} record(s) in {r.pages} page(s)"
+              + (f"; {r.skipped} not replayable (unreadable messages)" if r.skipped else ""))
+    elif args.action == "discard":
+        print(f"discarded {dlq.discard(ctx.state, f)} dead letter(s)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ops.demo import run_demo
 
@@ -211,6 +244,30 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="queue depths (waiting + unacked)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+
+    dl = sub.add_parser("dlq", help="dead letters: list, show, replay, discard")
+    dl_sub = dl.add_subparsers(dest="action", required=True)
+    show = dl_sub.add_parser("show", help="one dead letter with its payload and error")
+    show.add_argument("id", type=int)
+    show.set_defaults(func=cmd_dlq)
+    for name, text in (("list", "dead letters as a table"),
+                       ("replay", "re-enqueue as pages; never duplicates"),
+                       ("discard", "mark as discarded")):
+        a = dl_sub.add_parser(name, help=text)
+        a.add_argument("ids", nargs="*", type=int, help="dead letter ids (default: by filter)")
+        a.add_argument("--stream")
+        a.add_argument("--sink", choices=["postgres", "sqlite"])
+        a.add_argument("--error", help="substring of the error class or message")
+        a.add_argument("--source")
+        a.add_argument("--since", help="ISO time or relative: 30m, 2h, 7d")
+        a.add_argument("--status", default="pending",
+                       choices=["pending", "replayed", "discarded", "all"])
+        a.add_argument("--limit", type=int)
+        if name == "list":
+            a.add_argument("--json", action="store_true")
+        if name == "replay":
+            a.add_argument("--dry-run", action="store_true")
+        a.set_defaults(func=cmd_dlq)
 
     sv = sub.add_parser("services", help="the embedded Redis and PostgreSQL of the data folder")
     sv.add_argument("action", choices=["start", "stop", "status"])
