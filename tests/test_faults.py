@@ -1,0 +1,117 @@
+"""Faults injected into real processes mid-run: the guarantees must hold afterwards.
+
+Each test ends with the same check: every valid distinct key in each sink exactly once, and every
+D1 row marked processed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ops.sample import Sample, write_d1_file
+from ops.workers import WorkerPool
+from producers.produce import run_source
+from shared.celery_app import app
+from shared.context import Context
+from shared.embedded import ensure_postgres, ensure_redis, stop_services
+from shared.migrations import migrate_postgres, migrate_sqlite
+from shared.settings import Settings
+from tests.conftest import Env
+from tests.helpers import d1_config, d1_processed, drain, pg_keys, pg_scalar, sqlite_keys
+
+PG_QUEUES = ["ingest.postgres", "dead_letter", "progress"]
+
+
+def start_run(env: Env, records: int, vt: int = 8) -> tuple[Context, Sample, Path]:
+    d1 = env.dir / "d1.sqlite"
+    sample = write_d1_file(d1, records)
+    env.write_config(
+        d1_config(d1, page_size=1000, max_batches=10_000, visibility_timeout=vt, max_retries=30)
+    )
+    ctx = app.configure(Settings.load(env.vars))
+    migrate_sqlite(env.sqlite_path)
+    return ctx, sample, d1
+
+
+def assert_exact(env: Env, sample: Sample, d1: Path) -> None:
+    for name, keys in (("postgres", pg_keys(env.pg_url)), ("sqlite", sqlite_keys(env.sqlite_path))):
+        assert set(keys) == sample.distinct_valid_keys, f"{name}: key set differs"
+        assert max(keys.values()) == 1, f"{name}: a key was written twice"
+    assert d1_processed(d1) == (sample.records, sample.records)
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def committed_pages(env: Env) -> int:
+    return int(pg_scalar(env.pg_url, "SELECT count(*) FROM ingestion_runs"))  # type: ignore[arg-type]
+
+
+def test_sigkill_workers_ten_times_during_200k_run(env: Env) -> None:
+    ctx, sample, d1 = start_run(env, 200_000)
+    assert run_source(ctx, "d1_usage").records == 200_000
+    with WorkerPool(env.vars, env.dir / "logs", loglevel="WARNING") as pool:
+        lite = pool.start("lite-0", ["ingest.sqlite"], 1)
+        for kill in range(10):
+            pg = pool.start(f"pg-{kill}", PG_QUEUES, 2)
+            before = committed_pages(env)
+            wait_until(lambda b=before: committed_pages(env) >= b + 3)  # type: ignore[misc]
+            victims = [pg] if kill % 2 else [pg, lite]  # the SQLite writer dies every other time
+            for v in victims:
+                os.killpg(v.pid, signal.SIGKILL)
+                v.wait()
+            if lite in victims:
+                lite = pool.start(f"lite-{kill + 1}", ["ingest.sqlite"], 1)
+        pool.start("pg-final", PG_QUEUES, 2)
+        drain(ctx, "d1_usage", timeout=300)
+    assert_exact(env, sample, d1)
+
+
+def test_postgres_restarted_mid_run(env: Env, tmp_path: Path) -> None:
+    pg_dir = tmp_path / "pg"
+    url = ensure_postgres(pg_dir)
+    try:
+        migrate_postgres(url)
+        env.vars["SLUICE_POSTGRES_URL"] = env.pg_url = url
+        ctx, sample, d1 = start_run(env, 40_000)
+        assert run_source(ctx, "d1_usage").records == 40_000
+        with WorkerPool(env.vars, env.dir / "logs") as pool:
+            pool.start("pg", PG_QUEUES, 2)
+            pool.start("lite", ["ingest.sqlite"], 1)
+            wait_until(lambda: committed_pages(env) >= 3)
+            stop_services(pg_dir)
+            time.sleep(3)  # pages fail and back off while the database is down
+            assert ensure_postgres(pg_dir) == url
+            drain(ctx, "d1_usage", timeout=300)
+        assert_exact(env, sample, d1)
+        assert "retry" in (env.dir / "logs" / "worker-pg.log").read_text()
+    finally:
+        stop_services(pg_dir)
+
+
+def test_redis_restarted_mid_run_with_aof(env: Env, tmp_path: Path) -> None:
+    redis_dir = tmp_path / "redis"
+    url = ensure_redis(redis_dir)
+    try:
+        env.vars["SLUICE_BROKER_URL"] = url
+        ctx, sample, d1 = start_run(env, 40_000)
+        with WorkerPool(env.vars, env.dir / "logs") as pool:
+            pool.start("pg", PG_QUEUES, 2)
+            pool.start("lite", ["ingest.sqlite"], 1)
+            assert run_source(ctx, "d1_usage").records == 40_000
+            wait_until(lambda: committed_pages(env) >= 3)
+            stop_services(redis_dir)  # SHUTDOWN: the AOF is flushed, queued pages kept
+            time.sleep(2)
+            assert ensure_redis(redis_dir) == url
+            drain(ctx, "d1_usage", timeout=300)
+        assert_exact(env, sample, d1)
+    finally:
+        stop_services(redis_dir)
