@@ -83,3 +83,36 @@ def test_unknown_source_is_a_clear_error(env: Env) -> None:
     r = sluice("produce", "nope", env=env.vars)
     assert r.returncode == 1
     assert "unknown source 'nope'" in r.stdout
+
+
+def test_beat_runs_a_scheduled_source_through_workers(env: Env) -> None:
+    import subprocess as sp
+    import time
+
+    from ops.workers import WorkerPool
+    from tests.helpers import d1_processed, pg_scalar
+
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 2_000)
+    env.write_config(d1_config(d1, page_size=500) + "schedule = { every = 1 }\n")
+    migrate_sqlite(env.sqlite_path)
+    beat = sp.Popen(
+        [sys.executable, "-m", "ops.cli", "beat", "--loglevel", "WARNING"],
+        env=env.vars,
+        cwd=ROOT,
+        stdout=sp.DEVNULL,
+        stderr=sp.DEVNULL,
+    )
+    try:
+        with WorkerPool(env.vars, env.dir / "logs") as pool:
+            pool.start(
+                "all", ["ingest.postgres", "ingest.sqlite", "dead_letter", "progress", "produce"], 2
+            )
+            deadline = time.monotonic() + 90
+            while d1_processed(d1) != (2_000, 2_000):
+                assert time.monotonic() < deadline, "beat-driven runs did not drain the source"
+                time.sleep(0.5)
+    finally:
+        beat.terminate()
+        beat.wait(10)
+    assert pg_scalar(env.pg_url, "SELECT count(*) FROM source_runs WHERE status = 'ok'") >= 1
