@@ -23,6 +23,7 @@ from shared.streams import Column, Stream
 
 Row = list[Any]
 MAX_SAFE_INT = 2**53  # D1 passes numbers through JavaScript doubles
+MAX_KEY_TEXT = 500  # record_key as text; longer keys become a digest
 
 
 class InvalidValue(ValueError):
@@ -45,8 +46,15 @@ def record_key(stream: Stream, row: Sequence[Any]) -> str:
         parts = [row[i] for i in stream.key_indexes]
     except (IndexError, TypeError):
         parts = []
-    if parts and all(isinstance(p, str | int) and not isinstance(p, bool) for p in parts):
-        return "|".join(str(p) for p in parts)
+    if parts and all(
+        (isinstance(p, str) and p and "\x00" not in p)
+        or (isinstance(p, int) and not isinstance(p, bool))
+        for p in parts
+    ):
+        text = "|".join(str(p) for p in parts)
+        # Dead letters are unique on it in PostgreSQL: no NUL, and short enough for a btree entry.
+        if len(text) <= MAX_KEY_TEXT:
+            return text
     digest = hashlib.sha1(orjson.dumps(list(row), default=repr)).hexdigest()
     return f"sha1:{digest}"
 
@@ -117,7 +125,10 @@ def _timestamp(col: Column) -> Callable[[Any], Any]:
         else:
             raise InvalidValue(f"expected a timestamp, got {type(v).__name__}")
         # Naive times are UTC by convention (ACE IoT, D1 datetime('now')).
-        dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+        try:
+            dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+        except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+            raise InvalidValue(f"{str(v)[:40]!r} is out of range for a timestamp") from None
         return dt.isoformat()
 
     return check

@@ -25,7 +25,8 @@ SINK_NAMES: tuple[SinkName, ...] = ("postgres", "sqlite")
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a TOML string or boolean is not silently taken for a number (`batch_size = true`).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Schedule(_Model):
@@ -186,6 +187,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def parse_config(raw: dict[str, Any], file: str) -> FileConfig:
     """Validate the TOML document; every mistake is reported with its key and what was expected."""
     problems: list[str] = []
+    cfg: FileConfig | None = None
     try:
         cfg = FileConfig.model_validate(raw)
     except ValidationError as exc:
@@ -195,18 +197,30 @@ def parse_config(raw: dict[str, Any], file: str) -> FileConfig:
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
             msg = err["msg"].removeprefix("Value error, ")
             problems.append(f"{loc or '<top>'}: {msg}{shown}")
-        raise ConfigError(problems, file) from None
-    for name, src in cfg.sources.items():
-        if src.stream not in CATALOG:
+    # Checked on the raw document so they are reported alongside the errors above.
+    sources = raw.get("sources")
+    for name, src in sources.items() if isinstance(sources, dict) else ():
+        stream = src.get("stream") if isinstance(src, dict) else None
+        if isinstance(stream, str) and stream not in CATALOG:
             problems.append(
-                f"sources.{name}.stream: unknown stream {src.stream!r}"
+                f"sources.{name}.stream: unknown stream {stream!r}"
                 f" (expected one of: {', '.join(sorted(CATALOG))})"
             )
-    for name in cfg.streams:
+    streams = raw.get("streams")
+    for name, sc in streams.items() if isinstance(streams, dict) else ():
         if name not in CATALOG:
             problems.append(
                 f"streams.{name}: unknown stream (expected one of: {', '.join(sorted(CATALOG))})"
             )
-    if problems:
+        elif (
+            isinstance(sc, dict)
+            and sc.get("conflict") == "newer"
+            and CATALOG[name].version_column is None
+        ):
+            problems.append(
+                f"streams.{name}.conflict: 'newer' needs a version column and {name} has none"
+                " (expected 'ignore' or 'update')"
+            )
+    if problems or cfg is None:
         raise ConfigError(problems, file)
     return cfg

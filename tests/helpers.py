@@ -22,6 +22,7 @@ def d1_config(
     max_batches: int = 10,
     visibility_timeout: int = 3600,
     max_retries: int = 8,
+    inflight_lease: float = 14400,
     source: str = "d1_usage",
 ) -> str:
     return f"""
@@ -29,6 +30,7 @@ def d1_config(
 page_size = {page_size}
 visibility_timeout = {visibility_timeout}
 max_retries = {max_retries}
+inflight_lease = {inflight_lease}
 
 [sources.{source}]
 kind = "d1"

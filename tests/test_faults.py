@@ -26,11 +26,20 @@ from tests.helpers import d1_config, d1_processed, drain, pg_keys, pg_scalar, sq
 PG_QUEUES = ["ingest.postgres", "dead_letter", "progress"]
 
 
-def start_run(env: Env, records: int, vt: int = 8) -> tuple[Context, Sample, Path]:
+def start_run(
+    env: Env, records: int, vt: int = 8, lease: float = 14400
+) -> tuple[Context, Sample, Path]:
     d1 = env.dir / "d1.sqlite"
     sample = write_d1_file(d1, records)
     env.write_config(
-        d1_config(d1, page_size=1000, max_batches=10_000, visibility_timeout=vt, max_retries=30)
+        d1_config(
+            d1,
+            page_size=1000,
+            max_batches=10_000,
+            visibility_timeout=vt,
+            max_retries=30,
+            inflight_lease=lease,
+        )
     )
     ctx = app.configure(Settings.load(env.vars))
     migrate_sqlite(env.sqlite_path)
@@ -56,7 +65,9 @@ def committed_pages(env: Env) -> int:
 
 
 def test_sigkill_workers_ten_times_during_200k_run(env: Env) -> None:
-    ctx, sample, d1 = start_run(env, 200_000)
+    # A worker killed between taking a message (BRPOP) and recording it as unacked loses that
+    # page inside kombu (celery#7924); the in-flight lease re-reads its rows from D1.
+    ctx, sample, d1 = start_run(env, 200_000, lease=30)
     assert run_source(ctx, "d1_usage").records == 200_000
     with WorkerPool(env.vars, env.dir / "logs", loglevel="WARNING") as pool:
         lite = pool.start("lite-0", ["ingest.sqlite"], 1)
@@ -102,7 +113,10 @@ def test_redis_restarted_mid_run_with_aof(env: Env, tmp_path: Path) -> None:
     url = ensure_redis(redis_dir)
     try:
         env.vars["SLUICE_BROKER_URL"] = url
-        ctx, sample, d1 = start_run(env, 40_000)
+        # Celery can lose the pages a worker was fetching when the broker goes away (celery#4354);
+        # the in-flight lease is the safety net: those rows are still unprocessed in D1 and are
+        # read again once the lease runs out. A short lease shows it within the test.
+        ctx, sample, d1 = start_run(env, 40_000, lease=20)
         with WorkerPool(env.vars, env.dir / "logs") as pool:
             pool.start("pg", PG_QUEUES, 2)
             pool.start("lite", ["ingest.sqlite"], 1)
