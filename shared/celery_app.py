@@ -31,9 +31,10 @@ class SluiceCelery(Celery):  # type: ignore[misc]
         if self._context is not None:
             # Re-pointed (tests, the demo): drop pooled connections to the previous broker.
             self._context.close()
-            if self._pool is not None:
-                self._pool.force_close_all()
-                self._pool = None
+            pool: Any = getattr(self, "_pool", None)
+            if pool is not None:
+                pool.force_close_all()
+            self._pool = None
             self.amqp._producer_pool = None
         ctx = Context(settings)
         vt = settings.pipeline.visibility_timeout
