@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -9,6 +10,15 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel kills it if the process that started it dies,
+    so a killed test run or demo never leaves workers consuming someone else's queues."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class WorkerPool:
@@ -41,7 +51,12 @@ class WorkerPool:
             *extra,
         ]
         proc = subprocess.Popen(
-            cmd, env=dict(self.env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            env=dict(self.env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         self.procs.append(proc)
         return proc

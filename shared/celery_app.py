@@ -29,11 +29,9 @@ class SluiceCelery(Celery):  # type: ignore[misc]
     def configure(self, settings: Settings) -> Context:
         """Point the app at the settings' broker (starting the embedded one if unset)."""
         if self._context is not None:
-            # Re-pointed (tests, the demo): drop pooled connections to the previous broker.
+            # Re-pointed (tests, the demo): forget the pools bound to the previous broker URL.
+            # Not closed: kombu's global producer cache may still hand them out for that URL.
             self._context.close()
-            pool: Any = getattr(self, "_pool", None)
-            if pool is not None:
-                pool.force_close_all()
             self._pool = None
             self.amqp._producer_pool = None
         ctx = Context(settings)

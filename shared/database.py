@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import sqlalchemy
@@ -42,6 +43,20 @@ def postgres_engine(url: str) -> Engine:
     return sqlalchemy.create_engine(u, pool_pre_ping=True, pool_size=2, max_overflow=2)
 
 
+def _set_wal(conn: sqlite3.Connection) -> None:
+    """Switching a new file to WAL needs an exclusive lock and does not wait on the busy
+    handler, so several processes opening a fresh file at once retry briefly."""
+    for attempt in range(50):
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 49:
+                raise
+            time.sleep(0.02 * (attempt + 1))
+
+
 def sqlite_connect(path: Path, busy_timeout_ms: int = 30_000) -> sqlite3.Connection:
     """A connection in autocommit mode (we issue BEGIN IMMEDIATE ourselves) with D1's semantics:
     foreign keys on. WAL lets readers run while one writer writes; the busy timeout makes a second
@@ -50,7 +65,7 @@ def sqlite_connect(path: Path, busy_timeout_ms: int = 30_000) -> sqlite3.Connect
     conn = sqlite3.connect(
         path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
     )
-    conn.execute("PRAGMA journal_mode=WAL")
+    _set_wal(conn)
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
