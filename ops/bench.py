@@ -1,0 +1,392 @@
+"""`sluice bench`: how close the pipeline runs to the database's own limit, on the same data.
+
+Every path is measured in this one process tree, on the same generated usage events (10% repeated
+keys, realistic metadata), against its own embedded Redis and PostgreSQL in a bench data folder
+(so a benchmark can never truncate a real database):
+
+- limit:    the records written in-process straight to the sink by the fastest idempotent
+            method (PostgreSQL: COPY → staging → INSERT … ON CONFLICT, 10,000 per transaction;
+            SQLite: executemany, 10,000 per transaction), no queue: the ceiling here;
+- pipeline: D1 file → producer → Redis → real worker processes → sink, from the first fetch
+            to the last commit;
+- naive:    one Celery task per record doing one INSERT … ON CONFLICT (PostgreSQL);
+- dlt:      the same records loaded by dlt with write_disposition="merge" (optional extra).
+Each figure is the median of --runs runs on a fresh table.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg2
+
+from ops.sample import COLUMNS, generate_rows, write_d1_file
+from ops.status import total_depth
+from ops.workers import WorkerPool
+from producers.produce import run_source
+from shared.celery_app import app
+from shared.context import Context
+from shared.database import libpq_dsn, sqlite_connect
+from shared.embedded import ensure_postgres, ensure_redis
+from shared.migrations import migrate_postgres, migrate_sqlite
+from shared.records import Validator, dedupe
+from shared.settings import Settings
+from shared.sink import PageMeta
+from shared.sqlite_sink import SqliteSink
+from shared.streams import USAGE_EVENTS
+
+SOURCE = "bench_d1"
+LIMIT_BATCH = 10_000
+
+
+@dataclass
+class BenchResult:
+    sink: str
+    records: int
+    runs: int
+    limit_rps: float
+    pipeline_rps: float
+    naive_rps: float | None
+    dlt_rps: float | None
+    ratio_to_limit: float
+    speedup_vs_naive: float | None
+    speedup_vs_dlt: float | None
+    worker_peak_rss_mb: float
+    p99_page_ms: float
+    notes: list[str] = field(default_factory=list)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RssSampler:
+    """Peak resident memory of any single worker process (main or pool child)."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for p in list(self.pool.procs):
+                try:
+                    proc = psutil.Process(p.pid)
+                    for q in [proc, *proc.children(recursive=True)]:
+                        self.peak = max(self.peak, q.memory_info().rss)
+                except psutil.Error:
+                    pass
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class Bench:
+    def __init__(
+        self,
+        sink: str,
+        records: int,
+        page_size: int,
+        workers: int,
+        data_dir: Path,
+        say: Callable[[str], None],
+    ) -> None:
+        self.sink = sink
+        self.records = records
+        self.page_size = page_size
+        self.workers = workers
+        self.dir = data_dir.resolve()
+        self.say = say
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.d1 = self.dir / "bench-d1.sqlite"
+        self.sqlite_path = self.dir / "bench-sink.sqlite"
+        self.redis_url = ensure_redis(self.dir)
+        self.pg_url = ensure_postgres(self.dir)
+        self._tune_postgres()
+        migrate_postgres(self.pg_url)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+        self.env.update(
+            {
+                "SLUICE_BROKER_URL": self.redis_url,
+                "SLUICE_POSTGRES_URL": self.pg_url,
+                "SLUICE_SQLITE_PATH": str(self.sqlite_path),
+                "SLUICE_DATA_DIR": str(self.dir),
+                "SLUICE_CONFIG": str(self._write_config()),
+            }
+        )
+        self.ctx: Context = app.configure(Settings.load(self.env))
+
+    def _tune_postgres(self) -> None:
+        # As in reference/limits.md: no forced checkpoints in the middle of a 1M-row load.
+        conn = psycopg2.connect(libpq_dsn(self.pg_url))
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("ALTER SYSTEM SET max_wal_size = '4GB'")
+            cur.execute("SELECT pg_reload_conf()")
+        conn.close()
+
+    def _write_config(self) -> Path:
+        path = self.dir / "bench.toml"
+        path.write_text(
+            "[pipeline]\n"
+            f"page_size = {self.page_size}\n\n"
+            "[streams.usage_events]\n"
+            f'sinks = ["{self.sink}"]\n\n'
+            f"[sources.{SOURCE}]\n"
+            'kind = "d1"\nstream = "usage_events"\n'
+            f"path = {str(self.d1)!r}\n"
+            f"batch_size = {self.page_size}\n"
+            "max_batches = 1000000\n"
+        )
+        return path
+
+    # -- fresh state -----------------------------------------------------------------------
+    def reset(self) -> None:
+        conn = psycopg2.connect(libpq_dsn(self.pg_url))
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("TRUNCATE usage_events, ingestion_runs, source_runs, failed_ingestions")
+            cur.execute("CHECKPOINT")
+        conn.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(self.sqlite_path) + suffix).unlink(missing_ok=True)
+        migrate_sqlite(self.sqlite_path)
+        self.ctx.redis.flushdb()
+
+    # -- limit ---------------------------------------------------------------------------
+    def limit(self, rows: list[list[Any]]) -> float:
+        """The fastest idempotent in-process write of pre-validated rows, no queue."""
+        self.reset()
+        stream = USAGE_EVENTS.with_settings(sinks=(self.sink,), conflict="ignore")
+        sink = SqliteSink(self.sqlite_path) if self.sink == "sqlite" else self.ctx.sink("postgres")
+        started = datetime.now(UTC)
+
+        def load() -> None:
+            for i in range(0, len(rows), LIMIT_BATCH):
+                batch = dedupe(stream, rows[i : i + LIMIT_BATCH])
+                sink.write(
+                    stream,
+                    batch,
+                    PageMeta(f"limit-{i}", "bench", "limit", len(batch), 0, 1, started),
+                )
+
+        seconds = _timed(load)
+        sink.close()
+        return len(rows) / seconds
+
+    # -- pipeline ------------------------------------------------------------------------
+    def pipeline(self) -> tuple[float, float, float]:
+        """Records/s from first fetch to last commit, worker peak RSS (MB), p99 page ms."""
+        self.reset()
+        write_d1_file(self.d1, self.records)
+        queues = [f"ingest.{self.sink}", "dead_letter", "progress"]
+        pool = WorkerPool(self.env, self.dir / "logs", loglevel="WARNING")
+        # The SQLite file has one writer; PostgreSQL gets `workers` processes.
+        pool.start("bench", queues, 1 if self.sink == "sqlite" else self.workers)
+        try:
+            time.sleep(2)  # let the workers boot: measure the pipeline, not Python start-up
+            with RssSampler(pool) as rss:
+                t0 = time.time()
+                while True:
+                    s = run_source(self.ctx, SOURCE)
+                    if s.status != "ok":
+                        raise RuntimeError(f"bench source run failed: {s.error}")
+                    if (
+                        s.pages == 0
+                        and self.ctx.progress.in_flight(SOURCE) == 0
+                        and total_depth(self.ctx.redis) == 0
+                    ):
+                        break
+                    if s.pages == 0:
+                        time.sleep(0.05)
+        finally:
+            pool.stop()
+        last_commit, p99 = self._commits()
+        return self.records / (last_commit - t0), rss.peak / 2**20, p99
+
+    def _commits(self) -> tuple[float, float]:
+        """Time of the last commit (epoch s) and the p99 page latency (ms) in the sink."""
+        if self.sink == "postgres":
+            conn = psycopg2.connect(libpq_dsn(self.pg_url))
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT extract(epoch FROM max(committed_at)), percentile_cont(0.99) WITHIN"
+                    " GROUP (ORDER BY extract(epoch FROM committed_at - started_at) * 1000)"
+                    " FROM ingestion_runs"
+                )
+                last, p99 = cur.fetchone()
+            conn.close()
+            return float(last), float(p99)
+        lite = sqlite_connect(self.sqlite_path)
+        rows = lite.execute("SELECT started_at, committed_at FROM ingestion_runs").fetchall()
+        lite.close()
+        ends = [datetime.fromisoformat(c) for _, c in rows]
+        lat = sorted(
+            (datetime.fromisoformat(c) - datetime.fromisoformat(s)).total_seconds() * 1000
+            for s, c in rows
+        )
+        return max(ends).timestamp(), lat[int(0.99 * (len(lat) - 1))]
+
+    # -- naive ---------------------------------------------------------------------------
+    def naive(self, rows: list[list[Any]]) -> float:
+        self.reset()
+        distinct = len({r[3] for r in rows})
+        pool = WorkerPool(self.env, self.dir / "logs", loglevel="WARNING")
+        pool.start("naive", ["naive"], self.workers, extra=["--include", "ops.bench_tasks"])
+        try:
+            time.sleep(2)
+            t0 = time.perf_counter()
+            for r in rows:
+                app.send_task("sluice.bench.naive_insert", args=[r], queue="naive")
+            conn = psycopg2.connect(libpq_dsn(self.pg_url))
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                while True:
+                    cur.execute("SELECT count(*) FROM usage_events")
+                    if cur.fetchone()[0] >= distinct and self.ctx.redis.llen("naive") == 0:
+                        break
+                    time.sleep(0.05)
+            conn.close()
+            return len(rows) / (time.perf_counter() - t0)
+        finally:
+            pool.stop()
+
+    # -- dlt -----------------------------------------------------------------------------
+    def dlt(self, rows: list[list[Any]]) -> float | None:
+        try:
+            import dlt
+        except ImportError:
+            return None
+        os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
+        self.reset()
+        names = list(USAGE_EVENTS.column_names)
+        dicts = [dict(zip(names, r, strict=True)) for r in rows]
+
+        @dlt.resource(
+            name="usage_events",
+            write_disposition="merge",
+            primary_key="idempotency_key",
+        )
+        def events() -> Any:
+            for i in range(0, len(dicts), LIMIT_BATCH):
+                yield dicts[i : i + LIMIT_BATCH]
+
+        from sqlalchemy.engine import make_url
+
+        u = make_url(self.pg_url)
+        creds = {
+            "database": u.database,
+            "username": u.username or "postgres",
+            "password": "unused",
+            "host": u.query.get("host"),
+            "port": u.port or 5432,
+        }
+        pipe = dlt.pipeline(
+            pipeline_name=f"bench_{int(time.time())}",
+            destination=dlt.destinations.postgres(credentials=creds),
+            dataset_name=f"dlt_{int(time.time())}",
+            pipelines_dir=str(self.dir),
+        )
+        seconds = _timed(lambda: pipe.run(events()))
+        return len(rows) / seconds
+
+
+def run_bench(
+    sink: str,
+    records: int,
+    page_size: int,
+    workers: int,
+    runs: int,
+    naive_records: int,
+    data_dir: Path,
+    say: Callable[[str], None],
+) -> BenchResult:
+    b = Bench(sink, records, page_size, workers, data_dir, say)
+    raw, _, _ = generate_rows(records)
+    rows, _ = Validator(USAGE_EVENTS).validate(COLUMNS, [list(r) for r in raw])
+    samples: dict[str, list[float]] = {"limit": [], "pipeline": [], "naive": [], "dlt": []}
+    rss_peaks: list[float] = []
+    p99s: list[float] = []
+    notes: list[str] = []
+    for run in range(1, runs + 1):
+        samples["limit"].append(b.limit(rows))
+        say(f"run {run}: limit {samples['limit'][-1]:,.0f} rows/s")
+        rps, rss, p99 = b.pipeline()
+        samples["pipeline"].append(rps)
+        rss_peaks.append(rss)
+        p99s.append(p99)
+        say(
+            f"run {run}: pipeline {rps:,.0f} records/s (worker peak {rss:.0f} MB, p99 page "
+            f"{p99:.1f} ms)"
+        )
+        if sink == "postgres" and naive_records:
+            samples["naive"].append(b.naive(rows[:naive_records]))
+            say(f"run {run}: naive {samples['naive'][-1]:,.0f} records/s")
+        d = b.dlt(rows) if sink == "postgres" else None
+        if d is not None:
+            samples["dlt"].append(d)
+            say(f"run {run}: dlt {d:,.0f} records/s")
+    if sink != "postgres":
+        notes.append("naive and dlt baselines are measured on PostgreSQL only")
+    elif not samples["dlt"]:
+        notes.append("dlt not installed (pip install -e '.[bench]'): peer baseline skipped")
+    med = {k: statistics.median(v) if v else None for k, v in samples.items()}
+    limit_rps, pipeline_rps = med["limit"] or 0.0, med["pipeline"] or 0.0
+    return BenchResult(
+        sink=sink,
+        records=records,
+        runs=runs,
+        limit_rps=round(limit_rps),
+        pipeline_rps=round(pipeline_rps),
+        naive_rps=round(med["naive"]) if med["naive"] else None,
+        dlt_rps=round(med["dlt"]) if med["dlt"] else None,
+        ratio_to_limit=round(pipeline_rps / limit_rps, 3) if limit_rps else 0.0,
+        speedup_vs_naive=round(pipeline_rps / med["naive"], 1) if med["naive"] else None,
+        speedup_vs_dlt=round(pipeline_rps / med["dlt"], 2) if med["dlt"] else None,
+        worker_peak_rss_mb=round(max(rss_peaks), 1),
+        p99_page_ms=round(statistics.median(p99s), 1),
+        notes=notes,
+        samples={k: [round(x) for x in v] for k, v in samples.items() if v},
+    )
+
+
+def format_result(r: BenchResult) -> str:
+    def f(x: float | None, unit: str = "") -> str:
+        return "skipped" if x is None else f"{x:,.0f}{unit}"
+
+    lines = [
+        f"sluice bench — sink {r.sink}, {r.records:,} records, median of {r.runs} run(s)",
+        f"  {'limit (in-process, no queue)':<34}{f(r.limit_rps):>12} records/s",
+        f"  {'pipeline (D1 → Redis → workers)':<34}{f(r.pipeline_rps):>12} records/s"
+        f"   ratio to limit {r.ratio_to_limit:.2f}",
+        f"  {'naive (task per record)':<34}{f(r.naive_rps):>12} records/s"
+        + (f"   speedup {r.speedup_vs_naive:.0f}x" if r.speedup_vs_naive else ""),
+        f"  {'dlt merge':<34}{f(r.dlt_rps):>12} records/s"
+        + (f"   speedup {r.speedup_vs_dlt:.1f}x" if r.speedup_vs_dlt else ""),
+        f"  worker peak RSS {r.worker_peak_rss_mb:.0f} MB; p99 page {r.p99_page_ms:.1f} ms",
+    ]
+    lines += [f"  note: {n}" for n in r.notes]
+    return "\n".join(lines)
