@@ -156,3 +156,55 @@ def test_poison_records_are_isolated_and_the_rest_committed(env: Env, sink_name:
         )
         == 3
     )
+
+
+def test_values_round_trip_exactly(sink: Sink, env: Env) -> None:
+    """NULL stays NULL, '' stays '', and awkward text survives both sinks' encodings."""
+    awkward = [
+        "",
+        "a,b",
+        'quote " inside',
+        "line\nbreak",
+        "tab\there",
+        "back\\slash\\N",
+        "émoji 🚰",
+        "\\.",
+        "cr\r\nlf",
+    ]
+    rows = []
+    for i, text in enumerate([*awkward, None]):
+        rows.append(
+            [
+                f"id-{i}",
+                "org",
+                text,
+                f"key-{i:02d}",
+                "m",
+                1.5 + i,
+                None,
+                "2026-11-25T00:00:00+00:00",
+                '{"s": "x,\\"y\\""}',
+            ]
+        )
+    sink.write(USAGE_EVENTS, dedupe(USAGE_EVENTS, rows), meta("awkward", len(rows)))
+    if sink.name == "postgres":
+        conn = psycopg2.connect(libpq_dsn(env.pg_url))
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT idempotency_key, project_id, unit, metric_value, metadata::text"
+                " FROM usage_events ORDER BY idempotency_key"
+            )
+            got = cur.fetchall()
+        conn.close()
+    else:
+        lite = sqlite3.connect(env.sqlite_path)
+        got = lite.execute(
+            "SELECT idempotency_key, project_id, unit, metric_value, metadata"
+            " FROM usage_events ORDER BY idempotency_key"
+        ).fetchall()
+        lite.close()
+    assert [g[1] for g in got] == [*awkward, None]
+    assert all(g[2] is None for g in got)
+    assert [g[3] for g in got] == [1.5 + i for i in range(len(rows))]
+    assert all('x,\\"y\\"' in g[4] for g in got)
+    sink.close()
