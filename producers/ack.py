@@ -27,16 +27,17 @@ def ack_page(self: Task, source_name: str, page_id: str) -> str:
     if found is None:
         return "already acknowledged"
     _, ack = found
-    source = open_source(ctx.settings, source_name)
+    source = ctx.sources.get(source_name)
+    if source is None:
+        source = ctx.sources[source_name] = open_source(ctx.settings, source_name)
     try:
         source.acknowledge(ack)
     except SluiceError as exc:
-        delay = min(300, 2 ** min(self.request.retries, 8))
-        log.warning(
-            "ack of page %s to %s failed (%s); retry in %ss", page_id, source_name, exc, delay
-        )
-        raise self.retry(exc=exc, countdown=delay) from exc
-    finally:
+        ctx.sources.pop(source_name, None)  # reopen next time: the connection may be broken
         source.close()
+        delay = min(300, 2 ** min(self.request.retries, 8))
+        log.warning("ack of page %s to %s failed (%s); retry in %ss", page_id, source_name, exc,
+                    delay)
+        raise self.retry(exc=exc, countdown=delay) from exc
     ctx.progress.done(source_name, page_id)
     return "acknowledged"

@@ -7,6 +7,7 @@ shared between processes.
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Any
 
 import redis
 from sqlalchemy.engine import Engine
@@ -24,6 +25,9 @@ class Context:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._sinks: dict[str, Sink] = {}
+        # Sources opened by this process (producers/ack.py keeps them: opening a D1 file per
+        # page, and checkpointing it on every close, cost more than the acknowledgement).
+        self.sources: dict[str, Any] = {}
         self._validators: dict[str, Validator] = {}
 
     @cached_property
@@ -80,9 +84,10 @@ class Context:
         return v
 
     def close(self) -> None:
-        for sink in self._sinks.values():
-            sink.close()
+        for resource in [*self._sinks.values(), *self.sources.values()]:
+            resource.close()
         self._sinks.clear()
+        self.sources.clear()
         if "redis" in self.__dict__:
             self.redis.close()
         if "state" in self.__dict__:
