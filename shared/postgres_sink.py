@@ -19,12 +19,13 @@ import psycopg2.extensions
 
 from shared.database import libpq_dsn
 from shared.errors import RejectedBySinkError, SinkError, TransientSinkError
-from shared.sink import PageMeta, WriteResult
+from shared.sink import PageMeta, WriteResult, conflict_clause, quote
 from shared.streams import Stream
 
 # SQLSTATE classes and codes worth retrying: the same page can succeed once they pass.
 _TRANSIENT_CLASSES = ("08", "53", "57", "40")  # connection, resources, operator, rollback
 _REJECT_CLASSES = ("22", "23")  # data exception, integrity constraint
+
 
 class _Null(float):
     """Written by the csv module as an unquoted empty field: COPY's NULL in CSV format.
@@ -49,10 +50,6 @@ def copy_csv(rows: Sequence[Sequence[Any]]) -> bytes:
     return buf.getvalue().encode()
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 class PostgresSink:
     name = "postgres"
 
@@ -75,29 +72,19 @@ class PostgresSink:
         cached = self._sql.get((stream.name, stream.conflict))
         if cached:
             return cached
-        table = _quote(stream.table)
-        stage = _quote(f"sluice_stage_{stream.table}")
-        cols = ", ".join(_quote(c) for c in stream.column_names)
-        key = ", ".join(_quote(k) for k in stream.key)
+        table = quote(stream.table)
+        stage = quote(f"sluice_stage_{stream.table}")
+        cols = ", ".join(quote(c) for c in stream.column_names)
+        key = ", ".join(quote(k) for k in stream.key)
         create = (
             f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
             f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
         copy = f"COPY {stage} ({cols}) FROM STDIN WITH (FORMAT csv)"
-        insert = f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {stage} ORDER BY {key} "
-        if stream.conflict == "ignore":
-            insert += "ON CONFLICT DO NOTHING"
-        else:
-            updates = ", ".join(
-                f"{_quote(c)} = EXCLUDED.{_quote(c)}"
-                for c in stream.column_names
-                if c not in stream.key
-            )
-            insert += f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
-            if stream.conflict == "newer":
-                assert stream.version_column is not None
-                v = _quote(stream.version_column)
-                insert += f" WHERE {table}.{v} IS NULL OR EXCLUDED.{v} > {table}.{v}"
+        insert = (
+            f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {stage} ORDER BY {key} "
+            + conflict_clause(stream)
+        )
         self._sql[(stream.name, stream.conflict)] = (create, copy, insert)
         return create, copy, insert
 
@@ -135,8 +122,10 @@ class PostgresSink:
                 duplicates = meta.received - meta.invalid - inserted if first_delivery else 0
                 if first_delivery:
                     cur.execute(
-                        "UPDATE ingestion_runs SET inserted = %s, duplicates = %s"
-                        " WHERE page_id = %s AND sink = %s",
+                        # clock_timestamp(): the end of the write (now() is the transaction
+                        # start), so committed_at - started_at is the page's latency.
+                        "UPDATE ingestion_runs SET inserted = %s, duplicates = %s,"
+                        " committed_at = clock_timestamp() WHERE page_id = %s AND sink = %s",
                         (inserted, duplicates, meta.page_id, self.name),
                     )
             conn.commit()

@@ -44,3 +44,27 @@ class Sink(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def quote(name: str) -> str:
+    """An SQL identifier, quoted the same way in PostgreSQL and SQLite."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def conflict_clause(stream: Stream) -> str:
+    """The ON CONFLICT clause for the stream's policy; the same text in both dialects.
+
+    `ignore` has no target, so it arbitrates every unique index (limits.md F3); `update` and
+    `newer` name the key, which must then be the table's only unique key besides it."""
+    if stream.conflict == "ignore":
+        return "ON CONFLICT DO NOTHING"
+    key = ", ".join(quote(k) for k in stream.key)
+    updates = ", ".join(
+        f"{quote(c)} = excluded.{quote(c)}" for c in stream.column_names if c not in stream.key
+    )
+    clause = f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
+    if stream.conflict == "newer":
+        assert stream.version_column is not None
+        t, v = quote(stream.table), quote(stream.version_column)
+        clause += f" WHERE {t}.{v} IS NULL OR excluded.{v} > {t}.{v}"
+    return clause

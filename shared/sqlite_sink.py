@@ -15,12 +15,8 @@ from typing import Any
 
 from shared.database import sqlite_connect
 from shared.errors import RejectedBySinkError, SinkError, TransientSinkError
-from shared.sink import PageMeta, WriteResult
+from shared.sink import PageMeta, WriteResult, conflict_clause, quote
 from shared.streams import Stream
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 class SqliteSink:
@@ -41,24 +37,11 @@ class SqliteSink:
         cached = self._sql.get((stream.name, stream.conflict))
         if cached:
             return cached
-        cols = ", ".join(_quote(c) for c in stream.column_names)
+        cols = ", ".join(quote(c) for c in stream.column_names)
         marks = ", ".join("?" for _ in stream.column_names)
-        key = ", ".join(_quote(k) for k in stream.key)
-        sql = f"INSERT INTO {_quote(stream.table)} ({cols}) VALUES ({marks}) "
-        if stream.conflict == "ignore":
-            sql += "ON CONFLICT DO NOTHING"
-        else:
-            updates = ", ".join(
-                f"{_quote(c)} = excluded.{_quote(c)}"
-                for c in stream.column_names
-                if c not in stream.key
-            )
-            sql += f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
-            if stream.conflict == "newer":
-                assert stream.version_column is not None
-                v = _quote(stream.version_column)
-                t = _quote(stream.table)
-                sql += f" WHERE {t}.{v} IS NULL OR excluded.{v} > {t}.{v}"
+        sql = f"INSERT INTO {quote(stream.table)} ({cols}) VALUES ({marks}) " + conflict_clause(
+            stream
+        )
         self._sql[(stream.name, stream.conflict)] = sql
         return sql
 
@@ -94,7 +77,9 @@ class SqliteSink:
                 duplicates = meta.received - meta.invalid - inserted if first_delivery else 0
                 if first_delivery:
                     conn.execute(
-                        "UPDATE ingestion_runs SET inserted = ?, duplicates = ?"
+                        # The end of the write, so committed_at - started_at is the latency.
+                        "UPDATE ingestion_runs SET inserted = ?, duplicates = ?,"
+                        " committed_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
                         " WHERE page_id = ? AND sink = ?",
                         (inserted, duplicates, meta.page_id, self.name),
                     )

@@ -208,3 +208,21 @@ def test_values_round_trip_exactly(sink: Sink, env: Env) -> None:
     assert [g[3] for g in got] == [1.5 + i for i in range(len(rows))]
     assert all('x,\\"y\\"' in g[4] for g in got)
     sink.close()
+
+
+def test_update_policy_last_write_wins(sink: Sink, env: Env) -> None:
+    stream = USAGE_EVENTS.with_settings(sinks=(sink.name,), conflict="update")
+    rows = dedupe(stream, valid_rows(300))
+    sink.write(stream, rows, meta("u1", len(rows)))
+    changed = [[*r[:5], 12345.0, *r[6:]] for r in rows[:50]]
+    sink.write(stream, changed, meta("u2", len(changed)))
+    query = "SELECT count(*) FROM usage_events WHERE metric_value = 12345.0"
+    if sink.name == "postgres":
+        assert pg_scalar(env.pg_url, query) == 50
+        assert pg_scalar(env.pg_url, "SELECT count(*) FROM usage_events") == len(rows)
+    else:
+        lite = sqlite3.connect(env.sqlite_path)
+        assert lite.execute(query).fetchone()[0] == 50
+        assert lite.execute("SELECT count(*) FROM usage_events").fetchone()[0] == len(rows)
+        lite.close()
+    sink.close()
