@@ -160,3 +160,6 @@ def test_rows_stay_unprocessed_while_a_sink_is_down(env: Env, workers: WorkerPoo
     wait_queues_empty(ctx)
     assert_exact(env, sample.distinct_valid_keys)
     assert d1_processed(d1) == (3_000, 3_000)
+    # The invalid rows' dead letters waited on the queue while PostgreSQL was unreachable.
+    dead = "SELECT count(DISTINCT record_key) FROM failed_ingestions"
+    assert pg_scalar(env.pg_url, dead) == sample.invalid
