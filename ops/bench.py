@@ -210,10 +210,13 @@ class Bench:
         """Records/s from first fetch to last commit, worker peak RSS (MB), p99 page ms."""
         self.reset()
         write_d1_file(self.d1, self.records)
-        queues = [f"ingest.{self.sink}", "dead_letter", "progress"]
         pool = WorkerPool(self.env, self.dir / "logs", loglevel="WARNING")
-        # The SQLite file has one writer; PostgreSQL gets `workers` processes.
-        pool.start("bench", queues, 1 if self.sink == "sqlite" else self.workers)
+        if self.sink == "sqlite":
+            # One writer for the file; acknowledgements and dead letters run beside it.
+            pool.start("writer", ["ingest.sqlite"], 1)
+            pool.start("aux", ["dead_letter", "progress"], 1)
+        else:
+            pool.start("bench", ["ingest.postgres", "dead_letter", "progress"], self.workers)
         try:
             time.sleep(2)  # let the workers boot: measure the pipeline, not Python start-up
             with RssSampler(pool) as rss:
