@@ -60,6 +60,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         argv += ["-n", args.hostname]
     if args.pool:
         argv += ["-P", args.pool]
+    if args.include:
+        argv += ["--include", args.include]
     app.worker_main(argv)
     return 0
 
@@ -97,16 +99,82 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ops.status import format_depths, queue_depths
+    from ops.status import build_status, format_status
     from shared.celery_app import app
 
     ctx = app.configure(_settings())
-    depths = queue_depths(ctx.redis)
+    doc = build_status(ctx, app, timeout=args.timeout)
     if args.json:
-        print(json.dumps({"queues": depths}))
+        print(json.dumps(doc, default=str))
     else:
-        print(format_depths(depths))
+        print(format_status(doc))
     return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from ops.scale import format_results, parse_autoscale, scale
+    from shared.celery_app import app
+
+    app.configure(_settings())
+    results = scale(
+        app,
+        grow=args.grow,
+        shrink=args.shrink,
+        set_to=args.set_to,
+        autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
+        nodes=args.node,
+        timeout=args.timeout,
+        wait=args.wait,
+    )
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results]))
+    else:
+        print(format_results(results))
+    return 0 if all(r.ok for r in results) else 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ops.serve import serve
+    from shared.celery_app import app
+
+    ctx = app.configure(_settings())
+    serve(ctx, app, args.host, args.port, inspect_timeout=args.timeout)
+    return 0
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    from shared.celery_app import app
+
+    auth = os.environ.get("SLUICE_FLOWER_AUTH", "").strip()
+    if auth and not all(
+        user and password for user, _, password in (a.partition(":") for a in auth.split(","))
+    ):
+        print("sluice: SLUICE_FLOWER_AUTH must be user:password (several: comma-separated)",
+              file=sys.stderr)
+        return 2
+    if not auth and not args.no_auth:
+        print(
+            "sluice: refusing to start Flower without authentication: set"
+            " SLUICE_FLOWER_AUTH=user:password, or pass --no-auth (anyone who can reach the port"
+            " can then see task arguments and resize or shut down workers)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.no_auth:
+        print(f"sluice: WARNING: Flower on {args.address}:{args.port} without authentication",
+              file=sys.stderr)
+    app.configure(_settings())
+    # In-process, so the broker URL and the password never appear in argv (`ps`).
+    argv = ["flower", f"--port={args.port}", f"--address={args.address}"]
+    if auth:
+        argv.append(f"--basic-auth={auth}")
+    broker_api = os.environ.get("SLUICE_FLOWER_BROKER_API")
+    if broker_api:  # RabbitMQ management API, for queue lengths on an amqp broker
+        argv.append(f"--broker-api={broker_api}")
+    if args.url_prefix:
+        argv.append(f"--url-prefix={args.url_prefix}")
+    code = app.start(argv)
+    return int(code or 0)
 
 
 def cmd_services(args: argparse.Namespace) -> int:
@@ -199,6 +267,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ops.bench import format_result, run_bench
+
+    data_dir = Path(args.data_dir or ".sluice/bench")
+    say = (lambda m: print(m, file=sys.stderr)) if not args.json else (lambda _m: None)
+    results = []
+    try:
+        for sink in args.sink or ["postgres", "sqlite"]:
+            results.append(run_bench(sink, args.records, args.page_size, args.workers, args.runs,
+                                     args.naive_records, data_dir, say))
+    finally:
+        if not args.keep_services:
+            from shared.embedded import stop_services
+
+            stop_services(data_dir.resolve())
+    if args.json:
+        doc = {r.sink: r.as_dict() for r in results}
+        print(json.dumps(doc if len(results) > 1 else results[0].as_dict()))
+    else:
+        print("\n\n".join(format_result(r) for r in results))
+    return 0
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sluice", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -229,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--hostname", "-n")
     w.add_argument("--pool", "-P")
     w.add_argument("--loglevel", "-l", default="INFO")
+    w.add_argument("--include", help="extra task modules to load (comma-separated)")
     w.set_defaults(func=cmd_worker)
 
     b = sub.add_parser("beat", help="run the scheduler for the sources' schedules")
@@ -241,9 +340,57 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_produce)
 
-    st = sub.add_parser("status", help="queue depths (waiting + unacked)")
+    st = sub.add_parser(
+        "status", help="queues (waiting + unacked), dead letters, sources' lag and runs, workers"
+    )
     st.add_argument("--json", action="store_true")
+    st.add_argument("--timeout", type=float, default=1.0,
+                    help="seconds to wait for workers to answer (default 1)")
     st.set_defaults(func=cmd_status)
+
+    sc = sub.add_parser("scale", help="resize running workers' pools (Celery remote control)")
+    size = sc.add_mutually_exclusive_group(required=True)
+    size.add_argument("--grow", type=_positive, metavar="N", help="add N pool processes")
+    size.add_argument("--shrink", type=_positive, metavar="N", help="remove N pool processes")
+    size.add_argument("--set", type=_positive, metavar="N", dest="set_to",
+                      help="resize each node to N processes")
+    size.add_argument("--autoscale", metavar="MAX,MIN",
+                      help="change the range of nodes started with --autoscale")
+    sc.add_argument("--node", action="append", metavar="NAME",
+                    help="worker node, e.g. pg@host (repeatable; default: every worker)")
+    sc.add_argument("--timeout", type=float, default=1.0,
+                    help="seconds to wait for workers to answer (default 1)")
+    sc.add_argument("--wait", type=float, default=15.0,
+                    help="seconds to wait for the new sizes to show (default 15)")
+    sc.add_argument("--json", action="store_true")
+    sc.set_defaults(func=cmd_scale)
+
+    se = sub.add_parser("serve", help="HTTP: /metrics (Prometheus), /health, /status")
+    se.add_argument("--host", default="127.0.0.1")
+    se.add_argument("--port", type=int, default=9808, help="default 9808; 0 picks a free port")
+    se.add_argument("--timeout", type=float, default=1.0,
+                    help="seconds /status waits for workers to answer (default 1)")
+    se.set_defaults(func=cmd_serve)
+
+    fl = sub.add_parser("flower", help="Flower (web UI) on our broker; auth: $SLUICE_FLOWER_AUTH")
+    fl.add_argument("--port", type=int, default=5555)
+    fl.add_argument("--address", default="127.0.0.1")
+    fl.add_argument("--url-prefix", help="when served behind a reverse proxy under a path")
+    fl.add_argument("--no-auth", action="store_true",
+                    help="start without SLUICE_FLOWER_AUTH (not recommended)")
+    fl.set_defaults(func=cmd_flower)
+
+    be = sub.add_parser("bench", help="measure the pipeline against the database's limit")
+    be.add_argument("--sink", action="append", choices=["postgres", "sqlite"])
+    be.add_argument("--records", type=int, default=1_000_000)
+    be.add_argument("--page-size", type=int, default=1000)
+    be.add_argument("--workers", type=int, default=2, help="PostgreSQL worker concurrency")
+    be.add_argument("--runs", type=int, default=3, help="the figures are medians of this many")
+    be.add_argument("--naive-records", type=int, default=20_000)
+    be.add_argument("--data-dir", help="its own embedded servers live here (.sluice/bench)")
+    be.add_argument("--json", action="store_true")
+    be.add_argument("--keep-services", action="store_true")
+    be.set_defaults(func=cmd_bench)
 
     dl = sub.add_parser("dlq", help="dead letters: list, show, replay, discard")
     dl_sub = dl.add_subparsers(dest="action", required=True)

@@ -1,21 +1,50 @@
-"""Queue depths as operators need them: waiting (in the list) + unacked (held by workers).
+"""`sluice status`: the state of the pipeline on one screen (and as JSON, for /status).
 
-Flower counts only the waiting part (reference/celery.md §4); a page a worker holds is still work
-to do, so both are shown.
+- queues: depth as waiting (in the broker's list) + unacked (held by workers). Flower counts only
+  the waiting part (reference/celery.md §4); a page a worker holds is still work to do. On RabbitMQ
+  the waiting count comes from a passive `queue.declare`; unacked needs the management API, so it
+  is shown as unknown (null).
+- dead letters pending, by stream, sink and error class (failed_ingestions).
+- sources: last run (source_runs), lag, last commit, pages in flight, and for local D1 sources the
+  rows not yet processed.
+- workers online with their pool size (Celery remote control: `inspect().stats()`).
+
+Every part is read on its own: a part that fails (PostgreSQL down, say) is reported under
+`errors` and the others are still shown.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import redis
+from sqlalchemy import text
+from sqlalchemy.engine import Engine, make_url
 
 from shared.celery_app import QUEUES
+from shared.context import Context
+from shared.database import postgres_engine
+from shared.errors import SluiceError
+from shared.settings import D1SourceConfig, Settings
+from shared.streams import Stream
+
+CONNECT_TIMEOUT = 5  # seconds; operator tools must answer even when a server is unreachable
 
 
-def queue_depths(client: redis.Redis) -> dict[str, dict[str, int]]:
+# -- queues ------------------------------------------------------------------------------------
+
+
+def queue_depths(client: redis.Redis, queues: Sequence[str] = QUEUES) -> dict[str, dict[str, int]]:
+    """Redis broker: LLEN of each queue + its messages in kombu's `unacked` hash."""
     unacked: Counter[str] = Counter()
     for raw in client.hvals("unacked"):
         try:
@@ -24,7 +53,7 @@ def queue_depths(client: redis.Redis) -> dict[str, dict[str, int]]:
         except (ValueError, TypeError):
             unacked["?"] += 1
     out = {}
-    for q in QUEUES:
+    for q in queues:
         waiting = int(client.llen(q))
         out[q] = {"waiting": waiting, "unacked": unacked[q], "total": waiting + unacked[q]}
     return out
@@ -34,8 +63,479 @@ def total_depth(client: redis.Redis) -> int:
     return sum(d["total"] for d in queue_depths(client).values())
 
 
+def amqp_queue_depths(
+    url: str, queues: Sequence[str] = QUEUES, timeout: float = CONNECT_TIMEOUT
+) -> dict[str, dict[str, int | None]]:
+    """RabbitMQ: messages ready in each queue (passive declare: creates nothing). A queue that
+    was never declared holds nothing. Unacked messages are only visible through the management
+    API, so they are reported as unknown (None)."""
+    from kombu import Connection
+
+    out: dict[str, dict[str, int | None]] = {}
+    with Connection(url, connect_timeout=timeout) as conn:
+        conn.ensure_connection(max_retries=1)
+        for q in queues:
+            channel = conn.channel()
+            try:
+                _, waiting, _ = channel.queue_declare(queue=q, passive=True)
+            except conn.channel_errors:  # 404 NOT_FOUND (the server closes the channel)
+                waiting = 0
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+            out[q] = {"waiting": int(waiting), "unacked": None, "total": int(waiting)}
+    return out
+
+
+def broker_kind(url: str) -> str:
+    scheme = url.split("://", 1)[0].split("+", 1)[0]
+    if scheme in ("redis", "rediss", "unix"):
+        return "redis"
+    if scheme in ("amqp", "amqps", "pyamqp"):
+        return "amqp"
+    return scheme
+
+
+Depths = dict[str, dict[str, int | None]]
+
+
+def _widen(depths: dict[str, dict[str, int]]) -> Depths:
+    return {q: dict[str, int | None](d) for q, d in depths.items()}
+
+
+def broker_queue_depths(ctx: Context) -> Depths:
+    url = ctx.broker_url
+    kind = broker_kind(url)
+    if kind == "amqp":
+        return amqp_queue_depths(url)
+    if kind != "redis":
+        raise SluiceError(f"queue depths: unsupported broker {kind!r} (redis or amqp)")
+    tracking = ctx.settings.env.get("SLUICE_REDIS_URL")
+    if not tracking or tracking == url:
+        return _widen(queue_depths(ctx.redis))
+    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=CONNECT_TIMEOUT)
+    try:
+        return _widen(queue_depths(client))
+    finally:
+        client.close()
+
+
+# -- databases ---------------------------------------------------------------------------------
+
+
+def ops_engine(url: str) -> Engine:
+    """A PostgreSQL engine that gives up connecting after CONNECT_TIMEOUT seconds."""
+    u = make_url(url).update_query_dict({"connect_timeout": str(CONNECT_TIMEOUT)})
+    return postgres_engine(u.render_as_string(hide_password=False))
+
+
+def sqlite_reader(path: Path) -> sqlite3.Connection:
+    """Open an existing SQLite file without creating it (a missing file is an error)."""
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=CONNECT_TIMEOUT)
+    conn.execute(f"PRAGMA busy_timeout={CONNECT_TIMEOUT * 1000}")
+    return conn
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def time_column(stream: Stream) -> str | None:
+    """The stream's event time: its first timestamp column."""
+    return next((c.name for c in stream.columns if c.type == "timestamp"), None)
+
+
+def _as_utc(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    assert isinstance(value, datetime)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def dead_letters_pending(engine: Engine) -> list[dict[str, Any]]:
+    """Pending dead letters by stream, sink and error class (uses the (status, stream,
+    error_class) index)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT stream, sink, error_class, count(*), min(first_failed_at),"
+                " max(last_failed_at) FROM failed_ingestions WHERE status = 'pending'"
+                " GROUP BY 1, 2, 3 ORDER BY 4 DESC, 1, 2, 3"
+            )
+        ).all()
+    return [
+        {
+            "stream": r[0],
+            "sink": r[1],
+            "error_class": r[2],
+            "count": int(r[3]),
+            "oldest": _iso(r[4]),
+            "newest": _iso(r[5]),
+        }
+        for r in rows
+    ]
+
+
+def _iso(value: Any) -> str | None:
+    dt = _as_utc(value)
+    return dt.isoformat() if dt else None
+
+
+def _primary_sink(stream: Stream) -> str:
+    return "postgres" if "postgres" in stream.sinks or not stream.sinks else stream.sinks[0]
+
+
+def newest_record_time(ctx: Context, engine: Engine | None, stream: Stream) -> datetime | None:
+    """The newest event time committed for the stream, in its primary sink (PostgreSQL when the
+    stream goes there). Cost: max() over the time column; without an index on that column alone
+    this scans the table (add one when the table is large and you scrape often)."""
+    col = time_column(stream)
+    if col is None:
+        return None
+    sql = f"SELECT max({_quote(col)}) FROM {_quote(stream.table)}"
+    if _primary_sink(stream) == "postgres":
+        assert engine is not None
+        with engine.connect() as conn:
+            return _as_utc(conn.execute(text(sql)).scalar())
+    lite = sqlite_reader(ctx.settings.sqlite_path)
+    try:
+        return _as_utc(lite.execute(sql).fetchone()[0])
+    finally:
+        lite.close()
+
+
+def last_commit(
+    ctx: Context, engine: Engine | None, stream: Stream, source: str
+) -> datetime | None:
+    """When a page of this source was last committed (ingestion_runs, primary sink)."""
+    if _primary_sink(stream) == "postgres":
+        assert engine is not None
+        with engine.connect() as conn:
+            return _as_utc(
+                conn.execute(
+                    text(
+                        "SELECT max(committed_at) FROM ingestion_runs"
+                        " WHERE stream = :stream AND source = :source"
+                    ),
+                    {"stream": stream.name, "source": source},
+                ).scalar()
+            )
+    lite = sqlite_reader(ctx.settings.sqlite_path)
+    try:
+        row = lite.execute(
+            "SELECT max(committed_at) FROM ingestion_runs WHERE stream = ? AND source = ?",
+            (stream.name, source),
+        ).fetchone()
+        return _as_utc(row[0])
+    finally:
+        lite.close()
+
+
+def configured_sources(settings: Settings) -> dict[str, Any]:
+    """Every configured source by name. Settings that also hold HTTP sources expose them all as
+    `all_sources`; otherwise `sources` is the whole list."""
+    return dict(getattr(settings, "all_sources", settings.sources))
+
+
+def d1_unprocessed(cfg: Any, stream: Stream) -> int | None:
+    """Rows a local D1 source has not processed yet (the (processed_at, id) index makes this a
+    range count over the backlog). None for remote D1 sources (counting would bill D1 rows
+    read) and for sources that are not D1."""
+    if not isinstance(cfg, D1SourceConfig) or cfg.mode != "local":
+        return None
+    from producers.d1_source import wrangler_d1_path
+
+    if cfg.path:
+        path = Path(cfg.path)
+    elif cfg.wrangler_state and cfg.database_id:
+        path = wrangler_d1_path(Path(cfg.wrangler_state), cfg.database_id)
+    else:
+        return None
+    conn = sqlite_reader(path)
+    try:
+        table = _quote(cfg.table or stream.table)
+        row = conn.execute(f"SELECT count(*) FROM {table} WHERE processed_at IS NULL").fetchone()
+        return int(row[0])
+    finally:
+        conn.close()
+
+
+def last_run(engine: Engine, source: str) -> dict[str, Any] | None:
+    with engine.connect() as conn:
+        r = conn.execute(
+            text(
+                "SELECT run_id, status, pages, records, started_at, finished_at, error"
+                " FROM source_runs WHERE source = :s ORDER BY started_at DESC LIMIT 1"
+            ),
+            {"s": source},
+        ).first()
+        failed = conn.execute(
+            text(
+                "SELECT count(*) FROM source_runs WHERE source = :s AND status = 'failed'"
+                " AND started_at > now() - interval '24 hours'"
+            ),
+            {"s": source},
+        ).scalar()
+    if r is None:
+        return None
+    started, finished = _as_utc(r[4]), _as_utc(r[5])
+    return {
+        "run_id": r[0],
+        "status": r[1],
+        "pages": int(r[2]),
+        "records": int(r[3]),
+        "started_at": _iso(started),
+        "seconds": round((finished - started).total_seconds(), 3) if started and finished else None,
+        "error": r[6],
+        "failed_last_24h": int(failed or 0),
+    }
+
+
+def pages_in_flight(ctx: Context, source: str) -> tuple[int, float | None]:
+    """Pages of the source published but not yet committed by every sink, and the age of the
+    oldest (a page older than `inflight_lease` is presumed lost and its rows are read again)."""
+    key = ctx.progress._inflight(source)
+    count = int(ctx.redis.zcard(key))
+    oldest = ctx.redis.zrange(key, 0, 0, withscores=True)
+    age = datetime.now(UTC).timestamp() - float(oldest[0][1]) if oldest else None
+    return count, round(age, 1) if age is not None else None
+
+
+def _part(errors: dict[str, str], name: str, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except Exception as exc:
+        errors[name] = f"{type(exc).__name__}: {exc}".strip()
+        return None
+
+
+def _seconds_since(now: datetime, then: datetime | None) -> float | None:
+    return round((now - then).total_seconds(), 1) if then else None
+
+
+def sources_status(ctx: Context, pg: Engine | None, errors: dict[str, str]) -> dict[str, Any]:
+    """Each configured source. `pg` is None when PostgreSQL is unreachable: what lives there
+    (runs, and lag/commit when the stream goes to PostgreSQL) is then unknown (None)."""
+    now = datetime.now(UTC)
+    out: dict[str, Any] = {}
+    newest: dict[str, datetime | None] = {}
+    for name, cfg in sorted(configured_sources(ctx.settings).items()):
+        stream = ctx.settings.stream(cfg.stream)
+        in_sink = pg is not None or _primary_sink(stream) != "postgres"
+        if stream.name not in newest:
+            newest[stream.name] = (
+                _part(errors, f"lag:{stream.name}", partial(newest_record_time, ctx, pg, stream))
+                if in_sink
+                else None
+            )
+        record_time = newest[stream.name]
+        committed = (
+            _part(errors, f"commit:{name}", partial(last_commit, ctx, pg, stream, name))
+            if in_sink
+            else None
+        )
+        in_flight = _part(errors, f"in_flight:{name}", partial(pages_in_flight, ctx, name))
+        out[name] = {
+            "kind": cfg.kind,
+            "mode": getattr(cfg, "mode", None),
+            "stream": stream.name,
+            "lag_seconds": _seconds_since(now, record_time),
+            "newest_record": _iso(record_time),
+            "last_commit": _iso(committed),
+            "last_commit_seconds_ago": _seconds_since(now, committed),
+            "unprocessed": _part(
+                errors, f"unprocessed:{name}", partial(d1_unprocessed, cfg, stream)
+            ),
+            "pages_in_flight": in_flight[0] if in_flight else None,
+            "oldest_in_flight_seconds": in_flight[1] if in_flight else None,
+            "last_run": _part(errors, f"last_run:{name}", partial(last_run, pg, name))
+            if pg is not None
+            else None,
+        }
+    return out
+
+
+def _ping(engine: Engine) -> None:
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+# -- workers -----------------------------------------------------------------------------------
+
+
+def pool_size(stats: dict[str, Any]) -> int | None:
+    """A worker's current pool size. `max-concurrency` is the size it started with (pool_grow
+    and pool_shrink do not update it); the prefork pool's process list is the live size."""
+    pool = stats.get("pool") or {}
+    procs = pool.get("processes")
+    if isinstance(procs, list):
+        return len(procs)
+    value = pool.get("max-concurrency")
+    return int(value) if isinstance(value, int) else None
+
+
+def _inspect(app: Any, timeout: float = 1.0, nodes: Sequence[str] | None = None) -> Any:
+    return app.control.inspect(timeout=timeout, destination=list(nodes) if nodes else None)
+
+
+def workers_online(
+    app: Any, timeout: float = 1.0, nodes: Sequence[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Workers answering remote control within `timeout`, with pool size and queues. The two
+    broadcasts run side by side, so this takes about `timeout` seconds."""
+    with ThreadPoolExecutor(2) as pool:
+        f_stats = pool.submit(lambda: _inspect(app, timeout, nodes).stats() or {})
+        f_queues = pool.submit(lambda: _inspect(app, timeout, nodes).active_queues() or {})
+        stats: dict[str, Any] = f_stats.result()
+        queues: dict[str, Any] = f_queues.result()
+    out: dict[str, dict[str, Any]] = {}
+    for node, st in sorted(stats.items()):
+        pool_info = st.get("pool") or {}
+        auto = st.get("autoscaler")
+        out[node] = {
+            "concurrency": pool_size(st),
+            "max_concurrency": pool_info.get("max-concurrency"),
+            "autoscale": {"max": auto.get("max"), "min": auto.get("min")} if auto else None,
+            "pool": pool_info.get("implementation"),
+            "queues": sorted(q.get("name", "?") for q in queues.get(node) or []),
+            "pid": st.get("pid"),
+            "uptime_seconds": st.get("uptime"),
+            "tasks": sum((st.get("total") or {}).values()),
+        }
+    return out
+
+
+# -- the whole screen --------------------------------------------------------------------------
+
+
+def build_status(
+    ctx: Context, app: Any, *, timeout: float = 1.0, engine: Engine | None = None
+) -> dict[str, Any]:
+    errors: dict[str, str] = {}
+    own_engine = engine is None
+    eng = engine or ops_engine(ctx.postgres_url)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            # The workers' broadcast waits `timeout`; read the databases meanwhile.
+            workers_f = pool.submit(workers_online, app, timeout)
+            doc: dict[str, Any] = {
+                "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                "broker": broker_kind(ctx.broker_url),
+                "queues": _part(errors, "queues", lambda: broker_queue_depths(ctx)),
+            }
+            _part(errors, "postgres", partial(_ping, eng))
+            pg = None if "postgres" in errors else eng
+            pending = (
+                _part(errors, "dead_letters", partial(dead_letters_pending, eng)) if pg else None
+            )
+            doc["dead_letters"] = {
+                "pending": sum(d["count"] for d in pending) if pending is not None else None,
+                "by_stream": pending,
+            }
+            doc["sources"] = sources_status(ctx, pg, errors)
+            doc["workers"] = _part(errors, "workers", workers_f.result)
+    finally:
+        if own_engine:
+            eng.dispose()
+    doc["errors"] = errors
+    return doc
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    s = int(abs(seconds))
+    sign = "-" if seconds < 0 else ""
+    if s < 60:
+        return f"{sign}{s}s"
+    if s < 3600:
+        return f"{sign}{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{sign}{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{sign}{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
 def format_depths(depths: dict[str, Any]) -> str:
     lines = [f"{'queue':<18}{'waiting':>10}{'unacked':>10}{'total':>10}"]
     for q, d in depths.items():
-        lines.append(f"{q:<18}{d['waiting']:>10}{d['unacked']:>10}{d['total']:>10}")
+        unacked = "?" if d["unacked"] is None else d["unacked"]
+        lines.append(f"{q:<18}{d['waiting']:>10}{unacked:>10}{d['total']:>10}")
     return "\n".join(lines)
+
+
+def format_status(doc: dict[str, Any]) -> str:
+    out: list[str] = []
+    if doc.get("queues") is not None:
+        out.append(format_depths(doc["queues"]))
+        if doc.get("broker") == "amqp":
+            out.append("  (RabbitMQ: unacked is only visible in the management UI/API)")
+    else:
+        out.append("queues: unavailable")
+
+    dl = doc.get("dead_letters") or {}
+    out.append("")
+    if dl.get("by_stream") is None:
+        out.append("dead letters pending: unavailable")
+    else:
+        out.append(f"dead letters pending: {dl['pending']}")
+        if dl["by_stream"]:
+            out.append(f"  {'stream':<22}{'sink':<10}{'error':<26}{'count':>7}  newest")
+            for d in dl["by_stream"]:
+                newest = _age_of(d["newest"])
+                out.append(
+                    f"  {d['stream']:<22}{d['sink']:<10}{d['error_class']:<26}"
+                    f"{d['count']:>7}  {newest} ago"
+                )
+
+    out.append("")
+    sources = doc.get("sources") or {}
+    out.append(f"sources ({len(sources)})")
+    if sources:
+        out.append(f"  {'source':<18}{'lag':>9}{'commit':>9}{'backlog':>9}{'flight':>7}  last run")
+    for name, s in sources.items():
+        run = s.get("last_run")
+        if run:
+            took = f" in {run['seconds']}s" if run["seconds"] is not None else ""
+            run_text = (
+                f"{run['status']} {_age_of(run['started_at'])} ago: {run['pages']} pages, "
+                f"{run['records']} records{took}"
+            )
+            if run["failed_last_24h"]:
+                run_text += f"; {run['failed_last_24h']} failed in 24h"
+            if run["status"] == "failed" and run["error"]:
+                run_text += f" — {run['error'][:60]}"
+        else:
+            run_text = "never ran"
+        backlog = "—" if s.get("unprocessed") is None else s["unprocessed"]
+        flight = "—" if s.get("pages_in_flight") is None else s["pages_in_flight"]
+        out.append(
+            f"  {name:<18}{_ago(s.get('lag_seconds')):>9}"
+            f"{_ago(s.get('last_commit_seconds_ago')):>9}{backlog!s:>9}{flight!s:>7}  {run_text}"
+        )
+
+    out.append("")
+    workers = doc.get("workers")
+    if workers is None:
+        out.append("workers: unavailable")
+    else:
+        out.append(f"workers online: {len(workers)}")
+        for node, w in workers.items():
+            size = f"concurrency {w['concurrency']}"
+            if w.get("autoscale"):
+                size += f" (autoscale {w['autoscale']['min']}..{w['autoscale']['max']})"
+            out.append(f"  {node:<32}{size:<32}{','.join(w['queues'])}")
+
+    if doc.get("errors"):
+        out.append("")
+        out.append("errors:")
+        for part, msg in doc["errors"].items():
+            out.append(f"  {part}: {msg.splitlines()[0][:160]}")
+    return "\n".join(out)
+
+
+def _age_of(iso: str | None) -> str:
+    if not iso:
+        return "—"
+    return _ago((datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds())

@@ -1,0 +1,351 @@
+"""Prometheus metrics, derived from the databases at scrape time.
+
+Nothing is counted in process memory: every counter is a sum over the sinks' own `ingestion_runs`
+tables (PostgreSQL for the postgres sink, the SQLite file for the sqlite sink), written in the
+same transaction as the records. So the counters survive worker restarts, never count a page
+twice (a redelivered page finds its row and adds nothing), and any number of `sluice serve`
+processes report the same values.
+
+Cost: each scrape aggregates the whole `ingestion_runs` table of each sink once (one row per page
+per sink: about 1,000 rows per million records at the default page size), plus max() over the
+stream's time column for the lag, and a count of a local D1 source's backlog. That is
+milliseconds for millions of records and grows linearly; past a few hundred million records a
+rollup table (or `committed_at` windows) would be the next step.
+
+| metric | type | labels |
+|---|---|---|
+| sluice_queue_depth | gauge: waiting + unacked | queue |
+| sluice_queue_waiting, sluice_queue_unacked | gauge (unacked: Redis only) | queue |
+| sluice_records_received_total | counter | stream, sink |
+| sluice_records_inserted_total | counter | stream, sink |
+| sluice_records_duplicates_total | counter | stream, sink |
+| sluice_records_invalid_total | counter | stream, sink |
+| sluice_records_dead_lettered_total | counter: failures in failed_ingestions | stream, sink |
+| sluice_page_seconds | histogram: committed_at - started_at per page | stream, sink |
+| sluice_dead_letters_pending | gauge | stream, sink, error_class |
+| sluice_source_runs_total | counter | source, status |
+| sluice_source_lag_seconds | gauge: now - newest event time committed | source, stream |
+| sluice_source_last_commit_timestamp_seconds | gauge | source |
+| sluice_source_unprocessed_rows | gauge (local D1 sources) | source |
+| sluice_source_pages_in_flight | gauge | source |
+| sluice_source_oldest_in_flight_seconds | gauge (0 when none) | source |
+| sluice_collector_up | gauge: 1 if the part could be read | part |
+| sluice_scrape_duration_seconds | gauge | — |
+
+A part that cannot be read (PostgreSQL down, say) is left out of that scrape (never reported as
+zero, which would look like a counter reset) and `sluice_collector_up{part=…}` is 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from ops.status import (
+    broker_queue_depths,
+    configured_sources,
+    d1_unprocessed,
+    last_commit,
+    newest_record_time,
+    ops_engine,
+    pages_in_flight,
+    sqlite_reader,
+)
+from shared.context import Context
+
+log = logging.getLogger("sluice.metrics")
+
+# Page latency buckets, seconds. A page of 1,000 records usually commits in 50-500 ms.
+BUCKETS: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+T = TypeVar("T")
+
+
+@dataclass
+class RunTotals:
+    received: int = 0
+    inserted: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    pages: int = 0
+    seconds: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))
+
+
+def _totals_sql(duration: str, count_if: Callable[[str], str]) -> str:
+    cols = ", ".join(count_if(f"d <= {b!r}") for b in BUCKETS)
+    return (
+        "SELECT stream, sum(received), sum(inserted), sum(duplicates), sum(invalid), count(*),"
+        f" sum(d), {cols} FROM (SELECT stream, received, inserted, duplicates, invalid,"
+        f" {duration} AS d FROM ingestion_runs WHERE sink = :sink) runs GROUP BY stream"
+    )
+
+
+# started_at comes from the worker's clock and committed_at from the database's: clock skew can
+# make d slightly negative, so it is clamped at 0.
+_PG_TOTALS = _totals_sql(
+    "greatest(extract(epoch FROM committed_at - started_at)::float8, 0)",
+    lambda cond: f"count(*) FILTER (WHERE {cond})",
+)
+_SQLITE_TOTALS = _totals_sql(
+    "max((julianday(committed_at) - julianday(started_at)) * 86400.0, 0)",
+    lambda cond: f"sum(CASE WHEN {cond} THEN 1 ELSE 0 END)",
+).replace(":sink", "?")
+
+
+def _totals(rows: Sequence[Sequence[Any]]) -> dict[str, RunTotals]:
+    out = {}
+    for r in rows:
+        out[str(r[0])] = RunTotals(
+            received=int(r[1] or 0),
+            inserted=int(r[2] or 0),
+            duplicates=int(r[3] or 0),
+            invalid=int(r[4] or 0),
+            pages=int(r[5] or 0),
+            seconds=float(r[6] or 0.0),
+            buckets=[int(v or 0) for v in r[7:]],
+        )
+    return out
+
+
+def postgres_totals(engine: Engine, sink: str = "postgres") -> dict[str, RunTotals]:
+    """Per stream, the rows the postgres sink wrote into its own ingestion_runs table."""
+    with engine.connect() as conn:
+        return _totals(conn.execute(text(_PG_TOTALS), {"sink": sink}).all())
+
+
+def sqlite_totals(conn: sqlite3.Connection, sink: str = "sqlite") -> dict[str, RunTotals]:
+    return _totals(conn.execute(_SQLITE_TOTALS, (sink,)).fetchall())
+
+
+class SluiceCollector(Collector):
+    def __init__(self, ctx: Context, engine: Engine | None = None) -> None:
+        self.ctx = ctx
+        self.engine = engine or ops_engine(ctx.postgres_url)
+
+    def _read(self, up: GaugeMetricFamily, part: str, fn: Callable[[], T]) -> T | None:
+        try:
+            value = fn()
+        except Exception as exc:
+            log.warning("metrics: cannot read %s: %s", part, exc)
+            up.add_metric([part], 0)
+            return None
+        up.add_metric([part], 1)
+        return value
+
+    def _sqlite_totals(self) -> dict[str, RunTotals]:
+        conn = sqlite_reader(self.ctx.settings.sqlite_path)
+        try:
+            return sqlite_totals(conn)
+        finally:
+            conn.close()
+
+    def _pg_state(self) -> dict[str, list[Any]]:
+        with self.engine.connect() as conn:
+            return {
+                "dead_lettered": list(
+                    conn.execute(
+                        text(
+                            "SELECT stream, sink, sum(attempts) FROM failed_ingestions"
+                            " GROUP BY 1, 2"
+                        )
+                    ).all()
+                ),
+                "pending": list(
+                    conn.execute(
+                        text(
+                            "SELECT stream, sink, error_class, count(*) FROM failed_ingestions"
+                            " WHERE status = 'pending' GROUP BY 1, 2, 3"
+                        )
+                    ).all()
+                ),
+                "runs": list(
+                    conn.execute(
+                        text("SELECT source, status, count(*) FROM source_runs GROUP BY 1, 2")
+                    ).all()
+                ),
+            }
+
+    def collect(self) -> Iterator[Metric]:
+        t0 = time.perf_counter()
+        up = GaugeMetricFamily(
+            "sluice_collector_up", "1 if this part could be read at this scrape", labels=["part"]
+        )
+        yield from self._queues(up)
+
+        sinks_used = {s for st in self.ctx.settings.streams.values() for s in st.sinks}
+        totals: dict[str, dict[str, RunTotals]] = {}
+        pg = self._read(up, "postgres", lambda: postgres_totals(self.engine))
+        if pg is not None:
+            totals["postgres"] = pg
+        if "sqlite" in sinks_used:
+            lite = self._read(up, "sqlite", self._sqlite_totals)
+            if lite is not None:
+                totals["sqlite"] = lite
+        yield from self._runs(totals)
+
+        state = self._pg_state() if pg is not None else None
+        if state is not None:
+            yield from self._dead_letters(state)
+        yield from self._sources(up, pg_up=pg is not None)
+
+        yield up
+        took = GaugeMetricFamily("sluice_scrape_duration_seconds", "Time this scrape took")
+        took.add_metric([], time.perf_counter() - t0)
+        yield took
+
+    def _queues(self, up: GaugeMetricFamily) -> Iterator[Metric]:
+        depths = self._read(up, "broker", lambda: broker_queue_depths(self.ctx))
+        if depths is None:
+            return
+        depth = GaugeMetricFamily(
+            "sluice_queue_depth",
+            "Pages waiting in the queue plus held by workers",
+            labels=["queue"],
+        )
+        waiting = GaugeMetricFamily(
+            "sluice_queue_waiting", "Pages waiting in the queue", labels=["queue"]
+        )
+        unacked = GaugeMetricFamily(
+            "sluice_queue_unacked",
+            "Pages delivered to a worker and not yet acknowledged (Redis broker only)",
+            labels=["queue"],
+        )
+        for q, d in depths.items():
+            depth.add_metric([q], float(d["total"] or 0))
+            waiting.add_metric([q], float(d["waiting"] or 0))
+            if d["unacked"] is not None:
+                unacked.add_metric([q], float(d["unacked"]))
+        yield depth
+        yield waiting
+        yield unacked
+
+    def _runs(self, totals: dict[str, dict[str, RunTotals]]) -> Iterator[Metric]:
+        labels = ["stream", "sink"]
+        families = {
+            name: CounterMetricFamily(f"sluice_records_{name}", doc, labels=labels)
+            for name, doc in (
+                ("received", "Records received in pages, per sink"),
+                ("inserted", "Records newly written to the sink"),
+                ("duplicates", "Valid records the sink already had (or repeated within a page)"),
+                ("invalid", "Records that failed validation"),
+            )
+        }
+        hist = HistogramMetricFamily(
+            "sluice_page_seconds",
+            "Page latency: from the worker starting the page to its commit",
+            labels=labels,
+        )
+        for sink, per_stream in sorted(totals.items()):
+            for stream, t in sorted(per_stream.items()):
+                for name, fam in families.items():
+                    fam.add_metric([stream, sink], getattr(t, name))
+                buckets = [
+                    (repr(float(b)), float(n)) for b, n in zip(BUCKETS, t.buckets, strict=True)
+                ]
+                buckets.append(("+Inf", float(t.pages)))
+                hist.add_metric([stream, sink], buckets, t.seconds)
+        yield from families.values()
+        yield hist
+
+    def _dead_letters(self, state: dict[str, list[Any]]) -> Iterator[Metric]:
+        lettered = CounterMetricFamily(
+            "sluice_records_dead_lettered",
+            "Record failures recorded in failed_ingestions (a record failing again after a"
+            " replay counts again)",
+            labels=["stream", "sink"],
+        )
+        for stream, sink, n in state["dead_lettered"]:
+            lettered.add_metric([stream, sink], float(n or 0))
+        yield lettered
+        pending = GaugeMetricFamily(
+            "sluice_dead_letters_pending",
+            "Dead letters waiting for replay or discard",
+            labels=["stream", "sink", "error_class"],
+        )
+        for stream, sink, error_class, n in state["pending"]:
+            pending.add_metric([stream, sink, error_class], float(n))
+        yield pending
+        runs = CounterMetricFamily(
+            "sluice_source_runs",
+            "Producer runs of a source, by outcome",
+            labels=["source", "status"],
+        )
+        for source, status, n in state["runs"]:
+            runs.add_metric([source, status], float(n))
+        yield runs
+
+    def _sources(self, up: GaugeMetricFamily, pg_up: bool) -> Iterator[Metric]:
+        ctx = self.ctx
+        lag = GaugeMetricFamily(
+            "sluice_source_lag_seconds",
+            "Now minus the newest event time committed for the source's stream",
+            labels=["source", "stream"],
+        )
+        commit = GaugeMetricFamily(
+            "sluice_source_last_commit_timestamp_seconds",
+            "When a page of the source was last committed (Unix time)",
+            labels=["source"],
+        )
+        backlog = GaugeMetricFamily(
+            "sluice_source_unprocessed_rows",
+            "Rows the source has not processed yet (local D1 sources)",
+            labels=["source"],
+        )
+        flight = GaugeMetricFamily(
+            "sluice_source_pages_in_flight",
+            "Pages published and not yet committed by every sink",
+            labels=["source"],
+        )
+        oldest = GaugeMetricFamily(
+            "sluice_source_oldest_in_flight_seconds",
+            "Age of the source's oldest page in flight (read again after inflight_lease)",
+            labels=["source"],
+        )
+        now = datetime.now(UTC)
+        engine = self.engine if pg_up else None
+        newest: dict[str, datetime | None] = {}
+        ok = True
+        for name, cfg in sorted(configured_sources(ctx.settings).items()):
+            stream = ctx.settings.stream(cfg.stream)
+            readable = pg_up or "postgres" not in stream.sinks
+            try:
+                if readable:
+                    if stream.name not in newest:
+                        newest[stream.name] = newest_record_time(ctx, engine, stream)
+                    if (t := newest[stream.name]) is not None:
+                        lag.add_metric([name, stream.name], (now - t).total_seconds())
+                    if (c := last_commit(ctx, engine, stream, name)) is not None:
+                        commit.add_metric([name], c.timestamp())
+                if (n := d1_unprocessed(cfg, stream)) is not None:
+                    backlog.add_metric([name], float(n))
+                count, age = pages_in_flight(ctx, name)
+                flight.add_metric([name], float(count))
+                oldest.add_metric([name], age or 0.0)
+            except Exception as exc:
+                log.warning("metrics: source %s: %s", name, exc)
+                ok = False
+        up.add_metric(["sources"], 1 if ok else 0)
+        yield from (lag, commit, backlog, flight, oldest)
+
+
+def registry_for(ctx: Context, engine: Engine | None = None) -> CollectorRegistry:
+    """A registry holding only our collector (no process metrics of the serving process)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SluiceCollector(ctx, engine))
+    return registry
