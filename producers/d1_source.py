@@ -58,8 +58,25 @@ class LocalD1:
     def __init__(self, path: Path, busy_timeout_ms: int) -> None:
         if not path.exists():
             raise SourceError(f"D1 file not found: {path}")
-        self._conn = sqlite_connect(path, busy_timeout_ms)
+        self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._open()
+
+    def _open(self) -> None:
+        self._inode = self._path.stat().st_ino
+        self._conn = sqlite_connect(self._path, self._busy_timeout_ms)
         self._conn.row_factory = sqlite3.Row
+
+    def _reopen_if_replaced(self) -> None:
+        # The ack task keeps this connection open across pages; if the file was replaced
+        # (a new export, a restore), writes through it would land in the unlinked old file.
+        try:
+            inode = self._path.stat().st_ino
+        except FileNotFoundError:
+            raise SourceError(f"D1 file not found: {self._path}") from None
+        if inode != self._inode:
+            self._conn.close()
+            self._open()
 
     def query(self, sql: str, params: Sequence[object] = ()) -> list[dict[str, Any]]:
         try:
@@ -70,6 +87,7 @@ class LocalD1:
             raise SourceError(str(exc)) from exc
 
     def batch(self, statements: Sequence[tuple[str, Sequence[object]]]) -> None:
+        self._reopen_if_replaced()
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
