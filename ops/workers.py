@@ -29,6 +29,7 @@ class WorkerPool:
         self.loglevel = loglevel
         self.log_dir = log_dir
         self.procs: list[subprocess.Popen[bytes]] = []
+        self._specs: dict[int, tuple[str, list[str], int, list[str]]] = {}
 
     def start(
         self, name: str, queues: Sequence[str], concurrency: int, extra: Sequence[str] = ()
@@ -59,7 +60,19 @@ class WorkerPool:
             preexec_fn=_die_with_parent,
         )
         self.procs.append(proc)
+        self._specs[proc.pid] = (name, list(queues), concurrency, list(extra))
         return proc
+
+    def restart_dead(self) -> int:
+        """Start a replacement for every worker that exited, as a supervisor would (Celery can
+        exit on a broker outage: celery.md §2). Returns how many were restarted."""
+        restarted = 0
+        for proc in [p for p in self.procs if p.poll() is not None]:
+            self.procs.remove(proc)
+            name, queues, concurrency, extra = self._specs.pop(proc.pid)
+            self.start(f"{name}-r{restarted}", queues, concurrency, extra)
+            restarted += 1
+        return restarted
 
     def stop(self, timeout: float = 20) -> None:
         for p in self.procs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg2
@@ -41,11 +42,16 @@ max_batches = {max_batches}
 """
 
 
-def drain(ctx: Context, source: str, timeout: float = 120) -> list[RunSummary]:
-    """Run the source until it is empty and every page is committed and acknowledged."""
+def drain(
+    ctx: Context, source: str, timeout: float = 120, tick: Callable[[], object] | None = None
+) -> list[RunSummary]:
+    """Run the source until it is empty and every page is committed and acknowledged.
+    `tick` runs between runs (e.g. a supervisor restarting dead workers)."""
     runs = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if tick is not None:
+            tick()
         s = run_source(ctx, source)
         assert s.status == "ok", s.error
         runs.append(s)
