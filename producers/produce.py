@@ -53,8 +53,14 @@ def run_source(ctx: Context, name: str, max_batches: int | None = None) -> RunSu
     try:
         source = open_source(ctx.settings, name)
         stream = source.stream
-        cfg = ctx.settings.sources[name]
-        after = ctx.progress.resume_after(name)
+        cfg = ctx.settings.source_config(name)
+        assert cfg is not None  # open_source found it
+        # HTTP sources keep a cursor per partition: they need every window in flight, not the
+        # single highest key a D1 table resumes after.
+        if getattr(source, "resumes_per_partition", False):
+            after = ctx.progress.resume_keys(name)
+        else:
+            after = ctx.progress.resume_after(name)
         columns = list(stream.column_names)
         for sp in source.pages(after, max_batches or cfg.max_batches):
             page = Page(uuid.uuid4().hex, stream.name, "", name, run_id, columns, sp.rows)
@@ -79,7 +85,7 @@ def run_source(ctx: Context, name: str, max_batches: int | None = None) -> RunSu
 
 
 def stream_name(ctx: Context, source: str) -> str:
-    cfg = ctx.settings.sources.get(source)
+    cfg = ctx.settings.source_config(source)
     return cfg.stream if cfg else "unknown"
 
 

@@ -5,12 +5,29 @@ from __future__ import annotations
 from producers.d1_source import open_d1_source
 from producers.source import Source
 from shared.errors import SourceError
-from shared.settings import Settings
+from shared.settings import (
+    BinanceSourceConfig,
+    CryptoCompareSourceConfig,
+    D1SourceConfig,
+    Settings,
+)
 
 
 def open_source(settings: Settings, name: str) -> Source:
-    cfg = settings.sources.get(name)
+    cfg = settings.source_config(name)
     if cfg is None:
-        known = ", ".join(sorted(settings.sources)) or "none configured"
+        known = ", ".join(sorted(settings.all_sources)) or "none configured"
         raise SourceError(f"unknown source {name!r} (known: {known})", source=name)
-    return open_d1_source(name, cfg, settings)
+    if isinstance(cfg, D1SourceConfig):
+        return open_d1_source(name, cfg, settings)
+    stream = settings.stream(cfg.stream)
+    # Imported here: a D1-only deployment never loads the HTTP adapters.
+    if isinstance(cfg, BinanceSourceConfig):
+        from producers.binance import BinanceSource
+
+        return BinanceSource(name, cfg, stream, settings)
+    if isinstance(cfg, CryptoCompareSourceConfig):
+        from producers.cryptocompare import CryptoCompareSource
+
+        return CryptoCompareSource(name, cfg, stream, settings)
+    raise SourceError(f"source kind {cfg.kind!r} is not implemented yet", source=name)

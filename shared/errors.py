@@ -7,6 +7,8 @@ Every error carries the context an operator needs to act on it: which source, st
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class SluiceError(Exception):
     """Base of every error Sluice raises on purpose."""
@@ -84,3 +86,29 @@ class UnknownStreamError(SluiceError):
 
 class MessageError(SluiceError):
     """A queue message body could not be decoded into a page."""
+
+
+class HttpSourceError(SourceError):
+    """An HTTP API answered with an error, or not at all. Context names the API, the source,
+    the partition (symbol, point) and the URL without its query string (keys may travel there)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        transient: bool = False,
+        where: Mapping[str, object] | None = None,
+    ) -> None:
+        self.status = status
+        self.transient = transient
+        super().__init__(message, status=status, **dict(where or {}))
+
+
+class ApiBannedError(HttpSourceError):
+    """The API banned us (Binance 418) or asked for a wait longer than a run may sleep: every
+    process stops calling it until `until` (epoch seconds)."""
+
+    def __init__(self, message: str, *, until: float, where: Mapping[str, object]) -> None:
+        self.until = until
+        super().__init__(message, transient=True, where=where)

@@ -84,16 +84,22 @@ class Progress:
     def resume_after(self, source: str) -> Any | None:
         """Where the next run of `source` should continue: after the last key in flight, or from
         the start (None) when nothing is in flight or a page outlived its lease."""
+        keys = self.resume_keys(source)
+        if not keys:
+            return None
+        return max(keys)
+
+    def resume_keys(self, source: str) -> list[Any] | None:
+        """The last key of every page of `source` in flight ([] when none), or None when a
+        page outlived its lease: then everything unacknowledged is read again. HTTP sources
+        use this: their keys are (partition, window end), one resume point per partition."""
         expired = self.r.zrangebyscore(
             self._inflight(source), "-inf", time.time() - self.lease_seconds, start=0, num=1
         )
         if expired:
             self.r.delete(self._inflight(source), self._resume(source))
             return None
-        values = self.r.hvals(self._resume(source))
-        if not values:
-            return None
-        return max(msgpack.unpackb(v) for v in values)
+        return [msgpack.unpackb(v) for v in self.r.hvals(self._resume(source))]
 
     def in_flight(self, source: str) -> int:
         return int(self.r.zcard(self._inflight(source)))

@@ -76,6 +76,148 @@ class D1SourceConfig(_Model):
 SourceConfig = D1SourceConfig
 
 
+class RateLimitConfig(_Model):
+    """A budget shared by every process on every machine (kept in Redis): at most `limit` units
+    (requests, or Binance weight) in any rolling `per` seconds."""
+
+    limit: Annotated[int, Field(ge=1)]
+    per: Annotated[float, Field(gt=0)] = 60.0
+
+
+class _HttpSourceConfig(_Model):
+    """What every HTTP API source has: where, how fast, from when, how much per run."""
+
+    stream: str
+    base_url: str
+    api_key_env: str | None = None  # the environment variable holding the key (never the key)
+    # Re-read this much before the cursor on every run, so late or corrected data is picked up.
+    lookback_seconds: Annotated[float, Field(ge=0)] = 600.0
+    # Where a partition without a cursor starts (ISO-8601, UTC if naive). Unset: `initial_days`
+    # before now.
+    start: str | None = None
+    initial_days: Annotated[float, Field(gt=0)] = 1.0
+    max_batches: Annotated[int, Field(ge=1)] = 10  # windows (pages) per run
+    connect_timeout: Annotated[float, Field(gt=0)] = 5.0
+    read_timeout: Annotated[float, Field(gt=0)] = 30.0
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
+    # The longest server-requested wait (Retry-After, rate-limit reset) a run sleeps through;
+    # longer waits end the run with a transient error and the next run tries again.
+    max_wait_seconds: Annotated[float, Field(ge=0)] = 120.0
+    # Wait after a 429 that says nothing about when to come back (CoinGecko sends no header).
+    rate_limit_fallback_seconds: Annotated[float, Field(ge=0)] = 60.0
+    rate_limits: list[RateLimitConfig] = Field(default_factory=list)
+    schedule: Schedule | None = None
+
+    @model_validator(mode="after")
+    def _start_parses(self) -> _HttpSourceConfig:
+        if self.start is not None:
+            from datetime import datetime
+
+            try:
+                datetime.fromisoformat(self.start)
+            except ValueError:
+                raise ValueError(f"start must be an ISO-8601 time: {self.start!r}") from None
+        return self
+
+
+BINANCE_INTERVALS = Literal[
+    "1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w"
+]
+
+
+class BinanceSourceConfig(_HttpSourceConfig):
+    """`GET /api/v3/klines` per symbol (apis.md §4). Weight 2 per call; 6000 per minute per IP."""
+
+    kind: Literal["binance"]
+    stream: str = "historical_prices"
+    base_url: str = "https://data-api.binance.vision"
+    symbols: Annotated[list[str], Field(min_length=1)]
+    interval: BINANCE_INTERVALS = "1h"
+    limit: Annotated[int, Field(ge=1, le=1000)] = 1000
+    # Below the published 6000 so other clients on the same IP keep some room.
+    rate_limits: list[RateLimitConfig] = Field(
+        default_factory=lambda: [RateLimitConfig(limit=4800, per=60)]
+    )
+
+
+class CoinGeckoSourceConfig(_HttpSourceConfig):
+    """`GET /coins/{id}/market_chart/range` per coin (apis.md §5); no pagination, windows of at
+    most 90 days keep hourly points."""
+
+    kind: Literal["coingecko"]
+    stream: str = "historical_prices"
+    base_url: str = "https://api.coingecko.com/api/v3"
+    api_key_env: str | None = "COINGECKO_API_KEY"
+    plan: Literal["demo", "pro"] = "demo"
+    coins: Annotated[list[str], Field(min_length=1)]
+    vs_currency: str = "usd"
+    window_days: Annotated[float, Field(gt=0, le=90)] = 30.0
+    rate_limits: list[RateLimitConfig] = Field(
+        default_factory=lambda: [RateLimitConfig(limit=30, per=60)]
+    )
+
+
+class CryptoCompareSourceConfig(_HttpSourceConfig):
+    """`GET /data/v2/histohour|histominute` per pair (apis.md §6), paging backwards with toTs."""
+
+    kind: Literal["cryptocompare"]
+    stream: str = "historical_prices"
+    base_url: str = "https://min-api.cryptocompare.com"
+    api_key_env: str | None = "CRYPTOCOMPARE_API_KEY"
+    pairs: Annotated[list[str], Field(min_length=1)]  # "BTC/USD"
+    endpoint: Literal["histohour", "histominute"] = "histohour"
+    limit: Annotated[int, Field(ge=1, le=2000)] = 2000
+    exchange: str | None = None  # `e`; unset: CCCAGG
+    rate_limits: list[RateLimitConfig] = Field(
+        default_factory=lambda: [
+            RateLimitConfig(limit=20, per=1),
+            RateLimitConfig(limit=300, per=60),
+        ]
+    )
+
+    @model_validator(mode="after")
+    def _pairs(self) -> CryptoCompareSourceConfig:
+        for pair in self.pairs:
+            parts = pair.split("/")
+            if len(parts) != 2 or not all(0 < len(p) <= 10 for p in parts):
+                raise ValueError(f"pairs: expected 'FROM/TO' (each 1-10 chars), got {pair!r}")
+        return self
+
+
+class AceIotSourceConfig(_HttpSourceConfig):
+    """`GET /sites/{site}/timeseries/paginated` (apis.md §7), a window at a time."""
+
+    kind: Literal["aceiot"]
+    stream: str = "timeseries"
+    base_url: str = "https://flightdeck.aceiot.cloud/api"
+    api_key_env: str | None = "ACEIOT_API_KEY"
+    site: str
+    points: list[str] = Field(default_factory=list)  # keep only these names; empty: all
+    window_seconds: Annotated[float, Field(gt=0)] = 3600.0
+    page_size: Literal[3, 10, 50, 100, 500, 1000, 5000, 10000, 50000, 100000, 300000, 500000] = (
+        10000
+    )
+    raw_data: bool = False
+    max_pages_per_window: Annotated[int, Field(ge=1)] = 1000
+    rate_limits: list[RateLimitConfig] = Field(
+        default_factory=lambda: [RateLimitConfig(limit=10, per=1)]
+    )
+
+
+HttpSourceConfig = (
+    BinanceSourceConfig | CoinGeckoSourceConfig | CryptoCompareSourceConfig | AceIotSourceConfig
+)
+SOURCE_KINDS = ("d1", "binance", "coingecko", "cryptocompare", "aceiot")
+AnySourceConfig = Annotated[
+    D1SourceConfig
+    | BinanceSourceConfig
+    | CoinGeckoSourceConfig
+    | CryptoCompareSourceConfig
+    | AceIotSourceConfig,
+    Field(discriminator="kind"),
+]
+
+
 class StreamConfig(_Model):
     sinks: list[SinkName] = Field(default_factory=lambda: list(SINK_NAMES))
     conflict: ConflictPolicy | None = None
@@ -94,7 +236,7 @@ class PipelineConfig(_Model):
 class FileConfig(_Model):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     streams: dict[str, StreamConfig] = Field(default_factory=dict)
-    sources: dict[str, D1SourceConfig] = Field(default_factory=dict)
+    sources: dict[str, AnySourceConfig] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -106,8 +248,18 @@ class Settings:
     sqlite_path: Path
     pipeline: PipelineConfig
     streams: dict[str, Stream]
+    # D1 sources only: ops/status.py, ops/metrics.py and `config check` read D1 fields (mode,
+    # path) from these. HTTP sources are in `http_sources`; `source_config` finds either.
     sources: dict[str, SourceConfig]
     env: Mapping[str, str] = field(repr=False, default_factory=dict)
+    http_sources: dict[str, HttpSourceConfig] = field(default_factory=dict)
+
+    def source_config(self, name: str) -> D1SourceConfig | HttpSourceConfig | None:
+        return self.sources.get(name) or self.http_sources.get(name)
+
+    @property
+    def all_sources(self) -> dict[str, D1SourceConfig | HttpSourceConfig]:
+        return {**self.sources, **self.http_sources}
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -138,6 +290,10 @@ class Settings:
         sources = {
             name: src.model_copy(update=_resolve_paths(src, base))
             for name, src in cfg.sources.items()
+            if isinstance(src, D1SourceConfig)
+        }
+        http_sources = {
+            name: src for name, src in cfg.sources.items() if not isinstance(src, D1SourceConfig)
         }
         return cls(
             config_path=path,
@@ -149,6 +305,7 @@ class Settings:
             streams=streams,
             sources=sources,
             env=env,
+            http_sources=http_sources,
         )
 
     def stream(self, name: str) -> Stream:
@@ -192,10 +349,17 @@ def parse_config(raw: dict[str, Any], file: str) -> FileConfig:
         cfg = FileConfig.model_validate(raw)
     except ValidationError as exc:
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+            parts = [str(p) for p in err["loc"] if not str(p).startswith("function-after")]
+            if len(parts) > 2 and parts[0] == "sources" and parts[2] in SOURCE_KINDS:
+                del parts[2]  # the union's tag: the user wrote `kind`, not a nested table
+            if err["type"] in ("union_tag_not_found", "union_tag_invalid"):
+                parts.append("kind")
+            loc = ".".join(parts)
             got = err.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
             msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "union_tag_not_found":
+                msg = f"Field required (expected one of: {', '.join(SOURCE_KINDS)})"
             problems.append(f"{loc or '<top>'}: {msg}{shown}")
     # Checked on the raw document so they are reported alongside the errors above.
     sources = raw.get("sources")

@@ -72,4 +72,44 @@ USAGE_EVENTS = Stream(
     conflict="ignore",
 )
 
-CATALOG: dict[str, Stream] = {s.name: s for s in (USAGE_EVENTS,)}
+# Candles and price points from the market-data APIs (seed 004). One row per source, symbol,
+# resolution and period start. `update`: a re-fetched period (the lookback buffer) replaces what an
+# earlier fetch stored, so late corrections land. CoinGecko has prices without OHLC: open/high/low
+# and the volumes are optional.
+HISTORICAL_PRICES = Stream(
+    name="historical_prices",
+    table="historical_prices",
+    columns=(
+        Column("source", "text", max_length=32),
+        Column("symbol", "text", max_length=64),
+        Column("resolution", "text", max_length=16),
+        Column("timestamp", "timestamp"),
+        Column("open", "float", required=False),
+        Column("high", "float", required=False),
+        Column("low", "float", required=False),
+        Column("close", "float"),
+        Column("volume", "float", required=False),
+        Column("quote_volume", "float", required=False),
+        Column("market_cap", "float", required=False),
+        Column("trades", "int", required=False),
+    ),
+    key=("source", "symbol", "resolution", "timestamp"),
+    conflict="update",
+)
+
+# IoT point samples (seed 003, ACE IoT). Values stay strings, as the API sends them; seed 003
+# stores with INSERT OR REPLACE, hence `update`.
+TIMESERIES = Stream(
+    name="timeseries",
+    table="timeseries",
+    columns=(
+        Column("site", "text", max_length=255),
+        Column("point_name", "text", max_length=1024),
+        Column("timestamp", "timestamp"),
+        Column("value", "text", required=False, max_length=4096),
+    ),
+    key=("point_name", "timestamp"),
+    conflict="update",
+)
+
+CATALOG: dict[str, Stream] = {s.name: s for s in (USAGE_EVENTS, HISTORICAL_PRICES, TIMESERIES)}

@@ -35,6 +35,18 @@ POSTGRES_FILES = sorted((SCHEMA_DIR / "postgres").glob("*.sql"))
 D1_FILES = SQLITE_FILES + sorted((SCHEMA_DIR / "d1_source").glob("*.sql"))
 
 
+def earlier_files(file: Path) -> list[Path]:
+    """The files of the same folder numbered before `file`: a later migration may build on
+    them (0002's views read 0001's ingestion_runs), as wrangler applies them in order."""
+    return [f for f in sorted(file.parent.glob("*.sql")) if f.name < file.name]
+
+
+def apply_earlier(conn: sqlite3.Connection, file: Path) -> None:
+    for earlier in earlier_files(file):
+        for statement in split_statements(earlier.read_text()):
+            conn.execute(statement)
+
+
 def versions(dialect: str) -> list[str]:
     return [v for v, _ in migration_files(dialect)]
 
@@ -101,6 +113,7 @@ def test_sqlite_schema_file_applies_twice(tmp_path: Path, file: Path) -> None:
     assert statements
     conn = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None)
     try:
+        apply_earlier(conn, file)
         for _ in range(2):
             for statement in statements:
                 conn.execute(statement)
@@ -280,6 +293,7 @@ def test_schema_file_is_d1_compatible(tmp_path: Path, file: Path) -> None:
 
     conn = sqlite3.connect(tmp_path / "d1.sqlite", isolation_level=None)
     try:
+        apply_earlier(conn, file)
         for statement in statements:
             conn.execute(statement)
         names = conn.execute("SELECT type, name FROM sqlite_master").fetchall()

@@ -123,13 +123,14 @@ MISTAKES = [
     pytest.param(
         LOCAL_SOURCE.replace('"usage_events"', '"usage_evnts"'),
         "sources.x.stream",
-        "unknown stream 'usage_evnts' (expected one of: usage_events)",
+        "unknown stream 'usage_evnts'"
+        " (expected one of: historical_prices, timeseries, usage_events)",
         id="unknown-stream-for-source",
     ),
     pytest.param(
         "[streams.orders]\nsinks = ['sqlite']\n",
         "streams.orders",
-        "unknown stream (expected one of: usage_events)",
+        "unknown stream (expected one of: historical_prices, timeseries, usage_events)",
         id="unknown-stream-section",
     ),
     pytest.param(

@@ -1,0 +1,218 @@
+"""Fake Binance klines and CryptoCompare histohour/histominute on 127.0.0.1 (apis.md §4, §6, §8).
+
+Candles are generated on demand from the request's times (deterministic prices), so any range
+can be asked for. Every request is logged (path, query, headers) and a fault plan injects
+failures into the next requests:
+
+    with FakeMarket() as fake:
+        fake.fail_next("status", status=429, headers={"Retry-After": "1"})
+        fake.fail_next("status", status=502, body="<html>bad gateway</html>",
+                       content_type="text/html")
+        fake.fail_next("truncated")              # the real answer, cut in half
+        fake.fail_next("body", body='{"Response":"Error","Message":"x","Type":2}')
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+JSON = "application/json; charset=UTF-8"
+BINANCE_INTERVALS = {"1m": 60, "1h": 3600}
+
+
+@dataclass
+class Seen:
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    at: float
+
+
+@dataclass
+class Fault:
+    kind: str  # status | body | truncated
+    status: int = 200
+    body: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = JSON
+
+
+def price(t: int) -> float:
+    return 100.0 + (t // 60) % 50
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, fake: FakeMarket) -> None:
+        self.fake = fake
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:
+        self.server.fake._handle(self)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class FakeMarket:
+    def __init__(self, *, listed_from: int = 0, used_weight: int | None = None) -> None:
+        self.requests: list[Seen] = []
+        self.listed_from = listed_from  # CryptoCompare: zero candles before this epoch second
+        self.used_weight = used_weight  # Binance: x-mbx-used-weight-1m value sent back
+        self.missing: set[int] = set()  # open times (s) both APIs leave out (a gap)
+        self._faults: deque[Fault] = deque()
+        self._lock = threading.Lock()
+        self._server: _Server | None = None
+
+    def __enter__(self) -> FakeMarket:
+        self._server = _Server(self)
+        threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._server is not None
+        self._server.shutdown()
+        self._server.server_close()
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def fail_next(self, kind: str, count: int = 1, **options: Any) -> None:
+        with self._lock:
+            self._faults.extend([Fault(kind, **options)] * count)
+
+    def _handle(self, h: _Handler) -> None:
+        url = urlsplit(h.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        with self._lock:
+            self.requests.append(Seen(url.path, query, dict(h.headers.items()), time.time()))
+            fault = self._faults.popleft() if self._faults else None
+        if fault is not None and fault.kind in ("status", "body"):
+            return self._send(
+                h, fault.status, fault.body.encode(), fault.content_type, fault.headers
+            )
+        if url.path == "/api/v3/klines":
+            status, body, headers = self._klines(query)
+        elif url.path in ("/data/v2/histohour", "/data/v2/histominute"):
+            status, body, headers = self._histo(url.path.rsplit("/", 1)[1], query)
+        else:
+            status, body, headers = 404, {"message": "not found"}, {}
+        raw = json.dumps(body).encode()
+        if fault is not None and fault.kind == "truncated":
+            raw = raw[: len(raw) // 2]
+        self._send(h, status, raw, JSON, headers)
+
+    def _send(
+        self, h: _Handler, status: int, raw: bytes, ctype: str, headers: dict[str, str]
+    ) -> None:
+        h.send_response(status)
+        h.send_header("Content-Type", ctype)
+        h.send_header("Content-Length", str(len(raw)))
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.end_headers()
+        h.wfile.write(raw)
+
+    def _klines(self, q: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
+        step = BINANCE_INTERVALS.get(q.get("interval", ""))
+        if step is None:
+            return 400, {"code": -1120, "msg": "Invalid interval."}, {}
+        limit = int(q.get("limit", 500))
+        start_ms = int(q["startTime"])
+        end_ms = int(q.get("endTime", time.time() * 1000))
+        t = -(-start_ms // (step * 1000)) * step  # first open time at or after startTime
+        now = time.time()
+        bars = []
+        while t * 1000 <= end_ms and len(bars) < limit and t <= now:
+            if t not in self.missing:
+                p = price(t)
+                bars.append(
+                    [
+                        t * 1000,
+                        f"{p:.8f}",
+                        f"{p + 1:.8f}",
+                        f"{p - 1:.8f}",
+                        f"{p + 0.5:.8f}",
+                        "10.5",
+                        t * 1000 + step * 1000 - 1,
+                        "1050.0",
+                        7,
+                        "5.0",
+                        "500.0",
+                        "0",
+                    ]
+                )
+            t += step
+        headers = {"x-mbx-used-weight-1m": str(self.used_weight or 2), "x-mbx-used-weight": "2"}
+        return 200, bars, headers
+
+    def _histo(self, endpoint: str, q: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
+        if "fsym" not in q:
+            return (
+                200,
+                {
+                    "Response": "Error",
+                    "Message": "fsym param seems to be missing.",
+                    "HasWarning": False,
+                    "Type": 2,
+                    "RateLimit": {},
+                    "Data": {},
+                    "ParamWithError": "fsym",
+                },
+                {},
+            )
+        step = 3600 if endpoint == "histohour" else 60
+        limit = int(q.get("limit", 168))
+        to_ts = int(q.get("toTs", time.time())) // step * step
+        first = to_ts - limit * step
+        candles = []
+        for t in range(first, to_ts + step, step):
+            if t in self.missing:
+                continue
+            p = price(t) if t >= self.listed_from else 0.0
+            candles.append(
+                {
+                    "time": t,
+                    "high": p + 1 if p else 0,
+                    "low": p - 1 if p else 0,
+                    "open": p,
+                    "volumefrom": 1.5 if p else 0,
+                    "volumeto": 150.0 if p else 0,
+                    "close": p + 0.5 if p else 0,
+                    "conversionType": "direct",
+                    "conversionSymbol": "",
+                }
+            )
+        return (
+            200,
+            {
+                "Response": "Success",
+                "Message": "",
+                "HasWarning": False,
+                "Type": 100,
+                "RateLimit": {},
+                "Data": {"Aggregated": False, "TimeFrom": first, "TimeTo": to_ts, "Data": candles},
+            },
+            {},
+        )
