@@ -69,7 +69,8 @@ def sqlite_connect(path: Path, busy_timeout_ms: int = 30_000) -> sqlite3.Connect
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-    # limits.md 2t-2: a large cache and rare checkpoints are what make bulk inserts fast.
-    conn.execute("PRAGMA cache_size=-262144")
+    # limits.md 2t-2: a large cache and rare checkpoints are what make bulk inserts fast;
+    # 128 MiB keeps a worker's memory bounded (it is per connection, and part of its RSS).
+    conn.execute("PRAGMA cache_size=-131072")
     conn.execute("PRAGMA wal_autocheckpoint=20000")
     return conn
