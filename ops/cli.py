@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import SluiceError
-from shared.settings import Settings
+from shared.settings import D1SourceConfig, Settings
 
 
 def _settings() -> Settings:
@@ -23,10 +23,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         os.environ["SLUICE_CONFIG"] = args.file
     s = _settings()
     where = s.config_path or "<no config file: defaults>"
-    print(f"{where}: OK — {len(s.sources)} source(s), {len(s.streams)} stream(s)")
-    for name, src in s.sources.items():
+    sources = s.all_sources
+    print(f"{where}: OK — {len(sources)} source(s), {len(s.streams)} stream(s)")
+    for name, src in sources.items():
         sched = src.schedule.model_dump(exclude_none=True) if src.schedule else "manual"
-        print(f"  source {name}: {src.kind} {src.mode} → {src.stream} (schedule: {sched})")
+        kind = f"{src.kind} {src.mode}" if isinstance(src, D1SourceConfig) else src.kind
+        print(f"  source {name}: {kind} → {src.stream} (schedule: {sched})")
     return 0
 
 

@@ -24,7 +24,7 @@ rollup table (or `committed_at` windows) would be the next step.
 | sluice_page_seconds | histogram: committed_at - started_at per page | stream, sink |
 | sluice_dead_letters_pending | gauge | stream, sink, error_class |
 | sluice_source_runs_total | counter | source, status |
-| sluice_source_lag_seconds | gauge: now - newest event time committed | source, stream |
+| sluice_source_lag_seconds | gauge: now - newest event (D1) or cursor (HTTP) | source, stream |
 | sluice_source_last_commit_timestamp_seconds | gauge | source |
 | sluice_source_unprocessed_rows | gauge (local D1 sources) | source |
 | sluice_source_pages_in_flight | gauge | source |
@@ -59,14 +59,17 @@ from sqlalchemy.engine import Engine
 from ops.status import (
     broker_queue_depths,
     configured_sources,
+    cursor_lag,
     d1_unprocessed,
     last_commit,
     newest_record_time,
     ops_engine,
     pages_in_flight,
+    source_cursors,
     sqlite_reader,
 )
 from shared.context import Context
+from shared.settings import D1SourceConfig
 
 log = logging.getLogger("sluice.metrics")
 
@@ -294,7 +297,8 @@ class SluiceCollector(Collector):
         ctx = self.ctx
         lag = GaugeMetricFamily(
             "sluice_source_lag_seconds",
-            "Now minus the newest event time committed for the source's stream",
+            "Now minus the newest event time committed for the source's stream (D1 sources),"
+            " or minus its partition cursor furthest behind (HTTP sources)",
             labels=["source", "stream"],
         )
         commit = GaugeMetricFamily(
@@ -325,13 +329,18 @@ class SluiceCollector(Collector):
             stream = ctx.settings.stream(cfg.stream)
             readable = pg_up or "postgres" not in stream.sinks
             try:
-                if readable:
-                    if stream.name not in newest:
-                        newest[stream.name] = newest_record_time(ctx, engine, stream)
-                    if (t := newest[stream.name]) is not None:
-                        lag.add_metric([name, stream.name], (now - t).total_seconds())
-                    if (c := last_commit(ctx, engine, stream, name)) is not None:
-                        commit.add_metric([name], c.timestamp())
+                if not isinstance(cfg, D1SourceConfig):
+                    # HTTP sources share streams: their lag is their own cursor's.
+                    if engine is not None:
+                        cursors = source_cursors(engine, name)
+                        if (behind := cursor_lag(now, cursors)) is not None:
+                            lag.add_metric([name, stream.name], behind)
+                elif readable and stream.name not in newest:
+                    newest[stream.name] = newest_record_time(ctx, engine, stream)
+                if isinstance(cfg, D1SourceConfig) and (t := newest.get(stream.name)) is not None:
+                    lag.add_metric([name, stream.name], (now - t).total_seconds())
+                if readable and (c := last_commit(ctx, engine, stream, name)) is not None:
+                    commit.add_metric([name], c.timestamp())
                 if (n := d1_unprocessed(cfg, stream)) is not None:
                     backlog.add_metric([name], float(n))
                 count, age = pages_in_flight(ctx, name)

@@ -5,8 +5,9 @@
   the waiting count comes from a passive `queue.declare`; unacked needs the management API, so it
   is shown as unknown (null).
 - dead letters pending, by stream, sink and error class (failed_ingestions).
-- sources: last run (source_runs), lag, last commit, pages in flight, and for local D1 sources the
-  rows not yet processed.
+- sources (every kind): last run (source_runs), lag, last commit, pages in flight; for local D1
+  sources the rows not yet processed; for HTTP sources the cursors (source_progress), from which
+  their lag is taken.
 - workers online with their pool size (Celery remote control: `inspect().stats()`).
 
 Every part is read on its own: a part that fails (PostgreSQL down, say) is reported under
@@ -34,7 +35,7 @@ from shared.celery_app import QUEUES
 from shared.context import Context
 from shared.database import postgres_engine
 from shared.errors import SluiceError
-from shared.settings import D1SourceConfig, Settings
+from shared.settings import D1SourceConfig, HttpSourceConfig, Settings
 from shared.streams import Stream
 
 CONNECT_TIMEOUT = 5  # seconds; operator tools must answer even when a server is unreachable
@@ -233,10 +234,24 @@ def last_commit(
         lite.close()
 
 
-def configured_sources(settings: Settings) -> dict[str, Any]:
-    """Every configured source by name. Settings that also hold HTTP sources expose them all as
-    `all_sources`; otherwise `sources` is the whole list."""
-    return dict(getattr(settings, "all_sources", settings.sources))
+def configured_sources(settings: Settings) -> dict[str, D1SourceConfig | HttpSourceConfig]:
+    """Every configured source by name, of every kind (D1 and HTTP APIs)."""
+    return dict(settings.all_sources)
+
+
+def source_cursors(engine: Engine, source: str) -> dict[str, datetime]:
+    """An HTTP source's cursors by partition (`source_progress`): everything before a cursor has
+    been committed by every sink."""
+    from producers.cursors import CursorStore
+
+    return CursorStore(engine).get_all(source)
+
+
+def cursor_lag(now: datetime, cursors: dict[str, datetime] | None) -> float | None:
+    """Now minus the cursor of the partition furthest behind (None without a cursor)."""
+    if not cursors:
+        return None
+    return round((now - min(cursors.values())).total_seconds(), 1)
 
 
 def d1_unprocessed(cfg: Any, stream: Stream) -> int | None:
@@ -316,44 +331,69 @@ def _seconds_since(now: datetime, then: datetime | None) -> float | None:
 
 
 def sources_status(ctx: Context, pg: Engine | None, errors: dict[str, str]) -> dict[str, Any]:
-    """Each configured source. `pg` is None when PostgreSQL is unreachable: what lives there
-    (runs, and lag/commit when the stream goes to PostgreSQL) is then unknown (None)."""
+    """Each configured source, of every kind. `pg` is None when PostgreSQL is unreachable: what
+    lives there (runs, cursors, and lag/commit when the stream goes to PostgreSQL) is then
+    unknown (None).
+
+    Lag: for a D1 source, now - the newest event time committed for its stream; for an HTTP
+    source, now - the cursor of its partition furthest behind (`source_progress`), since several
+    sources share one stream. Backlog and mode are D1 fields and are only given for D1."""
     now = datetime.now(UTC)
     out: dict[str, Any] = {}
     newest: dict[str, datetime | None] = {}
     for name, cfg in sorted(configured_sources(ctx.settings).items()):
         stream = ctx.settings.stream(cfg.stream)
         in_sink = pg is not None or _primary_sink(stream) != "postgres"
-        if stream.name not in newest:
-            newest[stream.name] = (
-                _part(errors, f"lag:{stream.name}", partial(newest_record_time, ctx, pg, stream))
-                if in_sink
-                else None
-            )
-        record_time = newest[stream.name]
         committed = (
             _part(errors, f"commit:{name}", partial(last_commit, ctx, pg, stream, name))
             if in_sink
             else None
         )
         in_flight = _part(errors, f"in_flight:{name}", partial(pages_in_flight, ctx, name))
-        out[name] = {
-            "kind": cfg.kind,
-            "mode": getattr(cfg, "mode", None),
-            "stream": stream.name,
-            "lag_seconds": _seconds_since(now, record_time),
-            "newest_record": _iso(record_time),
-            "last_commit": _iso(committed),
-            "last_commit_seconds_ago": _seconds_since(now, committed),
-            "unprocessed": _part(
+        entry: dict[str, Any] = {"kind": cfg.kind, "stream": stream.name}
+        if isinstance(cfg, D1SourceConfig):
+            if stream.name not in newest:
+                newest[stream.name] = (
+                    _part(
+                        errors, f"lag:{stream.name}", partial(newest_record_time, ctx, pg, stream)
+                    )
+                    if in_sink
+                    else None
+                )
+            record_time = newest[stream.name]
+            entry.update(
+                mode=cfg.mode,
+                lag_seconds=_seconds_since(now, record_time),
+                newest_record=_iso(record_time),
+            )
+        else:
+            cursors = (
+                _part(errors, f"cursor:{name}", partial(source_cursors, pg, name))
+                if pg is not None
+                else None
+            )
+            entry.update(
+                lag_seconds=cursor_lag(now, cursors),
+                cursors={p: _iso(c) for p, c in sorted(cursors.items())}
+                if cursors is not None
+                else None,
+            )
+        entry.update(
+            last_commit=_iso(committed),
+            last_commit_seconds_ago=_seconds_since(now, committed),
+        )
+        if isinstance(cfg, D1SourceConfig):
+            entry["unprocessed"] = _part(
                 errors, f"unprocessed:{name}", partial(d1_unprocessed, cfg, stream)
-            ),
-            "pages_in_flight": in_flight[0] if in_flight else None,
-            "oldest_in_flight_seconds": in_flight[1] if in_flight else None,
-            "last_run": _part(errors, f"last_run:{name}", partial(last_run, pg, name))
+            )
+        entry.update(
+            pages_in_flight=in_flight[0] if in_flight else None,
+            oldest_in_flight_seconds=in_flight[1] if in_flight else None,
+            last_run=_part(errors, f"last_run:{name}", partial(last_run, pg, name))
             if pg is not None
             else None,
-        }
+        )
+        out[name] = entry
     return out
 
 
@@ -504,7 +544,7 @@ def format_status(doc: dict[str, Any]) -> str:
             )
             if run["failed_last_24h"]:
                 run_text += f"; {run['failed_last_24h']} failed in 24h"
-            if run["status"] == "failed" and run["error"]:
+            if run["status"] != "skipped" and run["error"]:  # failed, or an anomaly
                 run_text += f" — {run['error'][:60]}"
         else:
             run_text = "never ran"

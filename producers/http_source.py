@@ -65,6 +65,7 @@ class HttpSource:
         self.stream = stream
         self.settings = settings
         self.now: Callable[[], datetime] = _utcnow  # tests move the clock
+        self.anomalies: list[str] = []
 
     # -- adapter hooks ----------------------------------------------------------------------
 
@@ -82,6 +83,22 @@ class HttpSource:
     def fetch(self, partition: str, start: datetime, end: datetime) -> list[Row]:
         """Rows with period start in [start, end), in stream column order, deduped."""
         raise NotImplementedError
+
+    def fetch_window(
+        self, partition: str, start: datetime, end: datetime
+    ) -> tuple[list[Row], datetime]:
+        """Rows of the window and how far they are complete: `end`, or earlier when the API
+        stopped paging part-way (ACE's cursor that does not advance). A window cut short ends
+        its partition's run there; its acknowledgement moves the cursor only that far."""
+        return self.fetch(partition, start, end), end
+
+    def anomaly(self, message: str, **where: object) -> None:
+        """Something the API did wrong that the run worked around: logged, and recorded in the
+        run's `error` (source_runs) though the run succeeds."""
+        detail = ", ".join(f"{k}={v}" for k, v in where.items())
+        text = f"{message} ({detail})" if detail else message
+        log.error("source %s: %s", self.name, text)
+        self.anomalies.append(text)
 
     # -- shared machinery -------------------------------------------------------------------
 
@@ -169,7 +186,12 @@ class HttpSource:
                     del plans[partition]
                     continue
                 start, end, first = w
-                rows = self.fetch(partition, start, end)
+                rows, complete_until = self.fetch_window(partition, start, end)
+                if complete_until < end:
+                    del plans[partition]  # later windows would leave a gap before them
+                    end = complete_until
+                    if end <= start:
+                        continue  # nothing complete: the cursor stays, the anomaly is recorded
                 ack = {
                     "partition": partition,
                     "start": format_cursor(start),

@@ -72,6 +72,9 @@ def run_source(ctx: Context, name: str, max_batches: int | None = None) -> RunSu
             summary.pages += 1
             summary.records += len(sp.rows)
             lock.extend(LOCK_SECONDS, replace_ttl=True)
+        anomalies = list(getattr(source, "anomalies", []))
+        if anomalies:  # worked around (the run succeeded); recorded for operators
+            summary.error = "anomaly: " + "; ".join(anomalies)[:2000]
     except SluiceError as exc:
         summary.status, summary.error = "failed", str(exc)
         log.error("source %s run %s failed: %s", name, run_id, exc)

@@ -6,7 +6,9 @@ from producers.d1_source import open_d1_source
 from producers.source import Source
 from shared.errors import SourceError
 from shared.settings import (
+    AceIotSourceConfig,
     BinanceSourceConfig,
+    CoinGeckoSourceConfig,
     CryptoCompareSourceConfig,
     D1SourceConfig,
     Settings,
@@ -30,4 +32,12 @@ def open_source(settings: Settings, name: str) -> Source:
         from producers.cryptocompare import CryptoCompareSource
 
         return CryptoCompareSource(name, cfg, stream, settings)
+    if isinstance(cfg, AceIotSourceConfig):
+        from producers.aceiot import AceIotSource
+
+        return AceIotSource(name, cfg, stream, settings)
+    if isinstance(cfg, CoinGeckoSourceConfig):
+        from producers.coingecko import CoinGeckoSource
+
+        return CoinGeckoSource(name, cfg, stream, settings)
     raise SourceError(f"source kind {cfg.kind!r} is not implemented yet", source=name)

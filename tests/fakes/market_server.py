@@ -1,4 +1,5 @@
-"""Fake Binance klines and CryptoCompare histohour/histominute on 127.0.0.1 (apis.md §4, §6, §8).
+"""Fake Binance klines, CryptoCompare histohour/histominute, CoinGecko market_chart/range and ACE
+IoT paginated timeseries on 127.0.0.1 (apis.md §4-§8).
 
 Candles are generated on demand from the request's times (deterministic prices), so any range
 can be asked for. Every request is logged (path, query, headers) and a fault plan injects
@@ -10,10 +11,17 @@ failures into the next requests:
                        content_type="text/html")
         fake.fail_next("truncated")              # the real answer, cut in half
         fake.fail_next("body", body='{"Response":"Error","Message":"x","Type":2}')
+
+ACE: samples of `ace_points` every `ace_interval` seconds in (time, name) order, naive UTC times,
+string values; `ace_overlap` repeats that many samples of a page at the start of the next;
+`ace_bug` = "stuck" sends back the cursor it received (the server's offset bug), "null_cursor"
+answers has_more with a null cursor on the second page. CoinGecko: a price point per hour with
+`cg_jitter_ms` added to the hour, plus one more point at the window's end (the chunk edge).
 """
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import threading
@@ -76,6 +84,13 @@ class FakeMarket:
         self.used_weight = used_weight  # Binance: x-mbx-used-weight-1m value sent back
         self.missing: set[int] = set()  # open times (s) both APIs leave out (a gap)
         self._faults: deque[Fault] = deque()
+        self.ace_key = "ace-test-key"
+        self.ace_site = "demo_site"
+        self.ace_points = ["demo/site/ahu1/temp", "demo/site/ahu1/damper"]
+        self.ace_interval = 300
+        self.ace_overlap = 0
+        self.ace_bug: str | None = None
+        self.cg_jitter_ms = 1234
         self._lock = threading.Lock()
         self._server: _Server | None = None
 
@@ -116,6 +131,12 @@ class FakeMarket:
             status, body, headers = self._klines(query)
         elif url.path in ("/data/v2/histohour", "/data/v2/histominute"):
             status, body, headers = self._histo(url.path.rsplit("/", 1)[1], query)
+        elif url.path.startswith("/sites/") and url.path.endswith("/timeseries/paginated"):
+            site = url.path.split("/")[2]
+            auth = {k.lower(): v for k, v in h.headers.items()}.get("authorization", "")
+            status, body, headers = self._ace(site, auth, query)
+        elif url.path.startswith("/coins/") and url.path.endswith("/market_chart/range"):
+            status, body, headers = self._coingecko(query)
         else:
             status, body, headers = 404, {"message": "not found"}, {}
         raw = json.dumps(body).encode()
@@ -143,7 +164,7 @@ class FakeMarket:
         end_ms = int(q.get("endTime", time.time() * 1000))
         t = -(-start_ms // (step * 1000)) * step  # first open time at or after startTime
         now = time.time()
-        bars = []
+        bars: list[list[Any]] = []
         while t * 1000 <= end_ms and len(bars) < limit and t <= now:
             if t not in self.missing:
                 p = price(t)
@@ -216,3 +237,71 @@ class FakeMarket:
             },
             {},
         )
+
+    def _ace(self, site: str, auth: str, q: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
+        if auth != f"Bearer {self.ace_key}":
+            return 401, {"message": "Missing or invalid authorization"}, {}
+        if site != self.ace_site:
+            return 403, None, {}
+        from datetime import UTC, datetime
+
+        def epoch(text: str) -> int:
+            t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            return int((t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp())
+
+        lo, hi = epoch(q["start_time"]), epoch(q["end_time"])
+        first = -(-lo // self.ace_interval) * self.ace_interval
+        samples = [
+            {
+                "name": name,
+                "value": f"{price(t) + i / 10:.1f}",
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)),
+            }
+            for t in range(first, hi + 1, self.ace_interval)  # end_time inclusive
+            for i, name in enumerate(sorted(self.ace_points))
+        ]
+        if not samples:
+            return 404, {"message": "No data for time period"}, {}
+        size = int(q.get("page_size", 10000))
+        incoming = q.get("cursor")
+        offset = json.loads(base64.b64decode(incoming))["offset"] if incoming else 0
+        page = samples[offset : offset + size]
+        has_more = offset + size < len(samples)
+        nxt: str | None = None
+        if has_more:
+            nxt = base64.b64encode(
+                json.dumps({"offset": offset + size - self.ace_overlap}).encode()
+            ).decode()
+            if self.ace_bug == "stuck" and incoming:
+                nxt = incoming
+            if self.ace_bug == "null_cursor" and incoming:
+                nxt = None
+        return 200, {"point_samples": page, "next_cursor": nxt, "has_more": has_more}, {}
+
+    def _coingecko(self, q: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
+        lo, hi = int(q["from"]), int(q["to"])
+        if lo < time.time() - 365 * 86400:
+            return (
+                401,
+                {
+                    "error": {
+                        "status": {
+                            "timestamp": "2026-10-07T13:32:10.955+00:00",
+                            "error_code": 10012,
+                            "error_message": "Your request exceeds the allowed time range. "
+                            "Public API users are limited to querying historical data within "
+                            "the past 365 days.",
+                        }
+                    }
+                },
+                {},
+            )
+        points = [
+            [t * 1000 + self.cg_jitter_ms, price(t)]
+            for t in range(-(-lo // 3600) * 3600, hi, 3600)
+            if t not in self.missing
+        ]
+        if points:
+            points.append([hi * 1000 + self.cg_jitter_ms, price(hi)])  # the next chunk's first
+            points.insert(1, [points[0][0] + 60_000, price(lo) + 3])  # a second point, same hour
+        return 200, {"prices": points, "market_caps": points, "total_volumes": points}, {}
