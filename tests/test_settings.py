@@ -54,6 +54,7 @@ def test_example_config_loads() -> None:
     s = load(EXAMPLE)
     assert s.config_path == EXAMPLE
     assert set(s.sources) == {"usage_local", "usage_remote"}
+    assert set(s.http_sources) == {"binance", "cryptocompare", "coingecko", "aceiot"}
     local, remote = s.sources["usage_local"], s.sources["usage_remote"]
     assert (local.mode, local.stream, local.batch_size, local.max_batches) == (
         "local",
@@ -76,9 +77,9 @@ def test_config_check_accepts_the_example_and_lists_both_sources() -> None:
     r = config_check(EXAMPLE)
     assert r.returncode == 0, r.stderr
     assert "OK" in r.stdout
-    assert "2 source(s)" in r.stdout
-    assert "usage_local" in r.stdout
-    assert "usage_remote" in r.stdout
+    assert "6 source(s)" in r.stdout
+    for name in ("usage_local", "usage_remote", "binance", "cryptocompare", "coingecko", "aceiot"):
+        assert f"source {name}:" in r.stdout
 
 
 # --- mistakes, each named with its key and what was expected -------------------------------------
