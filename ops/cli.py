@@ -68,18 +68,42 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+BEAT_LOCK_TIMEOUT = 30  # seconds: a standby beat takes over this long after the active one died
+BEAT_MAX_LOOP_INTERVAL = 5  # seconds: the active beat extends the lock at least this often
+
+
 def cmd_beat(args: argparse.Namespace) -> int:
+    """The scheduler, via celery-redbeat: the schedule and a lock live in Redis, so however many
+    `sluice beat` run, exactly one dispatches; the others wait on the lock (checking every
+    BEAT_MAX_LOOP_INTERVAL s) and take over when it is released (a clean stop) or expires
+    (BEAT_LOCK_TIMEOUT s after the active beat died). A beat that loses the lock exits: its
+    supervisor restarts it, as a standby."""
     from producers.schedule import beat_schedule
     from shared.celery_app import app
 
     s = _settings()
-    app.configure(s)
-    app.conf.beat_schedule = beat_schedule(s)
-    if not app.conf.beat_schedule:
+    ctx = app.configure(s)
+    schedule = beat_schedule(s)
+    if not schedule:
         print("no source has a schedule in the config; nothing to run", file=sys.stderr)
         return 1
-    s.data_dir.mkdir(parents=True, exist_ok=True)
-    app.Beat(loglevel=args.loglevel, schedule=str(s.data_dir / "beat-schedule")).run()
+    redis_url = s.env.get("SLUICE_REDIS_URL") or ctx.broker_url
+    if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise SluiceError(
+            "sluice beat keeps its schedule and lock in Redis: set SLUICE_REDIS_URL when the"
+            " broker is not Redis",
+            broker=redis_url.split("://")[0],
+        )
+    app.conf.update(
+        beat_schedule=schedule,
+        beat_scheduler="redbeat.RedBeatScheduler",
+        beat_max_loop_interval=args.max_loop_interval,
+        redbeat_redis_url=redis_url,
+        redbeat_redis_options={"socket_connect_timeout": 10, "health_check_interval": 30},
+        redbeat_key_prefix="sluice:redbeat",
+        redbeat_lock_timeout=args.lock_timeout,
+    )
+    app.Beat(loglevel=args.loglevel, scheduler="redbeat.RedBeatScheduler").run()
     return 0
 
 
@@ -98,6 +122,36 @@ def cmd_produce(args: argparse.Namespace) -> int:
             + (f" — {summary.error}" if summary.error else "")
         )
     return 0 if summary.status != "failed" else 1
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from ops.backfill import parse_time, run_backfill
+    from shared.celery_app import app
+
+    ctx = app.configure(_settings())
+    try:
+        start, end = parse_time(args.start), parse_time(args.end)
+    except ValueError as exc:
+        print(f"sluice: backfill: {exc}", file=sys.stderr)
+        return 2
+    r = run_backfill(
+        ctx,
+        args.source,
+        start,
+        end,
+        lambda m: print(m, file=sys.stderr),
+        max_windows=args.max_windows,
+    )
+    if args.json:
+        print(json.dumps(r.as_dict()))
+    else:
+        print(
+            f"{r.source} {r.start}..{r.end}: {r.status}, {r.windows_done}/{r.windows_total}"
+            f" window(s) done ({r.windows_this_run} this run), {r.pages} page(s),"
+            f" {r.records} record(s) enqueued in {r.seconds}s"
+            + (f" — {r.error}" if r.error else "")
+        )
+    return 0 if r.status in ("complete", "stopped") and not r.incomplete else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -151,8 +205,10 @@ def cmd_flower(args: argparse.Namespace) -> int:
     if auth and not all(
         user and password for user, _, password in (a.partition(":") for a in auth.split(","))
     ):
-        print("sluice: SLUICE_FLOWER_AUTH must be user:password (several: comma-separated)",
-              file=sys.stderr)
+        print(
+            "sluice: SLUICE_FLOWER_AUTH must be user:password (several: comma-separated)",
+            file=sys.stderr,
+        )
         return 2
     if not auth and not args.no_auth:
         print(
@@ -163,8 +219,10 @@ def cmd_flower(args: argparse.Namespace) -> int:
         )
         return 2
     if args.no_auth:
-        print(f"sluice: WARNING: Flower on {args.address}:{args.port} without authentication",
-              file=sys.stderr)
+        print(
+            f"sluice: WARNING: Flower on {args.address}:{args.port} without authentication",
+            file=sys.stderr,
+        )
     app.configure(_settings())
     # In-process, so the broker URL and the password never appear in argv (`ps`).
     argv = ["flower", f"--port={args.port}", f"--address={args.address}"]
@@ -199,9 +257,14 @@ def _dlq_filters(args: argparse.Namespace) -> Any:
     from ops.dlq import Filters
 
     return Filters(
-        ids=args.ids or None, stream=args.stream, sink=args.sink, error=args.error,
-        source=args.source, since=args.since,
-        status=None if args.status == "all" else args.status, limit=args.limit,
+        ids=args.ids or None,
+        stream=args.stream,
+        sink=args.sink,
+        error=args.error,
+        source=args.source,
+        since=args.since,
+        status=None if args.status == "all" else args.status,
+        limit=args.limit,
     )
 
 
@@ -221,8 +284,10 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     elif args.action == "replay":
         r = dlq.replay(ctx, f, dry_run=args.dry_run)
         verb = "would replay" if args.dry_run else "replayed"
-        print(f"{verb} {r.records} record(s) in {r.pages} page(s)"
-              + (f"; {r.skipped} not replayable (unreadable messages)" if r.skipped else ""))
+        print(
+            f"{verb} {r.records} record(s) in {r.pages} page(s)"
+            + (f"; {r.skipped} not replayable (unreadable messages)" if r.skipped else "")
+        )
     elif args.action == "discard":
         print(f"discarded {dlq.discard(ctx.state, f)} dead letter(s)")
     return 0
@@ -277,8 +342,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = []
     try:
         for sink in args.sink or ["postgres", "sqlite"]:
-            results.append(run_bench(sink, args.records, args.page_size, args.workers, args.runs,
-                                     args.naive_records, data_dir, say))
+            results.append(
+                run_bench(
+                    sink,
+                    args.records,
+                    args.page_size,
+                    args.workers,
+                    args.runs,
+                    args.naive_records,
+                    data_dir,
+                    say,
+                )
+            )
     finally:
         if not args.keep_services:
             from shared.embedded import stop_services
@@ -334,6 +409,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("beat", help="run the scheduler for the sources' schedules")
     b.add_argument("--loglevel", "-l", default="INFO")
+    b.add_argument(
+        "--lock-timeout",
+        type=_positive,
+        default=BEAT_LOCK_TIMEOUT,
+        help=f"seconds before a standby beat takes over (default {BEAT_LOCK_TIMEOUT})",
+    )
+    b.add_argument(
+        "--max-loop-interval",
+        type=_positive,
+        default=BEAT_MAX_LOOP_INTERVAL,
+        help=f"seconds between lock renewals (default {BEAT_MAX_LOOP_INTERVAL})",
+    )
     b.set_defaults(func=cmd_beat)
 
     pr = sub.add_parser("produce", help="run one source once, now")
@@ -342,44 +429,88 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_produce)
 
+    bf = sub.add_parser(
+        "backfill", help="fetch a past range of an HTTP source again (resumable; keyed writes)"
+    )
+    bf.add_argument("source")
+    bf.add_argument(
+        "--from",
+        dest="start",
+        required=True,
+        metavar="ISO",
+        help="start of the range, e.g. 2024-01-01 or 2024-01-01T00:00:00Z",
+    )
+    bf.add_argument("--to", dest="end", required=True, metavar="ISO", help="end (exclusive)")
+    bf.add_argument(
+        "--max-windows",
+        type=_positive,
+        metavar="N",
+        help="stop after N windows (run again to continue)",
+    )
+    bf.add_argument("--json", action="store_true")
+    bf.set_defaults(func=cmd_backfill)
+
     st = sub.add_parser(
         "status", help="queues (waiting + unacked), dead letters, sources' lag and runs, workers"
     )
     st.add_argument("--json", action="store_true")
-    st.add_argument("--timeout", type=float, default=1.0,
-                    help="seconds to wait for workers to answer (default 1)")
+    st.add_argument(
+        "--timeout",
+        type=float,
+        default=1.0,
+        help="seconds to wait for workers to answer (default 1)",
+    )
     st.set_defaults(func=cmd_status)
 
     sc = sub.add_parser("scale", help="resize running workers' pools (Celery remote control)")
     size = sc.add_mutually_exclusive_group(required=True)
     size.add_argument("--grow", type=_positive, metavar="N", help="add N pool processes")
     size.add_argument("--shrink", type=_positive, metavar="N", help="remove N pool processes")
-    size.add_argument("--set", type=_positive, metavar="N", dest="set_to",
-                      help="resize each node to N processes")
-    size.add_argument("--autoscale", metavar="MAX,MIN",
-                      help="change the range of nodes started with --autoscale")
-    sc.add_argument("--node", action="append", metavar="NAME",
-                    help="worker node, e.g. pg@host (repeatable; default: every worker)")
-    sc.add_argument("--timeout", type=float, default=1.0,
-                    help="seconds to wait for workers to answer (default 1)")
-    sc.add_argument("--wait", type=float, default=15.0,
-                    help="seconds to wait for the new sizes to show (default 15)")
+    size.add_argument(
+        "--set", type=_positive, metavar="N", dest="set_to", help="resize each node to N processes"
+    )
+    size.add_argument(
+        "--autoscale", metavar="MAX,MIN", help="change the range of nodes started with --autoscale"
+    )
+    sc.add_argument(
+        "--node",
+        action="append",
+        metavar="NAME",
+        help="worker node, e.g. pg@host (repeatable; default: every worker)",
+    )
+    sc.add_argument(
+        "--timeout",
+        type=float,
+        default=1.0,
+        help="seconds to wait for workers to answer (default 1)",
+    )
+    sc.add_argument(
+        "--wait",
+        type=float,
+        default=15.0,
+        help="seconds to wait for the new sizes to show (default 15)",
+    )
     sc.add_argument("--json", action="store_true")
     sc.set_defaults(func=cmd_scale)
 
     se = sub.add_parser("serve", help="HTTP: /metrics (Prometheus), /health, /status")
     se.add_argument("--host", default="127.0.0.1")
     se.add_argument("--port", type=int, default=9808, help="default 9808; 0 picks a free port")
-    se.add_argument("--timeout", type=float, default=1.0,
-                    help="seconds /status waits for workers to answer (default 1)")
+    se.add_argument(
+        "--timeout",
+        type=float,
+        default=1.0,
+        help="seconds /status waits for workers to answer (default 1)",
+    )
     se.set_defaults(func=cmd_serve)
 
     fl = sub.add_parser("flower", help="Flower (web UI) on our broker; auth: $SLUICE_FLOWER_AUTH")
     fl.add_argument("--port", type=int, default=5555)
     fl.add_argument("--address", default="127.0.0.1")
     fl.add_argument("--url-prefix", help="when served behind a reverse proxy under a path")
-    fl.add_argument("--no-auth", action="store_true",
-                    help="start without SLUICE_FLOWER_AUTH (not recommended)")
+    fl.add_argument(
+        "--no-auth", action="store_true", help="start without SLUICE_FLOWER_AUTH (not recommended)"
+    )
     fl.set_defaults(func=cmd_flower)
 
     be = sub.add_parser("bench", help="measure the pipeline against the database's limit")
@@ -399,9 +530,11 @@ def build_parser() -> argparse.ArgumentParser:
     show = dl_sub.add_parser("show", help="one dead letter with its payload and error")
     show.add_argument("id", type=int)
     show.set_defaults(func=cmd_dlq)
-    for name, text in (("list", "dead letters as a table"),
-                       ("replay", "re-enqueue as pages; never duplicates"),
-                       ("discard", "mark as discarded")):
+    for name, text in (
+        ("list", "dead letters as a table"),
+        ("replay", "re-enqueue as pages; never duplicates"),
+        ("discard", "mark as discarded"),
+    ):
         a = dl_sub.add_parser(name, help=text)
         a.add_argument("ids", nargs="*", type=int, help="dead letter ids (default: by filter)")
         a.add_argument("--stream")
@@ -409,8 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--error", help="substring of the error class or message")
         a.add_argument("--source")
         a.add_argument("--since", help="ISO time or relative: 30m, 2h, 7d")
-        a.add_argument("--status", default="pending",
-                       choices=["pending", "replayed", "discarded", "all"])
+        a.add_argument(
+            "--status", default="pending", choices=["pending", "replayed", "discarded", "all"]
+        )
         a.add_argument("--limit", type=int)
         if name == "list":
             a.add_argument("--json", action="store_true")

@@ -79,17 +79,20 @@ def _where(f: Filters) -> tuple[str, dict[str, Any]]:
 def list_letters(engine: Engine, f: Filters) -> list[dict[str, Any]]:
     where, params = _where(f)
     limit = f" LIMIT {int(f.limit)}" if f.limit else ""
-    sql = ("SELECT id, stream, sink, record_key, source, error_class, error_message, attempts,"
-           " status, replay_count, first_failed_at, last_failed_at FROM failed_ingestions"
-           f"{where} ORDER BY id{limit}")
+    sql = (
+        "SELECT id, stream, sink, record_key, source, error_class, error_message, attempts,"
+        " status, replay_count, first_failed_at, last_failed_at FROM failed_ingestions"
+        f"{where} ORDER BY id{limit}"
+    )
     with engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(text(sql), params)]
 
 
 def show_letter(engine: Engine, letter_id: int) -> dict[str, Any]:
     with engine.connect() as conn:
-        row = conn.execute(text("SELECT * FROM failed_ingestions WHERE id = :id"),
-                           {"id": letter_id}).one_or_none()
+        row = conn.execute(
+            text("SELECT * FROM failed_ingestions WHERE id = :id"), {"id": letter_id}
+        ).one_or_none()
     if row is None:
         raise SluiceError(f"no dead letter with id {letter_id}")
     return dict(row._mapping)
@@ -98,8 +101,11 @@ def show_letter(engine: Engine, letter_id: int) -> dict[str, Any]:
 def discard(engine: Engine, f: Filters) -> int:
     where, params = _where(f)
     with engine.begin() as conn:
-        return int(conn.execute(
-            text(f"UPDATE failed_ingestions SET status = 'discarded'{where}"), params).rowcount)
+        return int(
+            conn.execute(
+                text(f"UPDATE failed_ingestions SET status = 'discarded'{where}"), params
+            ).rowcount
+        )
 
 
 @dataclass
@@ -115,9 +121,13 @@ def replay(ctx: Context, f: Filters, dry_run: bool = False) -> ReplayResult:
     limit = f" LIMIT {int(f.limit)}" if f.limit else ""
     page_size = ctx.settings.pipeline.page_size
     with ctx.state.begin() as conn:
-        rows = conn.execute(text(
-            "SELECT id, stream, sink, source, payload FROM failed_ingestions"
-            f"{where} ORDER BY id{limit} FOR UPDATE SKIP LOCKED"), params).all()
+        rows = conn.execute(
+            text(
+                "SELECT id, stream, sink, source, payload FROM failed_ingestions"
+                f"{where} ORDER BY id{limit} FOR UPDATE SKIP LOCKED"
+            ),
+            params,
+        ).all()
         groups: dict[tuple[str, str, str], list[tuple[int, dict[str, Any]]]] = defaultdict(list)
         skipped = 0
         for r in rows:
@@ -131,15 +141,25 @@ def replay(ctx: Context, f: Filters, dry_run: bool = False) -> ReplayResult:
             stream = ctx.settings.stream(stream_name)
             columns = list(stream.column_names)
             for i in range(0, len(items), page_size):
-                chunk = items[i:i + page_size]
-                page = Page(uuid.uuid4().hex, stream_name, sink, source, run, columns,
-                            [[p.get(c) for c in columns] for _, p in chunk])
+                chunk = items[i : i + page_size]
+                page = Page(
+                    uuid.uuid4().hex,
+                    stream_name,
+                    sink,
+                    source,
+                    run,
+                    columns,
+                    [[p.get(c) for c in columns] for _, p in chunk],
+                )
                 if not dry_run:
                     app.send_task("sluice.ingest", args=[page.encode()], queue=ingest_queue(sink))
-                    conn.execute(text(
-                        "UPDATE failed_ingestions SET status = 'replayed',"
-                        " replay_count = replay_count + 1 WHERE id = ANY(:ids)"),
-                        {"ids": [i for i, _ in chunk]})
+                    conn.execute(
+                        text(
+                            "UPDATE failed_ingestions SET status = 'replayed',"
+                            " replay_count = replay_count + 1 WHERE id = ANY(:ids)"
+                        ),
+                        {"ids": [i for i, _ in chunk]},
+                    )
                 pages += 1
                 records += len(chunk)
         if dry_run:
@@ -150,12 +170,16 @@ def replay(ctx: Context, f: Filters, dry_run: bool = False) -> ReplayResult:
 def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no dead letters match"
-    head = (f"{'id':>6}  {'stream':<16}{'sink':<9}{'status':<10}{'tries':>5}  "
-            f"{'last failure':<20}{'key':<26}error")
+    head = (
+        f"{'id':>6}  {'stream':<16}{'sink':<9}{'status':<10}{'tries':>5}  "
+        f"{'last failure':<20}{'key':<26}error"
+    )
     out = [head]
     for r in rows:
         when = r["last_failed_at"].strftime("%Y-%m-%d %H:%M:%S")
         err = f"{r['error_class']}: {r['error_message']}"
-        out.append(f"{r['id']:>6}  {r['stream']:<16}{r['sink']:<9}{r['status']:<10}"
-                   f"{r['attempts']:>5}  {when:<20}{r['record_key'][:24]:<26}{err[:80]}")
+        out.append(
+            f"{r['id']:>6}  {r['stream']:<16}{r['sink']:<9}{r['status']:<10}"
+            f"{r['attempts']:>5}  {when:<20}{r['record_key'][:24]:<26}{err[:80]}"
+        )
     return "\n".join(out)

@@ -36,8 +36,9 @@ def ack_page(self: Task, source_name: str, page_id: str) -> str:
         ctx.sources.pop(source_name, None)  # reopen next time: the connection may be broken
         source.close()
         delay = min(300, 2 ** min(self.request.retries, 8))
-        log.warning("ack of page %s to %s failed (%s); retry in %ss", page_id, source_name, exc,
-                    delay)
+        log.warning(
+            "ack of page %s to %s failed (%s); retry in %ss", page_id, source_name, exc, delay
+        )
         raise self.retry(exc=exc, countdown=delay) from exc
     ctx.progress.done(source_name, page_id)
     return "acknowledged"
