@@ -264,7 +264,7 @@ def test_postgres_idempotency_key_is_unique(pg_url: str) -> None:
     assert indexdef.endswith("(idempotency_key)")
 
 
-# --- D1 compatibility (static: wrangler is not available here) -----------------------------------
+# --- D1 compatibility, statically (tests/test_wrangler.py runs the real wrangler) ---------------
 
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.S)
 _STRINGS = re.compile(r"'(?:[^']|'')*'")
