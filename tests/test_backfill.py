@@ -169,7 +169,9 @@ def _binance_windows(symbol: str, fake: FakeMarket) -> list[dict[str, str]]:
     return out
 
 
-def _cryptocompare_windows(step: timedelta, limit: int) -> Callable[[str], list[dict[str, str]]]:
+def _cryptocompare_windows(
+    step: timedelta, limit: int
+) -> Callable[[str, FakeMarket], list[dict[str, str]]]:
     def windows(pair: str, _fake: FakeMarket) -> list[dict[str, str]]:
         fsym, tsym = pair.split("/")
         return [  # backwards from the window's newest candle: limit + 1 candles
