@@ -72,6 +72,9 @@ class BinanceSource(HttpSource):
     def partitions(self) -> list[str]:
         return list(self.cfg.symbols)
 
+    def period(self) -> timedelta:
+        return self.step
+
     def window(self) -> timedelta:
         return self.step * self.cfg.limit
 

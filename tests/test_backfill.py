@@ -70,6 +70,13 @@ vs_currency = "usd"
 window_days = 1
 rate_limit_fallback_seconds = 0.5
 
+[sources.cg90]
+kind = "coingecko"
+base_url = "{base}"
+api_key_env = "TEST_CG_KEY"
+coins = ["bitcoin"]
+window_days = 90
+
 [sources.cch]
 kind = "cryptocompare"
 base_url = "{base}"
@@ -446,6 +453,28 @@ def test_backfill_every_adapter_lands_every_point_once(
     assert cursors.get_all(src) == {case.partitions[0]: LIVE}
     book = cursors.get_all(f"backfill:{src}")
     assert book == {progress_key(part, FROM, TO): TO for part in case.partitions}
+
+
+def test_coingecko_windows_keep_hourly_points(env: Env, fake: FakeMarket) -> None:
+    """CoinGecko picks the granularity from the range: more than 90 days answers daily points,
+    1 day ending now 5-minute ones. A backfill from an unaligned time with 90-day windows must
+    still store one point per hour: no request may span more than 90 days once its start is
+    floored to the hour, and the short window ending now is bucketed to hours."""
+    ctx = use(env, fake)
+    now_hour = floor_time(datetime.now(UTC), HOUR)
+    start = now_hour - 90 * DAY - 12 * HOUR + 30 * MINUTE
+    summary = run_backfill(ctx, "cg90", start, now_hour)
+    assert (summary.status, summary.windows_total, summary.pages) == ("complete", 2, 2)
+    ranges = [(int(r.query["from"]), int(r.query["to"])) for r in fake.requests]
+    first_hour = floor_time(start, HOUR)
+    assert ranges == [
+        (int(first_hour.timestamp()), int((first_hour + 90 * DAY).timestamp())),
+        (int((first_hour + 90 * DAY).timestamp()), int(now_hour.timestamp())),
+    ]
+    assert ranges[0][1] - ranges[0][0] == 90 * 86400  # hourly, not daily
+    assert ranges[1][1] - ranges[1][0] <= 86400  # ends now: the fake serves 5-minute points
+    # One row per hour from the hour --from is in to now.
+    assert summary.records == (now_hour - first_hour) // HOUR
 
 
 def test_backfill_cli_json_and_progress(env: Env, fake: FakeMarket) -> None:
