@@ -32,6 +32,7 @@ from producers.http_source import floor_time, iso_utc
 from shared.celery_app import app
 from shared.context import Context
 from shared.database import libpq_dsn, postgres_engine
+from shared.errors import ApiBannedError, HttpSourceError
 from shared.migrations import migrate_sqlite
 from shared.settings import Settings
 from tests.conftest import Env
@@ -475,6 +476,75 @@ def test_coingecko_windows_keep_hourly_points(env: Env, fake: FakeMarket) -> Non
     assert ranges[1][1] - ranges[1][0] <= 86400  # ends now: the fake serves 5-minute points
     # One row per hour from the hour --from is in to now.
     assert summary.records == (now_hour - first_hour) // HOUR
+
+
+def test_ace_stuck_cursor_stops_the_backfill_and_a_rerun_resumes_at_the_cut(
+    env: Env, fake: FakeMarket
+) -> None:
+    fake.ace_bug = "stuck"  # the server's offset bug: page 2 answers with the cursor it got
+    ctx = use(env, fake)
+    first = run_backfill(ctx, "ace", FROM, TO)
+    assert (first.status, first.incomplete) == ("stopped", ["demo_site"])
+    assert first.error is not None and "stopped paging part-way" in first.error
+    assert len(fake.requests) == 2  # never loops on the repeated cursor
+    # Complete up to the newest sample seen: the last of page 2 (samples 100..199).
+    cut = FROM + (2 * ACE_PAGE // len(ACE_POINTS) - 1) * FIVE_MINUTES
+    book = CursorStore(postgres_engine(env.pg_url))
+    assert book.get_all("backfill:ace") == {progress_key("demo_site", FROM, TO): cut}
+    assert first.records == len(ACE_POINTS) * ((cut - FROM) // FIVE_MINUTES)
+
+    fake.ace_bug = None
+    fake.requests.clear()
+    second = run_backfill(ctx, "ace", FROM, TO)
+    assert second.status == "complete" and second.incomplete == []
+    assert fake.requests[0].query["start_time"] == zulu(cut)
+    # Nothing twice, nothing lost across the cut.
+    assert first.records + second.records == len(ACE_POINTS) * ((TO - FROM) // FIVE_MINUTES)
+    assert book.get_all("ace") == {}  # no live cursor created
+
+
+def test_binance_ban_stops_the_backfill_and_keeps_its_progress(env: Env, fake: FakeMarket) -> None:
+    ctx = use(env, fake)
+    fake.fail_at(
+        1,
+        "status",
+        status=418,
+        headers={"Retry-After": "600"},
+        body='{"code":-1003,"msg":"Way too much request weight used; IP banned until 0."}',
+    )
+    with pytest.raises(ApiBannedError) as err:
+        run_backfill(ctx, "bn", FROM, TO)
+    assert "ETHUSDT" in str(err.value)  # the window it was fetching
+    assert len(fake.requests) == 2  # not retried into the ban
+    book = CursorStore(postgres_engine(env.pg_url)).get_all("backfill:bn")
+    assert book == {progress_key("BTCUSDT", FROM, TO): FROM + DAY}
+    # While banned a rerun fails at once, without a request.
+    with pytest.raises(ApiBannedError):
+        run_backfill(ctx, "bn", FROM, TO)
+    assert len(fake.requests) == 2
+
+
+def test_permanent_errors_stop_the_backfill_unretried(env: Env, fake: FakeMarket) -> None:
+    ctx = use(env, fake)
+    # CryptoCompare: an error inside HTTP 200 (not the rate-limit type) is permanent.
+    fake.fail_at(
+        1,
+        "body",
+        body='{"Response":"Error","Message":"toTs param is not valid.","HasWarning":false,'
+        '"Type":2,"RateLimit":{},"Data":{},"ParamWithError":"toTs"}',
+    )
+    with pytest.raises(HttpSourceError) as err:
+        run_backfill(ctx, "cch", FROM, TO)
+    assert "inside HTTP 200: toTs param is not valid" in str(err.value)
+    assert "ETH/USD" in str(err.value) and not err.value.transient
+    assert len(fake.requests) == 2
+    # CoinGecko's Demo plan: history older than 365 days is a permanent 401/10012.
+    fake.requests.clear()
+    old = floor_time(datetime.now(UTC), DAY) - timedelta(days=400)
+    with pytest.raises(HttpSourceError) as err:
+        run_backfill(ctx, "cg", old, old + DAY)
+    assert err.value.status == 401 and "10012" in str(err.value)
+    assert len(fake.requests) == 1
 
 
 def test_backfill_cli_json_and_progress(env: Env, fake: FakeMarket) -> None:
