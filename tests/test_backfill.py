@@ -524,6 +524,21 @@ def test_binance_ban_stops_the_backfill_and_keeps_its_progress(env: Env, fake: F
     assert len(fake.requests) == 2
 
 
+def test_binance_weight_header_near_the_limit_pauses_the_api(env: Env, fake: FakeMarket) -> None:
+    """`x-mbx-used-weight-1m` counts the whole IP's weight (clients we do not see): near 6000 every
+    producer pauses until the minute ends (the pause lives in Redis, shared by all processes)."""
+    ctx = use(env, fake)
+    pause_key = "sluice:ratelimit:binance:pause"
+    run_backfill(ctx, "bn", FROM, TO, max_windows=1)
+    assert fake.requests[-1].path == "/api/v3/klines"
+    assert ctx.redis.pttl(pause_key) == -2  # weight 2: no pause
+    if time.time() % 60 > 58:
+        time.sleep(2.5)  # the pause lasts until the minute ends: not a few milliseconds
+    fake.used_weight = 5500
+    run_backfill(ctx, "bn", FROM, TO, max_windows=1)
+    assert ctx.redis.pttl(pause_key) > 0
+
+
 def test_permanent_errors_stop_the_backfill_unretried(env: Env, fake: FakeMarket) -> None:
     ctx = use(env, fake)
     # CryptoCompare: an error inside HTTP 200 (not the rate-limit type) is permanent.
