@@ -142,6 +142,7 @@ class Case:
     value: Callable[[str, int], str]  # what the fake serves for a series at epoch t, as stored
     key_header: tuple[str, str]  # the API key as the adapter must send it
     listed_from: int = 0  # CryptoCompare's pair listing (zeros before)
+    width: timedelta = DAY  # of a window, as configured in CONFIG
     table: str = "historical_prices"
 
     def expected(self, fake: FakeMarket) -> dict[tuple[str, str], str]:
@@ -252,6 +253,7 @@ CASES = {
         lambda _s, t: _close(t),
         ("authorization", "Apikey cc-key"),
         listed_from=int(LISTED.timestamp()),
+        width=2001 * MINUTE,  # limit + 1 candles
     ),
     "aceiot": Case(
         "ace",
@@ -373,7 +375,7 @@ def test_backfill_every_adapter_lands_every_point_once(
         part: [(case.path(part), frozenset(q.items())) for q in case.windows(part, fake)]
         for part in case.partitions
     }
-    windows_total = len(spans(DAY if src != "ccm" else 2001 * MINUTE)) * len(case.partitions)
+    windows_total = len(spans(case.width)) * len(case.partitions)
     said: list[str] = []
 
     # Interrupted after two windows (no workers yet: the pages wait in the queues).
