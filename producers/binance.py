@@ -1,10 +1,12 @@
 """Binance spot klines (apis.md §4): `GET /api/v3/klines` per symbol into historical_prices.
 
 A window is `limit` bars from its start: one call (weight 2) with startTime and endTime (the
-last millisecond of the window). Times are sent in milliseconds and the `X-MBX-TIME-UNIT` header
-is never sent, so times come back in milliseconds. Bars outside the window (overlaps) and repeats
-are dropped. The `x-mbx-used-weight-1m` header counts what the whole IP used this minute,
-including clients we do not see: near the limit every producer pauses until the minute ends.
+last millisecond of the window); a full answer that stops short of the window's end (repeated
+bars took room) is followed by one from the bar after its last. Times are sent in milliseconds
+and the `X-MBX-TIME-UNIT` header is never sent, so times come back in milliseconds. Bars outside
+the window (overlaps) and repeats are dropped. The `x-mbx-used-weight-1m` header counts what the
+whole IP used this minute, including clients we do not see: near the limit every producer pauses
+until the minute ends.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import requests
 
 from producers.http_client import Retry
 from producers.http_source import HttpSource, Row, floor_time, iso_utc
+from shared.errors import HttpSourceError
 from shared.settings import BinanceSourceConfig, Settings
 from shared.streams import Stream
 
@@ -69,6 +72,9 @@ class BinanceSource(HttpSource):
     def partitions(self) -> list[str]:
         return list(self.cfg.symbols)
 
+    def period(self) -> timedelta:
+        return self.step
+
     def window(self) -> timedelta:
         return self.step * self.cfg.limit
 
@@ -80,38 +86,58 @@ class BinanceSource(HttpSource):
 
     def fetch(self, partition: str, start: datetime, end: datetime) -> list[Row]:
         start = floor_time(start, self.step)  # bars open on interval boundaries
+        lo, hi = _ms(start), _ms(end)
+        step_ms = int(self.step.total_seconds() * 1000)
+        rows: dict[int, Row] = {}
+        since = lo
+        # A window is `limit` bars, so one call normally covers it; a full answer that ends
+        # before the window does (repeated bars took room) continues from the bar after its
+        # last (apis.md §4 pagination), until a short answer or the window's end.
+        while since < hi:
+            body = self._klines(partition, since, hi)
+            for k in body:
+                open_ms = int(k[0])
+                if lo <= open_ms < hi:
+                    rows[open_ms] = self._row(partition, open_ms, k)
+            if len(body) < self.cfg.limit:
+                break
+            nxt = max(int(k[0]) for k in body) + step_ms
+            if nxt <= since:
+                raise HttpSourceError(
+                    f"klines did not move past startTime {since}",
+                    where={"source": self.name, "partition": partition},
+                )
+            since = nxt
+        return [rows[t] for t in sorted(rows)]
+
+    def _klines(self, partition: str, since_ms: int, end_ms: int) -> Any:
         params = {
             "symbol": partition,
             "interval": self.cfg.interval,
-            "startTime": _ms(start),
-            "endTime": _ms(end) - 1,
+            "startTime": since_ms,
+            "endTime": end_ms - 1,
             "limit": self.cfg.limit,
         }
-        body = self.http.get_json(
+        return self.http.get_json(
             "/api/v3/klines",
             params,
             cost=KLINES_WEIGHT,
             check=_klines_shape,
             context={"source": self.name, "partition": partition},
         )
-        rows: dict[int, Row] = {}
-        lo, hi = _ms(start), _ms(end)
-        for k in body:
-            open_ms = int(k[0])
-            if not lo <= open_ms < hi:
-                continue
-            rows[open_ms] = [
-                "binance",
-                partition,
-                self.cfg.interval,
-                iso_utc(datetime.fromtimestamp(open_ms / 1000, UTC)),
-                float(k[1]),
-                float(k[2]),
-                float(k[3]),
-                float(k[4]),
-                float(k[5]),
-                float(k[7]),
-                None,
-                int(k[8]),
-            ]
-        return [rows[t] for t in sorted(rows)]
+
+    def _row(self, partition: str, open_ms: int, k: list[Any]) -> Row:
+        return [
+            "binance",
+            partition,
+            self.cfg.interval,
+            iso_utc(datetime.fromtimestamp(open_ms / 1000, UTC)),
+            float(k[1]),
+            float(k[2]),
+            float(k[3]),
+            float(k[4]),
+            float(k[5]),
+            float(k[7]),
+            None,
+            int(k[8]),
+        ]

@@ -1,11 +1,15 @@
 """CoinGecko `GET /coins/{id}/market_chart/range` (apis.md §5) per coin into historical_prices.
 
 No pagination: each window (at most `window_days`, <= 90 days so the API answers hourly) is one
-call with `from`/`to` in UNIX seconds. Points are prices only (no OHLC, no per-period volume):
-stored as `close`, resolution `1h`, symbol `<coin>/<vs_currency>`. Their timestamps are not
-aligned (milliseconds of jitter, and a last point at "now"), so each is bucketed to its hour and
-the first point of an hour wins; points outside the window (the edges of neighbouring chunks)
-are dropped, so a chunk boundary never stores an hour twice. Only closed hours are fetched.
+call with `from`/`to` in UNIX seconds. Windows are counted from the hour their start is in, so
+a call never spans more than `window_days` even from an unaligned start (a range over 90 days
+would silently come back as one point per day).
+
+Points are prices only (no OHLC, no per-period volume): stored as `close`, resolution `1h`,
+symbol `<coin>/<vs_currency>`. Their timestamps are not aligned (milliseconds of jitter, and a
+last point at "now"), so each is bucketed to its hour and the first point of an hour wins;
+points outside the window (the edges of neighbouring chunks) are dropped, so a chunk boundary
+never stores an hour twice. Only closed hours are fetched.
 
 Errors: a 429 comes without Retry-After (the client waits for `x-ratelimit-reset` or
 `rate_limit_fallback_seconds`, pausing every process). 401 with error_code 10012 (history older
@@ -47,6 +51,9 @@ class CoinGeckoSource(HttpSource):
 
     def partitions(self) -> list[str]:
         return list(self.cfg.coins)
+
+    def period(self) -> timedelta:
+        return HOUR
 
     def window(self) -> timedelta:
         return timedelta(days=self.cfg.window_days)

@@ -39,6 +39,9 @@ class CryptoCompareSource(HttpSource):
     def partitions(self) -> list[str]:
         return list(self.cfg.pairs)
 
+    def period(self) -> timedelta:
+        return self.step
+
     def window(self) -> timedelta:
         return self.step * (self.cfg.limit + 1)  # one call returns limit + 1 candles
 

@@ -163,14 +163,25 @@ class HttpSource:
                 out[p] = (self.initial_start(), True)
         return out
 
+    def period(self) -> timedelta:
+        """The grid the API's periods start on (a bar, a candle, CoinGecko's hour)."""
+        return timedelta(seconds=1)
+
     def windows(
         self, start: datetime, until: datetime, first: bool = False
     ) -> Iterator[tuple[datetime, datetime, bool]]:
+        """[start, until) in windows of at most `window()` counted from the period `start` is
+        in (fetches floor their start to it), so windows after the first start on the grid: an
+        unaligned start (a cursor minus the lookback, a backfill's --from) never makes a window
+        span more periods than one call serves (CoinGecko answers daily points beyond 90 days)."""
         step = self.window()
+        lo = floor_time(start, self.period())
         while start < until:
-            end = min(start + step, until)
+            end = min(lo + step, until)
+            if end <= start:  # a window shorter than a period
+                end = min(start + step, until)
             yield start, end, first
-            start, first = end, False
+            start, lo, first = end, end, False
 
     def pages(self, after: Any | None, max_pages: int) -> Iterator[SourcePage]:
         until = self.closed_until(self.now())

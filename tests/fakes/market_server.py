@@ -11,12 +11,24 @@ failures into the next requests:
                        content_type="text/html")
         fake.fail_next("truncated")              # the real answer, cut in half
         fake.fail_next("body", body='{"Response":"Error","Message":"x","Type":2}')
+        fake.fail_at(5, "status", status=429, headers={"Retry-After": "1"})  # the 6th request
+
+`missing` holds period start times (epoch seconds) every API leaves out (a gap); `duplicate`
+holds times every API sends twice in the same answer.
 
 ACE: samples of `ace_points` every `ace_interval` seconds in (time, name) order, naive UTC times,
 string values; `ace_overlap` repeats that many samples of a page at the start of the next;
 `ace_bug` = "stuck" sends back the cursor it received (the server's offset bug), "null_cursor"
-answers has_more with a null cursor on the second page. CoinGecko: a price point per hour with
-`cg_jitter_ms` added to the hour, plus one more point at the window's end (the chunk edge).
+answers has_more with a null cursor on the second page.
+
+CoinGecko: auto-granularity by range length (apis.md §5): more than 90 days gives a point per day
+at 00:00 UTC; at most 1 day ending within the last hour ("now") gives 5-minute points; anything
+else gives a point per hour. Each point is `cg_jitter_ms` after its period start; a second point
+in the first hour and one more at the window's end (the next chunk's first) are added. Ranges
+starting more than 365 days ago get the Demo plan's 401/10012.
+
+CryptoCompare: with `cc_key` set, a request without `authorization: Apikey <key>` gets the 401
+`Err` envelope (apis.md §6); zero-filled candles before `listed_from`.
 """
 
 from __future__ import annotations
@@ -82,8 +94,11 @@ class FakeMarket:
         self.requests: list[Seen] = []
         self.listed_from = listed_from  # CryptoCompare: zero candles before this epoch second
         self.used_weight = used_weight  # Binance: x-mbx-used-weight-1m value sent back
-        self.missing: set[int] = set()  # open times (s) both APIs leave out (a gap)
+        self.missing: set[int] = set()  # period start times (s) every API leaves out (a gap)
+        self.duplicate: set[int] = set()  # period start times (s) every API sends twice
+        self.cc_key: str | None = None  # CryptoCompare: require this key when set
         self._faults: deque[Fault] = deque()
+        self._faults_at: dict[int, Fault] = {}
         self.ace_key = "ace-test-key"
         self.ace_site = "demo_site"
         self.ace_points = ["demo/site/ahu1/temp", "demo/site/ahu1/damper"]
@@ -91,6 +106,7 @@ class FakeMarket:
         self.ace_overlap = 0
         self.ace_bug: str | None = None
         self.cg_jitter_ms = 1234
+        self._served = 0
         self._lock = threading.Lock()
         self._server: _Server | None = None
 
@@ -117,12 +133,21 @@ class FakeMarket:
         with self._lock:
             self._faults.extend([Fault(kind, **options)] * count)
 
+    def fail_at(self, index: int, kind: str, **options: Any) -> None:
+        """Inject a fault into the request with this 0-based number (counted over every
+        request this fake has logged, cleared or not)."""
+        with self._lock:
+            self._faults_at[index] = Fault(kind, **options)
+
     def _handle(self, h: _Handler) -> None:
         url = urlsplit(h.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         with self._lock:
             self.requests.append(Seen(url.path, query, dict(h.headers.items()), time.time()))
-            fault = self._faults.popleft() if self._faults else None
+            fault = self._faults_at.pop(self._served, None)
+            self._served += 1
+            if fault is None and self._faults:
+                fault = self._faults.popleft()
         if fault is not None and fault.kind in ("status", "body"):
             return self._send(
                 h, fault.status, fault.body.encode(), fault.content_type, fault.headers
@@ -130,7 +155,8 @@ class FakeMarket:
         if url.path == "/api/v3/klines":
             status, body, headers = self._klines(query)
         elif url.path in ("/data/v2/histohour", "/data/v2/histominute"):
-            status, body, headers = self._histo(url.path.rsplit("/", 1)[1], query)
+            auth = {k.lower(): v for k, v in h.headers.items()}.get("authorization", "")
+            status, body, headers = self._histo(url.path.rsplit("/", 1)[1], query, auth)
         elif url.path.startswith("/sites/") and url.path.endswith("/timeseries/paginated"):
             site = url.path.split("/")[2]
             auth = {k.lower(): v for k, v in h.headers.items()}.get("authorization", "")
@@ -166,7 +192,7 @@ class FakeMarket:
         now = time.time()
         bars: list[list[Any]] = []
         while t * 1000 <= end_ms and len(bars) < limit and t <= now:
-            if t not in self.missing:
+            for _ in range(2 if t in self.duplicate else 0 if t in self.missing else 1):
                 p = price(t)
                 bars.append(
                     [
@@ -188,7 +214,23 @@ class FakeMarket:
         headers = {"x-mbx-used-weight-1m": str(self.used_weight or 2), "x-mbx-used-weight": "2"}
         return 200, bars, headers
 
-    def _histo(self, endpoint: str, q: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
+    def _histo(
+        self, endpoint: str, q: dict[str, str], auth: str
+    ) -> tuple[int, Any, dict[str, str]]:
+        if self.cc_key is not None and auth != f"Apikey {self.cc_key}":
+            return (
+                401,
+                {
+                    "Data": {},
+                    "Err": {
+                        "type": 2,
+                        "message": "API key required, please refer to the documentation at "
+                        "https://developers.coindesk.com/",
+                        "http_status_code": 401,
+                    },
+                },
+                {},
+            )
         if "fsym" not in q:
             return (
                 200,
@@ -209,21 +251,22 @@ class FakeMarket:
         first = to_ts - limit * step
         candles = []
         for t in range(first, to_ts + step, step):
-            if t in self.missing:
-                continue
             p = price(t) if t >= self.listed_from else 0.0
-            candles.append(
-                {
-                    "time": t,
-                    "high": p + 1 if p else 0,
-                    "low": p - 1 if p else 0,
-                    "open": p,
-                    "volumefrom": 1.5 if p else 0,
-                    "volumeto": 150.0 if p else 0,
-                    "close": p + 0.5 if p else 0,
-                    "conversionType": "direct",
-                    "conversionSymbol": "",
-                }
+            candles.extend(
+                [
+                    {
+                        "time": t,
+                        "high": p + 1 if p else 0,
+                        "low": p - 1 if p else 0,
+                        "open": p,
+                        "volumefrom": 1.5 if p else 0,
+                        "volumeto": 150.0 if p else 0,
+                        "close": p + 0.5 if p else 0,
+                        "conversionType": "direct",
+                        "conversionSymbol": "",
+                    }
+                ]
+                * (2 if t in self.duplicate else 0 if t in self.missing else 1)
             )
         return (
             200,
@@ -259,6 +302,7 @@ class FakeMarket:
             }
             for t in range(first, hi + 1, self.ace_interval)  # end_time inclusive
             for i, name in enumerate(sorted(self.ace_points))
+            for _ in range(2 if t in self.duplicate else 0 if t in self.missing else 1)
         ]
         if not samples:
             return 404, {"message": "No data for time period"}, {}
@@ -296,10 +340,17 @@ class FakeMarket:
                 },
                 {},
             )
+        now = time.time()
+        if hi - lo > 90 * 86400:
+            step = 86400  # daily, at 00:00 UTC
+        elif hi - lo <= 86400 and hi >= now - 3600:
+            step = 300  # 1 day from now: 5-minute points
+        else:
+            step = 3600
         points = [
             [t * 1000 + self.cg_jitter_ms, price(t)]
-            for t in range(-(-lo // 3600) * 3600, hi, 3600)
-            if t not in self.missing
+            for t in range(-(-lo // step) * step, hi, step)
+            for _ in range(2 if t in self.duplicate else 0 if t in self.missing else 1)
         ]
         if points:
             points.append([hi * 1000 + self.cg_jitter_ms, price(hi)])  # the next chunk's first
