@@ -477,6 +477,7 @@ max_batches = 20
         inserted = "SELECT sum(inserted) FROM ingestion_runs WHERE sink = 'd1'"
         assert remote_scalar(remote, inserted) == len(sample.distinct_valid_keys)
         assert_within_d1_limits(migrated)
+        assert migrated.faults.pending == 0  # both faults were met, and retried
 
         # The same rows again, in a fresh source file: all duplicates, nothing written twice.
         write_d1_file(source_db, 6_000)
