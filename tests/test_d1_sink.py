@@ -19,6 +19,7 @@ import pytest
 
 from consumers.ingest import ingest
 from ops.sample import generate_rows, write_d1_file
+from ops.status import build_status
 from ops.workers import WorkerPool
 from producers.d1_rest import D1Client
 from shared.celery_app import QUEUES, app
@@ -478,6 +479,13 @@ max_batches = 20
         assert remote_scalar(remote, inserted) == len(sample.distinct_valid_keys)
         assert_within_d1_limits(migrated)
         assert migrated.faults.pending == 0  # both faults were met, and retried
+
+        # `sluice status` shows the queue, and reads the stream's progress from the remote D1.
+        doc = build_status(ctx, app, timeout=1.0)
+        assert doc["errors"] == {}
+        assert doc["queues"]["ingest.d1"]["total"] == 0
+        assert doc["sources"]["d1_usage"]["last_commit"] is not None
+        assert doc["sources"]["d1_usage"]["newest_record"] is not None
 
         # The same rows again, in a fresh source file: all duplicates, nothing written twice.
         write_d1_file(source_db, 6_000)
