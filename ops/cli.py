@@ -29,6 +29,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         sched = src.schedule.model_dump(exclude_none=True) if src.schedule else "manual"
         kind = f"{src.kind} {src.mode}" if isinstance(src, D1SourceConfig) else src.kind
         print(f"  source {name}: {kind} → {src.stream} (schedule: {sched})")
+    if s.d1_sink is not None:
+        token = "set" if s.secret(s.d1_sink.api_token_env) else "NOT SET"
+        print(
+            f"  sink d1: database {s.d1_sink.database_id} at {s.d1_sink.base_url}"
+            f" (token in ${s.d1_sink.api_token_env}: {token})"
+        )
     return 0
 
 

@@ -363,7 +363,7 @@ def wait_dead_letters(env: Env, n: int) -> None:
     with WorkerPool(env.vars, env.dir / "logs") as pool:
         pool.start("dl", ["dead_letter"], 1)
         deadline = time.monotonic() + 60
-        while pg_scalar(env.pg_url, "SELECT count(*) FROM failed_ingestions") < n:
+        while int(str(pg_scalar(env.pg_url, "SELECT count(*) FROM failed_ingestions"))) < n:
             assert time.monotonic() < deadline, "dead letters never arrived"
             time.sleep(0.1)
 
