@@ -240,6 +240,47 @@ def test_update_policy_counts_new_keys_not_updates(migrated: FakeD1, remote: Pat
     sink.close()
 
 
+def test_a_redelivered_page_does_not_undo_a_later_update(migrated: FakeD1, remote: Path) -> None:
+    stream = USAGE_EVENTS.with_settings(sinks=("d1",), conflict="update")
+    sink = make_sink(migrated)
+    rows = dedupe(stream, valid_rows(100))
+    sink.write(stream, rows, meta("a", len(rows)))
+    later = [[*r[:5], 777.0, *r[6:]] for r in rows]
+    sink.write(stream, later, meta("b", len(later)))
+    # Page "a" delivered again (its worker died before the ack): recognised, not re-applied.
+    assert sink.write(stream, rows, meta("a", len(rows))).already_committed
+    q = "SELECT count(*) FROM usage_events WHERE metric_value = 777.0"
+    assert remote_scalar(remote, q) == len(rows)
+    sink.close()
+
+
+def test_a_timed_out_write_that_d1_committed_is_not_written_again(
+    migrated: FakeD1, remote: Path
+) -> None:
+    cfg = D1SinkConfig(
+        account_id=migrated.account_id,
+        database_id=DB_ID,
+        base_url=migrated.base_url,
+        read_timeout=0.5,
+        max_attempts=1,
+    )
+    sink = D1Sink(cfg, lambda: migrated.token)
+    rows = dedupe(USAGE_EVENTS, valid_rows(200))
+    migrated.fail_next("delay", seconds=1.5)  # answers after the client gave up, but commits
+    with pytest.raises(TransientSinkError, match="timed out"):
+        sink.write(USAGE_EVENTS, rows, meta("slow", len(rows)))
+    deadline = time.monotonic() + 10
+    while not remote_scalar(remote, "SELECT count(*) FROM ingestion_runs"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    # The page's retry finds it committed: nothing is written twice, the counts stay exact.
+    assert sink.write(USAGE_EVENTS, rows, meta("slow", len(rows))).already_committed
+    assert remote_scalar(remote, "SELECT count(*) FROM usage_events") == len(rows)
+    q = "SELECT inserted FROM ingestion_runs WHERE page_id = 'slow'"
+    assert remote_scalar(remote, q) == len(rows)
+    sink.close()
+
+
 def test_newer_policy_keeps_the_newest_version(migrated: FakeD1, remote: Path) -> None:
     stream = dataclasses.replace(USAGE_EVENTS, conflict="newer", version_column="timestamp")
     sink = make_sink(migrated)
