@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from consumers.ingest import ingest
+from ops.metrics import SluiceCollector
 from ops.sample import generate_rows, write_d1_file
 from ops.status import build_status
 from ops.workers import WorkerPool
@@ -527,6 +528,17 @@ max_batches = 20
         assert doc["queues"]["ingest.d1"]["total"] == 0
         assert doc["sources"]["d1_usage"]["last_commit"] is not None
         assert doc["sources"]["d1_usage"]["newest_record"] is not None
+        collector = SluiceCollector(ctx)
+        families = {f.name: f for f in collector.collect()}
+        collector.engine.dispose()
+        depth = families["sluice_queue_depth"].samples
+        assert [s.value for s in depth if s.labels == {"queue": "ingest.d1"}] == [0.0]
+        # Every part reads, the D1-backed source included (the local SQLite file, which the other
+        # streams would use, does not exist in this test).
+        up = {s.labels["part"]: s.value for s in families["sluice_collector_up"].samples}
+        assert up.pop("sqlite") == 0 and set(up.values()) == {1}, up
+        lag = families["sluice_source_lag_seconds"].samples
+        assert [s.labels["source"] for s in lag] == ["d1_usage"]
 
         # The same rows again, in a fresh source file: all duplicates, nothing written twice.
         write_d1_file(source_db, 6_000)
