@@ -1,6 +1,6 @@
 """The ingest task: page → validate → dedupe → sink → dead letters → progress.
 
-Runs on the queue of its sink (`ingest.postgres`, `ingest.sqlite`). Every outcome is explicit:
+Runs on the queue of its sink (`ingest.postgres`, `.sqlite`, `.d1`). Every outcome is explicit:
 - committed: the page's valid records are in the sink (once, whatever the deliveries);
 - transient sink error: the page is retried with exponential backoff and full jitter; when the
   retries run out its records become dead letters, never dropped;

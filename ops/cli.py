@@ -29,6 +29,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         sched = src.schedule.model_dump(exclude_none=True) if src.schedule else "manual"
         kind = f"{src.kind} {src.mode}" if isinstance(src, D1SourceConfig) else src.kind
         print(f"  source {name}: {kind} → {src.stream} (schedule: {sched})")
+    if s.d1_sink is not None:
+        token = "set" if s.secret(s.d1_sink.api_token_env) else "NOT SET"
+        print(
+            f"  sink d1: database {s.d1_sink.database_id} at {s.d1_sink.base_url}"
+            f" (token in ${s.d1_sink.api_token_env}: {token})"
+        )
     return 0
 
 
@@ -37,15 +43,32 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from shared.migrations import migrate_postgres, migrate_sqlite
 
     s = _settings()
-    targets = args.sink or ["postgres", "sqlite"]
+    # The remote D1 sink is migrated by default only when it is configured.
+    targets = args.sink or ["postgres", "sqlite", *(["d1"] if s.d1_sink else [])]
     out: dict[str, list[str]] = {}
     if "postgres" in targets:
         out["postgres"] = migrate_postgres(postgres_url(s))
     if "sqlite" in targets:
         out["sqlite"] = migrate_sqlite(s.sqlite_path)
+    if "d1" in targets:
+        out["d1"] = _migrate_d1(s)
     for sink, applied in out.items():
         print(f"{sink}: {'applied ' + ', '.join(applied) if applied else 'up to date'}")
     return 0
+
+
+def _migrate_d1(s: Settings) -> list[str]:
+    from shared.d1_sink import D1Sink
+    from shared.migrations import migrate_d1
+
+    if s.d1_sink is None:
+        raise SluiceError("sink 'd1' is not configured: add [sinks.d1] to the config", sink="d1")
+    variable = s.d1_sink.api_token_env
+    sink = D1Sink(s.d1_sink, lambda: s.secret(variable))
+    try:
+        return migrate_d1(sink.client())
+    finally:
+        sink.close()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -394,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_config_check)
 
     mig = sub.add_parser("migrate", help="apply pending schema migrations")
-    mig.add_argument("--sink", action="append", choices=["postgres", "sqlite"])
+    mig.add_argument("--sink", action="append", choices=["postgres", "sqlite", "d1"])
     mig.set_defaults(func=cmd_migrate)
 
     w = sub.add_parser("worker", help="run a Celery worker on our queues")

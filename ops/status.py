@@ -185,7 +185,21 @@ def _iso(value: Any) -> str | None:
 
 
 def _primary_sink(stream: Stream) -> str:
-    return "postgres" if "postgres" in stream.sinks or not stream.sinks else stream.sinks[0]
+    """Where status reads a stream's progress: PostgreSQL, else the SQLite file, else the remote
+    D1 (last: each read there is an API call, billed as rows read)."""
+    for sink in ("postgres", "sqlite", "d1"):
+        if sink in stream.sinks:
+            return sink
+    return "postgres"
+
+
+def _d1_scalar(ctx: Context, sql: str, params: list[object]) -> Any:
+    from shared.d1_sink import D1Sink
+
+    sink = ctx.sink("d1")
+    assert isinstance(sink, D1Sink)
+    rows = sink.client().query(sql, params)
+    return next(iter(rows[0].values())) if rows else None
 
 
 def newest_record_time(ctx: Context, engine: Engine | None, stream: Stream) -> datetime | None:
@@ -200,6 +214,8 @@ def newest_record_time(ctx: Context, engine: Engine | None, stream: Stream) -> d
         assert engine is not None
         with engine.connect() as conn:
             return _as_utc(conn.execute(text(sql)).scalar())
+    if _primary_sink(stream) == "d1":
+        return _as_utc(_d1_scalar(ctx, sql, []))
     lite = sqlite_reader(ctx.settings.sqlite_path)
     try:
         return _as_utc(lite.execute(sql).fetchone()[0])
@@ -223,6 +239,14 @@ def last_commit(
                     {"stream": stream.name, "source": source},
                 ).scalar()
             )
+    if _primary_sink(stream) == "d1":
+        return _as_utc(
+            _d1_scalar(
+                ctx,
+                "SELECT max(committed_at) AS t FROM ingestion_runs WHERE stream = ? AND source = ?",
+                [stream.name, source],
+            )
+        )
     lite = sqlite_reader(ctx.settings.sqlite_path)
     try:
         row = lite.execute(

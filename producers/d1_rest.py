@@ -129,7 +129,7 @@ class _Retryable:
     cause: BaseException | None = None
 
 
-def _encode_param(value: object, index: int) -> Param:
+def encode_param(value: object, index: int) -> Param:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, bool):  # before int: bool is an int subclass
@@ -181,7 +181,7 @@ def _statement(sql: str, params: Sequence[object], where: str) -> dict[str, Any]
     encoded = []
     for i, value in enumerate(params):
         try:
-            encoded.append(_encode_param(value, i))
+            encoded.append(encode_param(value, i))
         except D1Error as exc:
             raise D1Error(f"{where}: {exc.message}", transient=False, param_index=i) from None
     return {"sql": sql, "params": encoded}

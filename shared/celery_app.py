@@ -13,14 +13,17 @@ from celery import Celery, signals
 from kombu import Queue
 
 from shared.context import Context
-from shared.settings import Settings
-
-INGEST_QUEUES = ("ingest.postgres", "ingest.sqlite")
-QUEUES = (*INGEST_QUEUES, "dead_letter", "progress", "produce")
+from shared.settings import SINK_NAMES, Settings
 
 
 def ingest_queue(sink: str) -> str:
     return f"ingest.{sink}"
+
+
+# One queue per sink, from the sink list, so status, metrics and `sluice worker` see every one
+# (an unused sink's queue stays empty).
+INGEST_QUEUES = tuple(ingest_queue(s) for s in SINK_NAMES)
+QUEUES = (*INGEST_QUEUES, "dead_letter", "progress", "produce")
 
 
 class SluiceCelery(Celery):  # type: ignore[misc]

@@ -72,8 +72,16 @@ class Context:
                 sink = SqliteSink(
                     self.settings.sqlite_path, self.settings.pipeline.sqlite_busy_timeout_ms
                 )
+            elif name == "d1":
+                from shared.d1_sink import D1Sink
+
+                cfg = self.settings.d1_sink
+                if cfg is None:
+                    raise SluiceError("sink 'd1' is not configured: add [sinks.d1]", sink=name)
+                variable = cfg.api_token_env
+                sink = D1Sink(cfg, lambda: self.settings.secret(variable))
             else:
-                raise SluiceError(f"unknown sink {name!r}; known: postgres, sqlite", sink=name)
+                raise SluiceError(f"unknown sink {name!r}; known: postgres, sqlite, d1", sink=name)
             self._sinks[name] = sink
         return sink
 

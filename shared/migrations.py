@@ -2,7 +2,8 @@
 
 The files themselves hold no transaction statements (D1 refuses them); the runner wraps each file
 in one transaction with its version row, so a failed file leaves nothing half applied. Concurrent
-runs are serialised (an advisory lock on PostgreSQL, BEGIN IMMEDIATE on SQLite).
+runs are serialised (an advisory lock on PostgreSQL, BEGIN IMMEDIATE on SQLite; on a remote D1 the
+version row's primary key makes the loser's batch roll back).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import psycopg2
 
+from producers.d1_rest import D1Client
 from shared.database import libpq_dsn, sqlite_connect
-from shared.errors import SluiceError
+from shared.errors import D1Error, SluiceError
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
 _VERSION = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -89,6 +91,40 @@ def migrate_sqlite(path: Path) -> list[str]:
             applied.append(version)
     finally:
         conn.close()
+    return applied
+
+
+def migrate_d1(client: D1Client) -> list[str]:
+    """Apply schema/sqlite/ to a remote D1 database through its REST API.
+
+    Same bookkeeping as migrate_sqlite: a `sluice_migrations` row per file, written in the same D1
+    batch (one transaction) as the file's statements. The version row is a plain INSERT, so if two
+    runs race, the second one's batch fails on it and rolls back; the version is then there."""
+    applied: list[str] = []
+    try:
+        client.query(
+            "CREATE TABLE IF NOT EXISTS sluice_migrations (version TEXT PRIMARY KEY,"
+            " applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))"
+        )
+        done = {str(r["version"]) for r in client.query("SELECT version FROM sluice_migrations")}
+    except D1Error as exc:
+        raise MigrationError(f"cannot read sluice_migrations: {exc.message}", sink="d1") from exc
+    for version, file in migration_files("sqlite"):
+        if version in done:
+            continue
+        batch: list[tuple[str, list[object]]] = [
+            (statement, []) for statement in split_statements(file.read_text())
+        ]
+        batch.append(("INSERT INTO sluice_migrations (version) VALUES (?)", [version]))
+        try:
+            client.batch(batch)
+        except D1Error as exc:
+            if "sluice_migrations" in exc.message and client.query(
+                "SELECT 1 AS found FROM sluice_migrations WHERE version = ?", [version]
+            ):
+                continue  # applied by a concurrent run
+            raise MigrationError(f"{file.name} failed: {exc.message}", sink="d1") from exc
+        applied.append(version)
     return applied
 
 

@@ -1,9 +1,9 @@
 """One settings object, read once from the environment and the TOML file, then passed down.
 
 URLs and secrets come from the environment only (never from the committed TOML): SLUICE_BROKER_URL,
-SLUICE_POSTGRES_URL, SLUICE_SQLITE_PATH, SLUICE_DATA_DIR, SLUICE_CONFIG, and per source the variable
-its `api_token_env` names. An unset broker or PostgreSQL URL means the embedded server kept in the
-data folder (shared/embedded.py).
+SLUICE_POSTGRES_URL, SLUICE_SQLITE_PATH, SLUICE_DATA_DIR, SLUICE_CONFIG, and per source (and for
+the remote D1 sink) the variable its `api_token_env` names. An unset broker or PostgreSQL URL means
+the embedded server kept in the data folder (shared/embedded.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from shared.errors import ConfigError
 from shared.streams import CATALOG, ConflictPolicy, Stream
 
-SinkName = Literal["postgres", "sqlite"]
-SINK_NAMES: tuple[SinkName, ...] = ("postgres", "sqlite")
+SinkName = Literal["postgres", "sqlite", "d1"]
+SINK_NAMES: tuple[SinkName, ...] = ("postgres", "sqlite", "d1")
+# A stream with no `sinks` goes to the two local sinks; a remote D1 must be asked for.
+DEFAULT_SINKS: tuple[SinkName, ...] = ("postgres", "sqlite")
 
 
 class _Model(BaseModel):
@@ -218,8 +220,34 @@ AnySourceConfig = Annotated[
 ]
 
 
+class D1SinkConfig(_Model):
+    """A remote D1 database written through the REST API (shared/d1_sink.py). The token is read
+    from the environment variable `api_token_env` names, never from this file."""
+
+    account_id: Annotated[str, Field(min_length=1, max_length=32)]
+    database_id: Annotated[str, Field(min_length=1)]
+    api_token_env: str = "CLOUDFLARE_API_TOKEN"
+    base_url: str = "https://api.cloudflare.com/client/v4"
+    connect_timeout: Annotated[float, Field(gt=0)] = 5.0
+    # D1 caps a whole batch at 30 s; past that the answer is not coming.
+    read_timeout: Annotated[float, Field(gt=0)] = 60.0
+    # Attempts per request inside the worker (429, 5xx, connection errors); after them the page
+    # goes back to the task's own retries with backoff, which do not hold the worker.
+    max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+
+    @model_validator(mode="after")
+    def _url(self) -> D1SinkConfig:
+        if not self.base_url.startswith(("https://", "http://")):
+            raise ValueError(f"base_url must be an http(s) URL: {self.base_url!r}")
+        return self
+
+
+class SinksConfig(_Model):
+    d1: D1SinkConfig | None = None
+
+
 class StreamConfig(_Model):
-    sinks: list[SinkName] = Field(default_factory=lambda: list(SINK_NAMES))
+    sinks: list[SinkName] = Field(default_factory=lambda: list(DEFAULT_SINKS))
     conflict: ConflictPolicy | None = None
 
 
@@ -237,6 +265,7 @@ class FileConfig(_Model):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     streams: dict[str, StreamConfig] = Field(default_factory=dict)
     sources: dict[str, AnySourceConfig] = Field(default_factory=dict)
+    sinks: SinksConfig = Field(default_factory=SinksConfig)
 
 
 @dataclass(frozen=True)
@@ -253,6 +282,13 @@ class Settings:
     sources: dict[str, SourceConfig]
     env: Mapping[str, str] = field(repr=False, default_factory=dict)
     http_sources: dict[str, HttpSourceConfig] = field(default_factory=dict)
+    d1_sink: D1SinkConfig | None = None  # [sinks.d1]: the remote D1 sink, when configured
+
+    @property
+    def sinks_used(self) -> tuple[str, ...]:
+        """Sinks at least one stream writes to, in SINK_NAMES order."""
+        used = {s for st in self.streams.values() for s in st.sinks}
+        return tuple(s for s in SINK_NAMES if s in used)
 
     def source_config(self, name: str) -> D1SourceConfig | HttpSourceConfig | None:
         return self.sources.get(name) or self.http_sources.get(name)
@@ -306,6 +342,7 @@ class Settings:
             sources=sources,
             env=env,
             http_sources=http_sources,
+            d1_sink=cfg.sinks.d1,
         )
 
     def stream(self, name: str) -> Stream:
@@ -384,6 +421,15 @@ def parse_config(raw: dict[str, Any], file: str) -> FileConfig:
             problems.append(
                 f"streams.{name}.conflict: 'newer' needs a version column and {name} has none"
                 " (expected 'ignore' or 'update')"
+            )
+    sinks = raw.get("sinks")
+    has_d1 = isinstance(sinks, dict) and isinstance(sinks.get("d1"), dict)
+    for name, sc in streams.items() if isinstance(streams, dict) else ():
+        listed = sc.get("sinks") if isinstance(sc, dict) else None
+        if isinstance(listed, list) and "d1" in listed and not has_d1:
+            problems.append(
+                f"streams.{name}.sinks: 'd1' needs a [sinks.d1] table"
+                " (account_id, database_id, api_token_env)"
             )
     if problems or cfg is None:
         raise ConfigError(problems, file)

@@ -1,5 +1,7 @@
 """SQLite sink (a D1-compatible file): one executemany in one BEGIN IMMEDIATE transaction.
 
+Its SQL (insert_sql, RUN_INSERT) is shared with the remote D1 sink, shared/d1_sink.py.
+
 BEGIN IMMEDIATE takes the write lock up front, so two writers never deadlock on a lock upgrade;
 the busy timeout makes the second one wait, and if the wait runs out the page is retried
 (TransientSinkError), never dropped. `ON CONFLICT DO NOTHING` (not INSERT OR IGNORE) skips only
@@ -17,6 +19,43 @@ from shared.database import sqlite_connect
 from shared.errors import RejectedBySinkError, SinkError, TransientSinkError
 from shared.sink import PageMeta, WriteResult, conflict_clause, quote
 from shared.streams import Stream
+
+# The page's row in ingestion_runs, written in the page's transaction (counts filled in last).
+RUN_INSERT = (
+    "INSERT INTO ingestion_runs (page_id, sink, stream, source, run_id, received,"
+    " inserted, duplicates, invalid, attempts, started_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?)"
+)
+# The end of the write, so committed_at - started_at is the page latency.
+COMMITTED_AT = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+
+
+def run_params(sink: str, stream: Stream, meta: PageMeta) -> tuple[Any, ...]:
+    return (
+        meta.page_id,
+        sink,
+        stream.name,
+        meta.source,
+        meta.run_id,
+        meta.received,
+        meta.invalid,
+        meta.attempts,
+        meta.started_at.isoformat(),
+    )
+
+
+def values_group(stream: Stream) -> str:
+    """One row's placeholders: `(?, ?, …)`."""
+    return "(" + ", ".join("?" for _ in stream.column_names) + ")"
+
+
+def insert_sql(stream: Stream, rows: int = 1) -> str:
+    """`INSERT … VALUES (…)[, (…)…] ON CONFLICT …` for `rows` rows, in SQLite (D1) dialect.
+
+    The remote D1 sink (shared/d1_sink.py) sends the multi-row form, sized to D1's limits."""
+    cols = ", ".join(quote(c) for c in stream.column_names)
+    groups = ", ".join([values_group(stream)] * rows)
+    return f"INSERT INTO {quote(stream.table)} ({cols}) VALUES {groups} " + conflict_clause(stream)
 
 
 class SqliteSink:
@@ -37,11 +76,7 @@ class SqliteSink:
         cached = self._sql.get((stream.name, stream.conflict))
         if cached:
             return cached
-        cols = ", ".join(quote(c) for c in stream.column_names)
-        marks = ", ".join("?" for _ in stream.column_names)
-        sql = f"INSERT INTO {quote(stream.table)} ({cols}) VALUES ({marks}) " + conflict_clause(
-            stream
-        )
+        sql = insert_sql(stream)
         self._sql[(stream.name, stream.conflict)] = sql
         return sql
 
@@ -52,20 +87,7 @@ class SqliteSink:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 cur = conn.execute(
-                    "INSERT INTO ingestion_runs (page_id, sink, stream, source, run_id, received,"
-                    " inserted, duplicates, invalid, attempts, started_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (
-                        meta.page_id,
-                        self.name,
-                        stream.name,
-                        meta.source,
-                        meta.run_id,
-                        meta.received,
-                        meta.invalid,
-                        meta.attempts,
-                        meta.started_at.isoformat(),
-                    ),
+                    RUN_INSERT + " ON CONFLICT DO NOTHING", run_params(self.name, stream, meta)
                 )
                 first_delivery = cur.rowcount == 1
                 before = conn.total_changes
@@ -77,10 +99,8 @@ class SqliteSink:
                 duplicates = meta.received - meta.invalid - inserted if first_delivery else 0
                 if first_delivery:
                     conn.execute(
-                        # The end of the write, so committed_at - started_at is the latency.
                         "UPDATE ingestion_runs SET inserted = ?, duplicates = ?,"
-                        " committed_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
-                        " WHERE page_id = ? AND sink = ?",
+                        f" committed_at = {COMMITTED_AT} WHERE page_id = ? AND sink = ?",
                         (inserted, duplicates, meta.page_id, self.name),
                     )
                 conn.execute("COMMIT")

@@ -137,7 +137,7 @@ MISTAKES = [
     pytest.param(
         "[streams.usage_events]\nsinks = ['mysql']\n",
         "streams.usage_events.sinks.0",
-        "'postgres' or 'sqlite' (got 'mysql')",
+        "'postgres', 'sqlite' or 'd1' (got 'mysql')",
         id="unknown-sink",
     ),
     pytest.param(
