@@ -121,8 +121,12 @@ def test_two_runs_at_once_enqueue_each_row_once(env: Env) -> None:
 def test_sigkill_worker_mid_run_loses_and_duplicates_nothing(env: Env, workers: WorkerPool) -> None:
     d1 = env.dir / "d1.sqlite"
     sample = write_d1_file(d1, 30_000)
-    # A short visibility timeout so the killed worker's pages come back within the test.
-    env.write_config(d1_config(d1, page_size=1000, max_batches=100, visibility_timeout=8))
+    # A short visibility timeout so the killed worker's pages come back within the test, and a
+    # short in-flight lease: a kill between kombu's BRPOP and its unacked record loses the
+    # message itself (celery#7924); the lease makes the next run read those rows again.
+    env.write_config(
+        d1_config(d1, page_size=1000, max_batches=100, visibility_timeout=8, inflight_lease=30)
+    )
     ctx = configure(env)
     victim = workers.start("victim", PG_QUEUES, 2)
     workers.start("lite", ["ingest.sqlite"], 1)
