@@ -496,7 +496,8 @@ class D1Client(CloudflareClient):
         result = envelope.get("result")
         if not isinstance(result, list) or not all(isinstance(item, dict) for item in result):
             raise self._shape_error(
-                f"POST {self.endpoint}", f"'result' is {type(result).__name__}, not a list of objects"
+                f"POST {self.endpoint}",
+                f"'result' is {type(result).__name__}, not a list of objects",
             )
         for index, item in enumerate(result):
             if item.get("success") is False:
