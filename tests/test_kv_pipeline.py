@@ -211,3 +211,43 @@ def test_migration_rerun_after_lost_pages_and_not_while_in_flight(env: Env, fake
     assert pg_rows(env.pg_url, "SELECT status FROM source_migrations") == [("complete",)]
     assert pg_rows(env.pg_url, "SELECT count(*) FROM users") == [(5,)]
     assert lite_rows(env, "SELECT count(*) FROM users") == [(5,)]
+
+
+def test_a_child_page_before_its_parent_waits_and_lands(env: Env, fake: FakeKV) -> None:
+    """The race the FK retry exists for: the child page reaches the sinks first."""
+    import time
+    import uuid
+
+    from shared.celery_app import ingest_queue
+    from shared.page import Page
+    from tests.helpers import wait_queues_empty
+
+    env.write_config(kv_config(fake).replace("fk_retry_seconds = 0.3", "fk_retry_seconds = 1.0"))
+    ctx = app.configure(Settings.load(env.vars))
+    migrate_sqlite(env.sqlite_path)
+
+    def publish(stream: str, rows: list[list[Any]]) -> None:
+        columns = list(ctx.settings.stream(stream).column_names)
+        page = Page(uuid.uuid4().hex, stream, "", "bot", "race", columns, rows)
+        for sink in ("postgres", "sqlite"):
+            app.send_task(
+                "sluice.ingest", args=[page.for_sink(sink).encode()], queue=ingest_queue(sink)
+            )
+
+    with start_workers(env):
+        deadline = time.monotonic() + 60
+        while len(app.control.ping(timeout=0.5) or []) < 2:  # both workers consuming
+            assert time.monotonic() < deadline, "workers did not start"
+        publish("watchlists", [["42", "SPY", 1], ["42", "QQQ", 1]])
+        time.sleep(0.5)  # the child page fails its first write: no user 42 yet
+        publish("users", [["42", 1, 1, 1]])
+        time.sleep(1.5)
+        wait_queues_empty(ctx, timeout=60)
+    for rows in (
+        pg_rows(env.pg_url, "SELECT chat_id, ticker FROM watchlists ORDER BY ticker"),
+        lite_rows(env, "SELECT chat_id, ticker FROM watchlists ORDER BY ticker"),
+    ):
+        assert rows == [("42", "QQQ"), ("42", "SPY")]
+    assert pg_rows(env.pg_url, "SELECT count(*) FROM failed_ingestions") == [(0,)]
+    waited = pg_rows(env.pg_url, "SELECT attempts FROM ingestion_runs WHERE stream = 'watchlists'")
+    assert waited and waited[0][0] > 1
