@@ -421,14 +421,26 @@ class Problem:
 class KvSource:
     resumes_per_partition = False
 
-    def __init__(self, name: str, cfg: KvSourceConfig, settings: Settings, store: KvStore) -> None:
+    def __init__(
+        self,
+        name: str,
+        cfg: KvSourceConfig,
+        settings: Settings,
+        store: Callable[[], KvStore],
+    ) -> None:
         self.name = name
         self.cfg = cfg
         self.settings = settings
-        self.store = store
+        self._open_store = store
         self.stream: Stream = settings.stream(cfg.stream)
         self.anomalies: list[str] = []
         self.counts = Counts()
+
+    @cached_property
+    def store(self) -> KvStore:
+        # Opened on first read: the ack task opens this source only to record commits, and
+        # needs neither the namespace nor its token.
+        return self._open_store()
 
     @cached_property
     def engine(self) -> Engine:
@@ -591,7 +603,8 @@ class KvSource:
             ) from exc
 
     def close(self) -> None:
-        self.store.close()
+        if "store" in self.__dict__:
+            self.store.close()
         if "engine" in self.__dict__:
             self.engine.dispose()
 
@@ -629,19 +642,17 @@ def send_kv_dead_letters(source: str, attempt: str, problems: Sequence[Problem])
 
 
 def open_kv_source(name: str, cfg: KvSourceConfig, settings: Settings) -> KvSource:
-    store: KvStore
-    if cfg.mode == "local":
-        if cfg.path:
-            store = KvJsonFile(Path(cfg.path))
-        else:
+    def open_store() -> KvStore:
+        if cfg.mode == "local":
+            if cfg.path:
+                return KvJsonFile(Path(cfg.path))
             assert cfg.wrangler_state and cfg.namespace_id
-            store = KvWranglerState(Path(cfg.wrangler_state), cfg.namespace_id)
-    else:
+            return KvWranglerState(Path(cfg.wrangler_state), cfg.namespace_id)
         token = settings.secret(cfg.api_token_env)
         if not token:
             raise SourceError(f"remote KV needs an API token in ${cfg.api_token_env}", source=name)
         assert cfg.account_id and cfg.namespace_id
-        store = KvRestClient(
+        return KvRestClient(
             account_id=cfg.account_id,
             namespace_id=cfg.namespace_id,
             api_token=token,
@@ -649,4 +660,5 @@ def open_kv_source(name: str, cfg: KvSourceConfig, settings: Settings) -> KvSour
             list_limit=cfg.list_limit,
             max_attempts=cfg.max_attempts,
         )
-    return KvSource(name, cfg, settings, store)
+
+    return KvSource(name, cfg, settings, open_store)

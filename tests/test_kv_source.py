@@ -15,6 +15,7 @@ import pytest
 
 from producers.kv_mapping import KvEntry, MapContext, MappingError, compile_pattern, map_cache
 from producers.kv_source import (
+    Counts,
     KvJsonFile,
     KvRestClient,
     KvSource,
@@ -23,8 +24,9 @@ from producers.kv_source import (
     miniflare_kv_filename,
 )
 from producers.registry import open_source
-from shared.errors import KvError
+from shared.errors import KvError, SourceError
 from shared.settings import Settings
+from tests.conftest import Env
 from tests.fakes.kv_server import FakeKV
 
 NS = "0f2ac74b498b48028cb68387c421e279"
@@ -353,3 +355,24 @@ namespace_id = "{NS}"
     rows = [(s, r[:2]) for s, r in source.snapshot()]
     assert rows == [("users", ["7", 1]), ("users", ["8", 1]), ("watchlists", ["7", "SPY"])]
     source.close()
+
+
+def test_acknowledging_needs_no_token_and_twice_counts_once(env: Env, fake: FakeKV) -> None:
+    env.vars.pop("CLOUDFLARE_API_TOKEN", None)
+    env.write_config(remote_config(fake))
+    source = kv_source(Settings.load(env.vars))
+    try:
+        source.state.start("bot", "a1")
+        source.state.enqueued("bot", "a1", Counts(keys_seen=3), pages=2)
+        source.acknowledge({"attempt": "a1", "page": 0})
+        source.acknowledge({"attempt": "a1", "page": 0})  # a redelivered ack
+        state = source.state.get("bot")
+        assert state is not None and (state["status"], state["pages_acked"]) == ("enqueued", 1)
+        source.acknowledge({"attempt": "old", "page": 1})  # an earlier attempt's page
+        assert source.state.get("bot")["status"] == "enqueued"  # type: ignore[index]
+        source.acknowledge({"attempt": "a1", "page": 1})
+        assert source.state.get("bot")["status"] == "complete"  # type: ignore[index]
+        with pytest.raises(SourceError, match="API token"):
+            next(iter(source.store.list_keys("")))
+    finally:
+        source.close()
