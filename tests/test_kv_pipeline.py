@@ -251,3 +251,33 @@ def test_a_child_page_before_its_parent_waits_and_lands(env: Env, fake: FakeKV) 
     assert pg_rows(env.pg_url, "SELECT count(*) FROM failed_ingestions") == [(0,)]
     waited = pg_rows(env.pg_url, "SELECT attempts FROM ingestion_runs WHERE stream = 'watchlists'")
     assert waited and waited[0][0] > 1
+
+
+def test_cli_produce_twice_is_once_and_status_shows_the_migration(env: Env) -> None:
+    """As an operator runs it: `sluice produce` (a local JSON export), twice; `sluice status`."""
+    import json
+    import time
+
+    from tests.test_cli import sluice
+
+    export = env.dir / "kv.json"
+    data = bot_data(7)
+    export.write_text(json.dumps([{"key": k, "value": json.dumps(v)} for k, v in data.items()]))
+    env.write_config(f'[sources.bot]\nkind = "kv"\nmode = "local"\npath = "{export}"\n')
+    migrate_sqlite(env.sqlite_path)
+    ctx = app.configure(Settings.load(env.vars))
+    with start_workers(env):
+        first = sluice("produce", "bot", "--json", env=env.vars)
+        assert first.returncode == 0, first.stderr
+        assert json.loads(first.stdout)["records"] == 7 + 10 + 7 + 3 + 1
+        deadline = time.monotonic() + 60
+        while ctx.progress.in_flight("bot"):
+            assert time.monotonic() < deadline, "pages not committed"
+            time.sleep(0.2)
+        second = sluice("produce", "bot", "--json", env=env.vars)
+        assert json.loads(second.stdout)["pages"] == 0
+        status = sluice("status", env=env.vars)
+    assert status.returncode == 0, status.stderr
+    assert f"migration complete: {len(data)} keys, 28 records, 0 dead letters" in status.stdout
+    assert pg_rows(env.pg_url, "SELECT count(*) FROM watchlists") == [(10,)]
+    assert lite_rows(env, "SELECT count(*) FROM executions") == [(7,)]

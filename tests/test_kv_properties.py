@@ -408,3 +408,34 @@ def test_p22_to_p26_common_queries_use_an_index(
     finally:
         pg.close()
     assert "Index" in plan and "Seq Scan" not in plan, plan
+
+
+# -- seed 001: report snapshots are upserted by (scheduled_date, report_type) --------------------
+
+SNAPSHOTS = st.lists(
+    st.tuples(
+        st.sampled_from(["2025-01-01", "2025-01-02"]),
+        st.sampled_from(["pre-market", "end-of-day"]),
+        st.text(min_size=1, max_size=30).filter(lambda s: "\x00" not in s),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(PROPS, max_examples=15)
+@given(snapshots=SNAPSHOTS)
+def test_scheduled_job_results_last_write_wins_per_date_and_type(
+    sinks: list[Sink], snapshots: list[tuple[str, str, str]]
+) -> None:
+    stream = CATALOG["scheduled_job_results"]
+    assert stream.conflict == "update"
+    last = {(d, t): c for d, t, c in snapshots}
+    for sink in sinks:
+        query(sink, "DELETE FROM scheduled_job_results")
+        for d, t, c in snapshots:  # one page each: later pages replace earlier snapshots
+            write(sink, stream, [[d, t, c, None, "cron", None]])
+        rows = query(
+            sink, "SELECT scheduled_date, report_type, report_content FROM scheduled_job_results"
+        )
+        assert {(d, t): c for d, t, c in rows} == last and len(rows) == len(last)
