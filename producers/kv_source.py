@@ -172,7 +172,9 @@ class KvRestClient(CloudflareClient):
         except KvError as exc:
             if exc.code == KEY_NOT_FOUND:
                 return None  # deleted or expired since it was listed
-            raise KvError(exc.message, status=exc.status, code=exc.code, key=key) from exc
+            raise KvError(
+                exc.message, status=exc.status, code=exc.code, transient=exc.transient, key=key
+            ) from exc
         data: bytes = response.content
         try:
             return data.decode("utf-8")
@@ -464,7 +466,8 @@ class KvSource:
             stream = self.settings.stream(stream_name)
             batch: list[tuple[KeyInfo, dict[str, str]]] = []
             for info in self.store.list_keys(prefix):
-                if info.name not in listed:
+                first_seen = info.name not in listed
+                if first_seen:
                     listed.add(info.name)
                     self.counts.keys_seen += 1
                 owner = next(
@@ -476,7 +479,7 @@ class KvSource:
                     None,
                 )
                 if owner is None:
-                    self.counts.keys_unmapped += 1
+                    self.counts.keys_unmapped += first_seen
                     continue
                 if owner[0] != index:
                     continue  # another pattern (listed under its own prefix) maps it
@@ -541,17 +544,12 @@ class KvSource:
         if after is not None:
             log.info("source %s: pages of the last run are in flight; nothing to do", self.name)
             return
-        try:
-            state = self.state.get(self.name)
-        except SQLAlchemyError as exc:
-            raise TransientSourceError(
-                f"cannot read the migration state: {type(exc).__name__}", source=self.name
-            ) from exc
+        state = self._state_call(self.state.get, self.name)
         if state is not None and state["status"] == "complete" and self.cfg.once:
             log.info("source %s: migration complete; nothing to do", self.name)
             return
         attempt = uuid.uuid4().hex
-        self.state.start(self.name, attempt)
+        self._state_call(self.state.start, self.name, attempt)
         self.counts = Counts()
         problems: list[Problem] = []
 
@@ -577,7 +575,15 @@ class KvSource:
         self._dead_letter(problems, attempt)
         if self.counts.keys_gone:
             self.anomalies.append(f"{self.counts.keys_gone} key(s) gone between list and read")
-        self.state.enqueued(self.name, attempt, self.counts, pages)
+        self._state_call(self.state.enqueued, self.name, attempt, self.counts, pages)
+
+    def _state_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except SQLAlchemyError as exc:  # the state database is down: the next run retries
+            raise TransientSourceError(
+                f"migration state unavailable: {type(exc).__name__}", source=self.name
+            ) from exc
 
     def _page(self, stream: Stream, rows: list[list[Any]], attempt: str, n: int) -> SourcePage:
         return SourcePage(
