@@ -4,7 +4,9 @@ Runs on the queue of its sink (`ingest.postgres`, `.sqlite`, `.d1`). Every outco
 - committed: the page's valid records are in the sink (once, whatever the deliveries);
 - transient sink error: the page is retried with exponential backoff and full jitter; when the
   retries run out its records become dead letters, never dropped;
-- invalid records and records the sink refused: dead letters, while the rest is committed.
+- invalid records and records the sink refused: dead letters, while the rest is committed;
+- records whose parent row is missing (a foreign key): the page is retried a bounded number of
+  times first, because the parent may be in a page still on its way (see `_waits_for_parent`).
 The message is acknowledged only when the task returns (late ack), so a killed worker's page is
 delivered again and the keyed writes make that harmless.
 """
@@ -23,6 +25,7 @@ from celery import Task
 from consumers.dead_letter import DeadLetter, send_dead_letters
 from shared.celery_app import app
 from shared.errors import (
+    ForeignKeyViolationError,
     MessageError,
     RejectedBySinkError,
     SinkError,
@@ -87,8 +90,14 @@ def ingest(self: Task, body: object) -> dict[str, Any]:
         rejected += [Rejected(r, None, str(exc), "RetriesExhausted") for r in rows]
         result = WriteResult(0, 0)
     except RejectedBySinkError as exc:
+        waits = _waits_for_parent(stream, self.request.retries, ctx.settings.pipeline.fk_retries)
+        if waits and isinstance(exc, ForeignKeyViolationError):
+            raise _retry_for_parent(self, page, exc) from exc
         # The database refused something validation let through: isolate it.
         result, refused = _isolate(sink, stream, rows, meta, exc)
+        if waits and any(r.error_class == FK_ERROR for r in refused):
+            # Parts already committed are skipped on redelivery (their sub-page ids are known).
+            raise _retry_for_parent(self, page, exc) from exc
         rejected += refused
     except SinkError as exc:
         log.error("page %s to %s failed: %s", page.id, page.sink, exc)
@@ -111,6 +120,48 @@ def ingest(self: Task, body: object) -> dict[str, Any]:
     }
 
 
+FK_ERROR = "ForeignKeyViolation"
+
+
+def _waits_for_parent(stream: Stream, retries: int, fk_retries: int) -> bool:
+    """Whether a foreign-key failure of this page should be retried rather than dead-lettered.
+
+    Parents are enqueued before their children (a KV migration yields its `users` pages first),
+    but pages travel through the queues and workers in parallel, so a child page can reach the
+    database before its parent's page has committed. Making the producer wait for the parents'
+    commit would serialise runs on the workers; instead the child page is retried a bounded
+    number of times (doubling delays, about 15 s in all by default). A child whose parent never
+    arrives then becomes a dead letter naming the missing parent; the rest of its page commits."""
+    return bool(stream.foreign_keys) and retries < fk_retries
+
+
+def _retry_for_parent(task: Task, page: Page, exc: ForeignKeyViolationError | Exception) -> Any:
+    ctx = app.context
+    retries = task.request.retries
+    cap = ctx.settings.pipeline.visibility_timeout / 10
+    delay = min(cap, ctx.settings.pipeline.fk_retry_seconds * 2**retries)
+    log.info(
+        "page %s to %s: parent rows missing; retry %d in %.1fs",
+        page.id,
+        page.sink,
+        retries + 1,
+        delay,
+    )
+    return task.retry(exc=exc, countdown=delay, max_retries=retries + 1)
+
+
+def _refused(stream: Stream, row: Sequence[Any], exc: RejectedBySinkError) -> Rejected:
+    if isinstance(exc, ForeignKeyViolationError) and stream.foreign_keys:
+        names = stream.column_names
+        parents = "; ".join(
+            f"parent {fk.parent_table}.{fk.parent_column}="
+            f"{row[names.index(fk.column)] if fk.column in names else '?'} missing"
+            for fk in stream.foreign_keys
+        )
+        return Rejected(row, None, f"{parents} ({exc.message})", FK_ERROR)
+    return Rejected(row, None, exc.message, "RejectedBySink")
+
+
 def _isolate(
     sink: Any, stream: Stream, rows: list[list[Any]], meta: PageMeta, first: RejectedBySinkError
 ) -> tuple[WriteResult, list[Rejected]]:
@@ -124,7 +175,7 @@ def _isolate(
     half = len(rows) // 2
     stack: list[tuple[int, int]] = [(half, len(rows)), (0, half)]
     if len(rows) == 1:
-        refused.append(Rejected(rows[0], None, first.message, "RejectedBySink"))
+        refused.append(_refused(stream, rows[0], first))
         stack = []
     while stack:
         lo, hi = stack.pop()
@@ -144,7 +195,7 @@ def _isolate(
             inserted += sink.write(stream, part, sub).inserted
         except RejectedBySinkError as exc:
             if hi - lo == 1:
-                refused.append(Rejected(part[0], None, exc.message, "RejectedBySink"))
+                refused.append(_refused(stream, part[0], exc))
             else:
                 mid = (lo + hi) // 2
                 stack += [(mid, hi), (lo, mid)]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import SluiceError
-from shared.settings import D1SourceConfig, Settings
+from shared.settings import D1SourceConfig, KvSourceConfig, Settings
 
 
 def _settings() -> Settings:
@@ -28,7 +28,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     for name, src in sources.items():
         sched = src.schedule.model_dump(exclude_none=True) if src.schedule else "manual"
         kind = f"{src.kind} {src.mode}" if isinstance(src, D1SourceConfig) else src.kind
-        print(f"  source {name}: {kind} → {src.stream} (schedule: {sched})")
+        target = ", ".join(src.streams) if isinstance(src, KvSourceConfig) else src.stream
+        print(f"  source {name}: {kind} → {target} (schedule: {sched})")
     if s.d1_sink is not None:
         token = "set" if s.secret(s.d1_sink.api_token_env) else "NOT SET"
         print(

@@ -35,7 +35,7 @@ from shared.celery_app import QUEUES
 from shared.context import Context
 from shared.database import postgres_engine
 from shared.errors import SluiceError
-from shared.settings import D1SourceConfig, HttpSourceConfig, Settings
+from shared.settings import AnySource, D1SourceConfig, KvSourceConfig, Settings
 from shared.streams import Stream
 
 CONNECT_TIMEOUT = 5  # seconds; operator tools must answer even when a server is unreachable
@@ -258,8 +258,8 @@ def last_commit(
         lite.close()
 
 
-def configured_sources(settings: Settings) -> dict[str, D1SourceConfig | HttpSourceConfig]:
-    """Every configured source by name, of every kind (D1 and HTTP APIs)."""
+def configured_sources(settings: Settings) -> dict[str, AnySource]:
+    """Every configured source by name, of every kind (D1, HTTP APIs, KV)."""
     return dict(settings.all_sources)
 
 
@@ -299,6 +299,27 @@ def d1_unprocessed(cfg: Any, stream: Stream) -> int | None:
         return int(row[0])
     finally:
         conn.close()
+
+
+def kv_migration(engine: Engine, source: str) -> dict[str, Any] | None:
+    """A one-time KV source's migration (`source_migrations`): state, what it saw, pages
+    committed by every sink out of those enqueued. None before its first run."""
+    from producers.kv_source import MigrationState
+
+    row = MigrationState(engine).get(source)
+    if row is None:
+        return None
+    return {
+        "status": row["status"],
+        "keys_seen": int(row["keys_seen"]),
+        "keys_unmapped": int(row["keys_unmapped"]),
+        "records": int(row["records"]),
+        "dead_letters": int(row["dead_letters"]),
+        "pages_total": row["pages_total"],
+        "pages_acked": int(row["pages_acked"] or 0),
+        "started_at": _iso(_as_utc(row["started_at"])),
+        "completed_at": _iso(_as_utc(row["completed_at"])),
+    }
 
 
 def last_run(engine: Engine, source: str) -> dict[str, Any] | None:
@@ -389,6 +410,14 @@ def sources_status(ctx: Context, pg: Engine | None, errors: dict[str, str]) -> d
                 mode=cfg.mode,
                 lag_seconds=_seconds_since(now, record_time),
                 newest_record=_iso(record_time),
+            )
+        elif isinstance(cfg, KvSourceConfig):
+            entry.update(
+                streams=cfg.streams,
+                mode=cfg.mode,
+                migration=_part(errors, f"migration:{name}", partial(kv_migration, pg, name))
+                if pg is not None
+                else None,
             )
         else:
             cursors = (
@@ -572,6 +601,13 @@ def format_status(doc: dict[str, Any]) -> str:
                 run_text += f" — {run['error'][:60]}"
         else:
             run_text = "never ran"
+        if s.get("migration"):
+            m = s["migration"]
+            run_text += (
+                f"; migration {m['status']}: {m['keys_seen']} keys, {m['records']} records,"
+                f" {m['dead_letters']} dead letters, pages {m['pages_acked']}/"
+                f"{m['pages_total'] if m['pages_total'] is not None else '?'}"
+            )
         backlog = "—" if s.get("unprocessed") is None else s["unprocessed"]
         flight = "—" if s.get("pages_in_flight") is None else s["pages_in_flight"]
         out.append(

@@ -1,9 +1,14 @@
-"""Client for the Cloudflare D1 REST query API.
+"""Cloudflare REST client (envelope, auth, retries) and the D1 query API on top of it.
 
-`POST {base}/accounts/{account}/d1/database/{database}/query` with either `{"sql", "params"}` or
-`{"batch": [...]}` (one D1 transaction). Retries follow the official Cloudflare Python SDK
-(429/408/409/5xx, connection errors, `retry-after-ms` / `retry-after`, capped exponential backoff)
-plus D1's documented transient 7500 messages.
+`CloudflareClient` is the transport every Cloudflare API shares (D1 here, Workers KV in
+producers/kv_source.py): Bearer auth, the `{"success","errors","result","result_info"}` envelope
+(`success:false` inside a 2xx is a failure), and retries that follow the official Cloudflare Python
+SDK (429/408/409/5xx, code 971, connection errors, `retry-after-ms` / `retry-after`, capped
+exponential backoff).
+
+`D1Client`: `POST {base}/accounts/{account}/d1/database/{database}/query` with either
+`{"sql", "params"}` or `{"batch": [...]}` (one D1 transaction), plus D1's documented transient 7500
+messages.
 
 Retries re-send the whole request, and a timed-out or truncated request may already have been
 committed by D1, so writes sent through this client must be idempotent (UPSERT, not plain INSERT).
@@ -24,7 +29,7 @@ from urllib.parse import quote
 
 import requests
 
-from shared.errors import D1Error
+from shared.errors import CloudflareError, D1Error
 
 log = logging.getLogger(__name__)
 
@@ -222,11 +227,188 @@ def _retryable_status(status: int) -> bool:
     return status in RETRY_STATUSES or status >= 500
 
 
-class D1Client:
-    """Runs SQL on one D1 database over the REST API.
+class CloudflareClient:
+    """Sends requests to one Cloudflare API with the SDK's retry rules; raises `error_type`.
 
     Uses one `requests.Session`, which is not guaranteed thread-safe: one client per thread.
     """
+
+    error_type: type[CloudflareError] = CloudflareError
+
+    def __init__(
+        self,
+        *,
+        api_token: str,
+        base_url: str = "https://api.cloudflare.com/client/v4",
+        session: requests.Session | None = None,
+        timeout: tuple[float, float] = (5.0, 60.0),
+        max_attempts: int = 5,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not api_token:
+            raise ValueError("api_token must not be empty")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        self.base_url = base_url.rstrip("/")
+        self._token = api_token
+        self._owns_session = session is None
+        self._session = session if session is not None else requests.Session()
+        self._timeout = timeout
+        self._max_attempts = max_attempts
+        self._sleep = sleep
+
+    def close(self) -> None:
+        if self._owns_session:
+            self._session.close()
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        raw: bool = False,
+        check: Callable[[dict[str, Any], int, Mapping[str, str]], Any] | None = None,
+    ) -> Any:
+        """Send until success or a permanent error. Returns the parsed envelope (after `check`,
+        which may return a `_Retryable`), or with `raw` the 2xx `requests.Response` itself
+        (KV values are raw bytes, not an envelope; errors still are)."""
+        payload = None
+        if body is not None:
+            data = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+            payload = data.encode("utf-8")
+        attempt = 1
+        while True:
+            outcome = self._attempt(method, url, params, payload, raw, check)
+            if not isinstance(outcome, _Retryable):
+                return outcome
+            if attempt >= self._max_attempts:
+                raise self.error_type(
+                    self._redact(outcome.message),
+                    status=outcome.status,
+                    code=outcome.code,
+                    transient=True,
+                    endpoint=url,
+                    attempts=attempt,
+                ) from outcome.cause
+            delay = retry_delay(attempt - 1, outcome.headers)
+            log.warning(
+                "Cloudflare request %s %s failed (%s); retrying in %.2fs (attempt %d of %d)",
+                method,
+                url,
+                self._redact(outcome.message),
+                delay,
+                attempt + 1,
+                self._max_attempts,
+            )
+            self._sleep(delay)
+            attempt += 1
+
+    def _attempt(
+        self,
+        method: str,
+        url: str,
+        params: Mapping[str, str] | None,
+        payload: bytes | None,
+        raw: bool,
+        check: Callable[[dict[str, Any], int, Mapping[str, str]], Any] | None,
+    ) -> Any:
+        headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            response = self._session.request(
+                method, url, params=params, data=payload, headers=headers, timeout=self._timeout
+            )
+        except requests.Timeout as exc:
+            return _Retryable(f"request timed out ({type(exc).__name__})", cause=exc)
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+            return _Retryable(f"connection failed: {type(exc).__name__}: {exc}", cause=exc)
+        except requests.RequestException as exc:
+            raise self.error_type(
+                self._redact(f"request could not be sent: {type(exc).__name__}: {exc}"),
+                transient=False,
+                endpoint=url,
+            ) from exc
+        if raw and 200 <= response.status_code < 300:
+            return response
+        return self._handle(method, url, response, check)
+
+    def _handle(
+        self,
+        method: str,
+        url: str,
+        response: requests.Response,
+        check: Callable[[dict[str, Any], int, Mapping[str, str]], Any] | None,
+    ) -> Any:
+        status = response.status_code
+        headers = response.headers
+        ok = 200 <= status < 300
+        envelope: Any = None
+        problem: str | None = None
+        try:
+            # Cloudflare declares charset=UTF-8; decoding explicitly stops json guessing UTF-16/32.
+            text = response.content.decode("utf-8")
+            envelope = json.loads(text, parse_constant=_reject_constant)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+            problem = str(exc)
+        else:
+            if not isinstance(envelope, dict):
+                problem = f"top level is {type(envelope).__name__}, not an object"
+
+        if problem is not None:
+            content_type = headers.get("Content-Type") or "no content type"
+            if ok:
+                # A 2xx whose body does not parse is most likely a proxy or connection hiccup.
+                message = (
+                    f"malformed JSON in HTTP {status} response from {method} {url}: "
+                    f"{problem} ({content_type}, {len(response.content)} bytes, "
+                    f"body starts {_snippet(response.content, 80)!r})"
+                )
+                retry = _override(True, headers)
+            else:
+                message = (
+                    f"HTTP {status} with non-JSON body ({content_type}): "
+                    f"{_snippet(response.content)!r}"
+                )
+                retry = _override(_retryable_status(status), headers)
+            if retry:
+                return _Retryable(message, status=status, headers=headers)
+            raise self.error_type(self._redact(message), status=status, endpoint=url)
+
+        if not ok or envelope.get("success") is not True:
+            code, server_message = _first_error(envelope)
+            reason = server_message or (
+                f"HTTP {status} with success={envelope.get('success')!r} and no errors"
+            )
+            transient = (
+                _retryable_status(status)
+                or code == RATE_LIMIT_CODE
+                or self._transient_message(reason)
+            )
+            if _override(transient, headers):
+                return _Retryable(reason, status=status, code=code, headers=headers)
+            raise self.error_type(self._redact(reason), status=status, code=code, endpoint=url)
+        return check(envelope, status, headers) if check is not None else envelope
+
+    def _transient_message(self, message: str) -> bool:
+        return False
+
+    def _shape_error(self, url: str, detail: str) -> CloudflareError:
+        return self.error_type(
+            f"unexpected response shape from {url}: {detail}", transient=False, endpoint=url
+        )
+
+    def _redact(self, text: str) -> str:
+        # Defence in depth: nothing we build should contain the token, but bodies are server text.
+        return text.replace(self._token, "[redacted]")
+
+
+class D1Client(CloudflareClient):
+    """Runs SQL on one D1 database over the REST API."""
+
+    error_type = D1Error
 
     def __init__(
         self,
@@ -247,21 +429,20 @@ class D1Client:
         ):
             if not value:
                 raise ValueError(f"{name} must not be empty")
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        super().__init__(
+            api_token=api_token,
+            base_url=base_url,
+            session=session,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            sleep=sleep,
+        )
         self.account_id = account_id
         self.database_id = database_id
-        self.base_url = base_url.rstrip("/")
         self.endpoint = (
             f"{self.base_url}/accounts/{quote(account_id, safe='')}"
             f"/d1/database/{quote(database_id, safe='')}/query"
         )
-        self._token = api_token
-        self._owns_session = session is None
-        self._session = session if session is not None else requests.Session()
-        self._timeout = timeout
-        self._max_attempts = max_attempts
-        self._sleep = sleep
 
     def __repr__(self) -> str:
         # Deliberately leaves out the token.
@@ -269,10 +450,6 @@ class D1Client:
             f"D1Client(account_id={self.account_id!r}, database_id={self.database_id!r}, "
             f"base_url={self.base_url!r})"
         )
-
-    def close(self) -> None:
-        if self._owns_session:
-            self._session.close()
 
     def __enter__(self) -> D1Client:
         return self
@@ -285,7 +462,9 @@ class D1Client:
         result = self._post(_statement(sql, params, "query"))
         rows = result[0].get("results") if result else None
         if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-            raise self._shape_error("result[0].results is not a list of row objects")
+            raise self._shape_error(
+                f"POST {self.endpoint}", "result[0].results is not a list of row objects"
+            )
         return rows
 
     def batch(self, statements: Sequence[tuple[str, Sequence[object]]]) -> list[dict[str, Any]]:
@@ -302,112 +481,24 @@ class D1Client:
         ]
         return self._post({"batch": body})
 
-    # -- transport ------------------------------------------------------------------------------
-
     def _post(self, body: dict[str, Any]) -> list[dict[str, Any]]:
-        data = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        payload = data.encode("utf-8")
-        attempt = 1
-        while True:
-            outcome = self._attempt(payload)
-            if not isinstance(outcome, _Retryable):
-                return outcome
-            if attempt >= self._max_attempts:
-                raise D1Error(
-                    self._redact(outcome.message),
-                    status=outcome.status,
-                    code=outcome.code,
-                    transient=True,
-                    endpoint=self.endpoint,
-                    attempts=attempt,
-                ) from outcome.cause
-            delay = retry_delay(attempt - 1, outcome.headers)
-            log.warning(
-                "D1 request to %s failed (%s); retrying in %.2fs (attempt %d of %d)",
-                self.endpoint,
-                self._redact(outcome.message),
-                delay,
-                attempt + 1,
-                self._max_attempts,
-            )
-            self._sleep(delay)
-            attempt += 1
+        result: list[dict[str, Any]] = self.request(
+            "POST", self.endpoint, body=body, check=self._check_result
+        )
+        return result
 
-    def _attempt(self, payload: bytes) -> list[dict[str, Any]] | _Retryable:
-        headers = {
-            "Authorization": f"Bearer {self._token}",
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-        }
-        try:
-            response = self._session.post(
-                self.endpoint, data=payload, headers=headers, timeout=self._timeout
-            )
-        except requests.Timeout as exc:
-            return _Retryable(f"request timed out ({type(exc).__name__})", cause=exc)
-        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-            return _Retryable(f"connection failed: {type(exc).__name__}: {exc}", cause=exc)
-        except requests.RequestException as exc:
-            raise D1Error(
-                self._redact(f"request could not be sent: {type(exc).__name__}: {exc}"),
-                transient=False,
-                endpoint=self.endpoint,
-            ) from exc
-        return self._handle(response)
+    def _transient_message(self, message: str) -> bool:
+        return is_transient_d1_message(message)
 
-    def _handle(self, response: requests.Response) -> list[dict[str, Any]] | _Retryable:
-        status = response.status_code
-        headers = response.headers
-        ok = 200 <= status < 300
-        envelope: Any = None
-        problem: str | None = None
-        try:
-            # D1 declares charset=UTF-8; decoding explicitly stops json guessing UTF-16/32.
-            text = response.content.decode("utf-8")
-            envelope = json.loads(text, parse_constant=_reject_constant)
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
-            problem = str(exc)
-        else:
-            if not isinstance(envelope, dict):
-                problem = f"top level is {type(envelope).__name__}, not an object"
-
-        if problem is not None:
-            content_type = headers.get("Content-Type") or "no content type"
-            if ok:
-                # A 2xx whose body does not parse is most likely a proxy or connection hiccup.
-                message = (
-                    f"malformed JSON in HTTP {status} response from POST {self.endpoint}: "
-                    f"{problem} ({content_type}, {len(response.content)} bytes, "
-                    f"body starts {_snippet(response.content, 80)!r})"
-                )
-                retry = _override(True, headers)
-            else:
-                message = (
-                    f"HTTP {status} with non-JSON body ({content_type}): "
-                    f"{_snippet(response.content)!r}"
-                )
-                retry = _override(_retryable_status(status), headers)
-            if retry:
-                return _Retryable(message, status=status, headers=headers)
-            raise D1Error(self._redact(message), status=status, endpoint=self.endpoint)
-
-        if not ok or envelope.get("success") is not True:
-            code, server_message = _first_error(envelope)
-            reason = server_message or (
-                f"HTTP {status} with success={envelope.get('success')!r} and no errors"
-            )
-            transient = (
-                _retryable_status(status)
-                or code == RATE_LIMIT_CODE
-                or is_transient_d1_message(reason)
-            )
-            if _override(transient, headers):
-                return _Retryable(reason, status=status, code=code, headers=headers)
-            raise D1Error(self._redact(reason), status=status, code=code, endpoint=self.endpoint)
-
+    def _check_result(
+        self, envelope: dict[str, Any], status: int, headers: Mapping[str, str]
+    ) -> list[dict[str, Any]] | _Retryable:
         result = envelope.get("result")
         if not isinstance(result, list) or not all(isinstance(item, dict) for item in result):
-            raise self._shape_error(f"'result' is {type(result).__name__}, not a list of objects")
+            raise self._shape_error(
+                f"POST {self.endpoint}",
+                f"'result' is {type(result).__name__}, not a list of objects",
+            )
         for index, item in enumerate(result):
             if item.get("success") is False:
                 # D1 can report a statement failure inside an otherwise successful envelope.
@@ -418,14 +509,3 @@ class D1Client:
                     return _Retryable(text, status=status, code=code, headers=headers)
                 raise D1Error(self._redact(text), status=status, code=code, endpoint=self.endpoint)
         return result
-
-    def _shape_error(self, detail: str) -> D1Error:
-        return D1Error(
-            f"unexpected response shape from POST {self.endpoint}: {detail}",
-            transient=False,
-            endpoint=self.endpoint,
-        )
-
-    def _redact(self, text: str) -> str:
-        # Defence in depth: nothing we build should contain the token, but bodies are server text.
-        return text.replace(self._token, "[redacted]")

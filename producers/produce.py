@@ -21,6 +21,7 @@ from shared.celery_app import app, ingest_queue
 from shared.context import Context
 from shared.errors import SluiceError
 from shared.page import Page
+from shared.settings import KvSourceConfig
 
 log = logging.getLogger("sluice.produce")
 
@@ -61,11 +62,13 @@ def run_source(ctx: Context, name: str, max_batches: int | None = None) -> RunSu
             after = ctx.progress.resume_keys(name)
         else:
             after = ctx.progress.resume_after(name)
-        columns = list(stream.column_names)
         for sp in source.pages(after, max_batches or cfg.max_batches):
-            page = Page(uuid.uuid4().hex, stream.name, "", name, run_id, columns, sp.rows)
-            ctx.progress.register(name, page.id, stream.sinks, sp.ack, sp.last_key)
-            for sink in stream.sinks:
+            # A source feeding several streams (KV) names each page's stream.
+            page_stream = ctx.settings.stream(sp.stream) if sp.stream else stream
+            columns = list(page_stream.column_names)
+            page = Page(uuid.uuid4().hex, page_stream.name, "", name, run_id, columns, sp.rows)
+            ctx.progress.register(name, page.id, page_stream.sinks, sp.ack, sp.last_key)
+            for sink in page_stream.sinks:
                 app.send_task(
                     "sluice.ingest", args=[page.for_sink(sink).encode()], queue=ingest_queue(sink)
                 )
@@ -76,7 +79,7 @@ def run_source(ctx: Context, name: str, max_batches: int | None = None) -> RunSu
         if anomalies:  # worked around (the run succeeded); recorded for operators
             summary.error = "anomaly: " + "; ".join(anomalies)[:2000]
     except SluiceError as exc:
-        summary.status, summary.error = "failed", str(exc)
+        summary.status, summary.error = "failed", str(exc)[:2000]
         log.error("source %s run %s failed: %s", name, run_id, exc)
     finally:
         if source is not None:
@@ -89,6 +92,8 @@ def run_source(ctx: Context, name: str, max_batches: int | None = None) -> RunSu
 
 def stream_name(ctx: Context, source: str) -> str:
     cfg = ctx.settings.source_config(source)
+    if isinstance(cfg, KvSourceConfig):
+        return ",".join(cfg.streams)[:200]  # a KV source feeds several streams
     return cfg.stream if cfg else "unknown"
 
 

@@ -11,6 +11,7 @@ from shared.settings import (
     CoinGeckoSourceConfig,
     CryptoCompareSourceConfig,
     D1SourceConfig,
+    KvSourceConfig,
     Settings,
 )
 
@@ -22,6 +23,10 @@ def open_source(settings: Settings, name: str) -> Source:
         raise SourceError(f"unknown source {name!r} (known: {known})", source=name)
     if isinstance(cfg, D1SourceConfig):
         return open_d1_source(name, cfg, settings)
+    if isinstance(cfg, KvSourceConfig):
+        from producers.kv_source import open_kv_source
+
+        return open_kv_source(name, cfg, settings)
     stream = settings.stream(cfg.stream)
     # Imported here: a D1-only deployment never loads the HTTP adapters.
     if isinstance(cfg, BinanceSourceConfig):

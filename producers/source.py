@@ -18,11 +18,13 @@ class SourcePage:
     rows: list[list[Any]]  # in the stream's column order
     ack: Any  # what `acknowledge` needs (msgpack-serialisable)
     last_key: Any  # where the next page starts (keyset)
+    # The page's stream when the source feeds several (a KV namespace); None: `source.stream`.
+    stream: str | None = None
 
 
 class Source(Protocol):
     name: str
-    stream: Stream
+    stream: Stream  # the stream of pages that name none (SourcePage.stream)
 
     def pages(self, after: Any | None, max_pages: int) -> Iterator[SourcePage]: ...
 

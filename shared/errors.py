@@ -48,8 +48,8 @@ class TransientSourceError(SourceError):
     transient = True
 
 
-class D1Error(SourceError):
-    """The D1 REST API answered with an error (HTTP status, Cloudflare code, message)."""
+class CloudflareError(SourceError):
+    """A Cloudflare REST API answered with an error (HTTP status, Cloudflare code, message)."""
 
     def __init__(
         self,
@@ -66,6 +66,15 @@ class D1Error(SourceError):
         super().__init__(message, status=status, code=code, **context)
 
 
+class D1Error(CloudflareError):
+    """The D1 REST API answered with an error."""
+
+
+class KvError(CloudflareError):
+    """The Workers KV REST API (or a local KV store) answered with an error; context names the
+    namespace and, when known, the key."""
+
+
 class SinkError(SluiceError):
     """Writing a page to a sink failed."""
 
@@ -78,6 +87,12 @@ class TransientSinkError(SinkError):
 
 class RejectedBySinkError(SinkError):
     """The database rejected the page's data (a constraint, a value out of range)."""
+
+
+class ForeignKeyViolationError(RejectedBySinkError):
+    """A record's parent row is missing. Permanent for the record, but the parent may be on its
+    way in another page (parents and children travel in parallel): the consumer retries a few
+    times before dead-lettering (consumers/ingest.py)."""
 
 
 class UnknownStreamError(SluiceError):

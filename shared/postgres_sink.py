@@ -18,7 +18,12 @@ import psycopg2.errorcodes
 import psycopg2.extensions
 
 from shared.database import libpq_dsn
-from shared.errors import RejectedBySinkError, SinkError, TransientSinkError
+from shared.errors import (
+    ForeignKeyViolationError,
+    RejectedBySinkError,
+    SinkError,
+    TransientSinkError,
+)
 from shared.sink import PageMeta, WriteResult, conflict_clause, quote
 from shared.streams import Stream
 
@@ -154,6 +159,8 @@ def classify(exc: psycopg2.Error, stream: str) -> SinkError:
         return TransientSinkError(f"connection lost: {message}", sink="postgres", stream=stream)
     if code[:2] in _TRANSIENT_CLASSES:
         return TransientSinkError(message, sink="postgres", stream=stream, sqlstate=code)
+    if code == psycopg2.errorcodes.FOREIGN_KEY_VIOLATION:
+        return ForeignKeyViolationError(message, sink="postgres", stream=stream, sqlstate=code)
     if code[:2] in _REJECT_CLASSES:
         return RejectedBySinkError(message, sink="postgres", stream=stream, sqlstate=code)
     return SinkError(message, sink="postgres", stream=stream, sqlstate=code)

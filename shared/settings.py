@@ -77,6 +77,88 @@ class D1SourceConfig(_Model):
 
 SourceConfig = D1SourceConfig
 
+# Streams a KV key can be mapped to: each has one mapper in producers/kv_mapping.py.
+KV_STREAMS = ("users", "watchlists", "executions", "active_positions", "cache")
+
+
+class KvKeyConfig(_Model):
+    """KV keys matching `pattern` become records of `stream`. `{chatId}` (any `{name}`) matches
+    one or more characters and is handed to the stream's mapper; the rest matches literally."""
+
+    pattern: Annotated[str, Field(min_length=1, max_length=512)]
+    stream: str
+
+    @model_validator(mode="after")
+    def _known(self) -> KvKeyConfig:
+        if self.stream not in KV_STREAMS:
+            expected = ", ".join(KV_STREAMS)
+            raise ValueError(
+                f"stream {self.stream!r} has no KV mapper (expected one of: {expected})"
+            )
+        if self.stream in ("watchlists", "executions", "active_positions") and (
+            "{chatId}" not in self.pattern
+        ):
+            raise ValueError(f"pattern for {self.stream} must contain {{chatId}}: {self.pattern!r}")
+        return self
+
+
+def _seed_kv_keys() -> list[KvKeyConfig]:
+    """Seed 002's mapping of the bot's keys to tables."""
+    return [
+        KvKeyConfig(pattern="chat_ids", stream="users"),
+        KvKeyConfig(pattern="watchlist:{chatId}", stream="watchlists"),
+        KvKeyConfig(pattern="execution_history:{chatId}", stream="executions"),
+        KvKeyConfig(pattern="active_position:{chatId}", stream="active_positions"),
+        KvKeyConfig(pattern="fear_greed_cache", stream="cache"),
+    ]
+
+
+class KvSourceConfig(_Model):
+    """A Workers KV namespace migrated to tables: remote (REST API) or local (wrangler's state
+    folder, or a JSON export). One-time by default: once every page is committed the migration
+    is complete and later runs do nothing."""
+
+    kind: Literal["kv"]
+    mode: Literal["local", "remote"] = "remote"
+    account_id: str | None = None
+    namespace_id: str | None = None
+    api_token_env: str = "CLOUDFLARE_API_TOKEN"
+    base_url: str = "https://api.cloudflare.com/client/v4"
+    path: str | None = None  # local: a JSON export [{"key","value","expiration"?,"metadata"?}]
+    wrangler_state: str | None = None  # local: wrangler's .wrangler/state (with namespace_id)
+    keys: Annotated[list[KvKeyConfig], Field(min_length=1)] = Field(default_factory=_seed_kv_keys)
+    once: bool = True
+    # Expiry of a cache entry without a KV expiration: its own timestamp (or now) plus this.
+    cache_ttl_seconds: Annotated[float, Field(ge=0)] = 3600.0
+    list_limit: Annotated[int, Field(ge=10, le=1000)] = 1000
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
+    # Not used to cut a run short: a migration enqueues the whole namespace in one run.
+    max_batches: Annotated[int, Field(ge=1)] = 1_000_000
+    schedule: Schedule | None = None
+
+    @property
+    def stream(self) -> str:
+        """The first stream (parents first: the users); a KV source feeds every `keys` stream."""
+        return self.ordered_keys()[0].stream
+
+    @property
+    def streams(self) -> list[str]:
+        return list(dict.fromkeys(k.stream for k in self.ordered_keys()))
+
+    def ordered_keys(self) -> list[KvKeyConfig]:
+        """Parent streams first (users has no foreign key), otherwise in the configured order."""
+        return sorted(
+            self.keys, key=lambda k: k.stream in ("watchlists", "executions", "active_positions")
+        )
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> KvSourceConfig:
+        if self.mode == "local" and not (self.path or (self.wrangler_state and self.namespace_id)):
+            raise ValueError("local mode needs 'path', or 'wrangler_state' with 'namespace_id'")
+        if self.mode == "remote" and not (self.account_id and self.namespace_id):
+            raise ValueError("remote mode needs 'account_id' and 'namespace_id'")
+        return self
+
 
 class RateLimitConfig(_Model):
     """A budget shared by every process on every machine (kept in Redis): at most `limit` units
@@ -209,9 +291,11 @@ class AceIotSourceConfig(_HttpSourceConfig):
 HttpSourceConfig = (
     BinanceSourceConfig | CoinGeckoSourceConfig | CryptoCompareSourceConfig | AceIotSourceConfig
 )
-SOURCE_KINDS = ("d1", "binance", "coingecko", "cryptocompare", "aceiot")
+AnySource = D1SourceConfig | HttpSourceConfig | KvSourceConfig
+SOURCE_KINDS = ("d1", "binance", "coingecko", "cryptocompare", "aceiot", "kv")
 AnySourceConfig = Annotated[
     D1SourceConfig
+    | KvSourceConfig
     | BinanceSourceConfig
     | CoinGeckoSourceConfig
     | CryptoCompareSourceConfig
@@ -258,6 +342,10 @@ class PipelineConfig(_Model):
     # A page in flight longer than this is presumed lost and its rows are read again.
     inflight_lease: Annotated[float, Field(gt=0)] = 4 * 3600
     max_retries: Annotated[int, Field(ge=0, le=100)] = 8
+    # A child record whose parent is missing (a foreign key) waits for the parent's page this
+    # many times, `fk_retry_seconds` doubling each time, before it becomes a dead letter.
+    fk_retries: Annotated[int, Field(ge=0, le=20)] = 4
+    fk_retry_seconds: Annotated[float, Field(gt=0)] = 1.0
     sqlite_busy_timeout_ms: Annotated[int, Field(ge=0)] = 30_000
 
 
@@ -283,6 +371,7 @@ class Settings:
     env: Mapping[str, str] = field(repr=False, default_factory=dict)
     http_sources: dict[str, HttpSourceConfig] = field(default_factory=dict)
     d1_sink: D1SinkConfig | None = None  # [sinks.d1]: the remote D1 sink, when configured
+    kv_sources: dict[str, KvSourceConfig] = field(default_factory=dict)
 
     @property
     def sinks_used(self) -> tuple[str, ...]:
@@ -290,12 +379,12 @@ class Settings:
         used = {s for st in self.streams.values() for s in st.sinks}
         return tuple(s for s in SINK_NAMES if s in used)
 
-    def source_config(self, name: str) -> D1SourceConfig | HttpSourceConfig | None:
-        return self.sources.get(name) or self.http_sources.get(name)
+    def source_config(self, name: str) -> AnySource | None:
+        return self.sources.get(name) or self.http_sources.get(name) or self.kv_sources.get(name)
 
     @property
-    def all_sources(self) -> dict[str, D1SourceConfig | HttpSourceConfig]:
-        return {**self.sources, **self.http_sources}
+    def all_sources(self) -> dict[str, AnySource]:
+        return {**self.sources, **self.http_sources, **self.kv_sources}
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -329,7 +418,14 @@ class Settings:
             if isinstance(src, D1SourceConfig)
         }
         http_sources = {
-            name: src for name, src in cfg.sources.items() if not isinstance(src, D1SourceConfig)
+            name: src
+            for name, src in cfg.sources.items()
+            if not isinstance(src, D1SourceConfig | KvSourceConfig)
+        }
+        kv_sources = {
+            name: src.model_copy(update=_resolve_paths(src, base))
+            for name, src in cfg.sources.items()
+            if isinstance(src, KvSourceConfig)
         }
         return cls(
             config_path=path,
@@ -343,6 +439,7 @@ class Settings:
             env=env,
             http_sources=http_sources,
             d1_sink=cfg.sinks.d1,
+            kv_sources=kv_sources,
         )
 
     def stream(self, name: str) -> Stream:
@@ -359,7 +456,7 @@ class Settings:
         return self.env.get(variable) or None
 
 
-def _resolve_paths(src: D1SourceConfig, base: Path) -> dict[str, Any]:
+def _resolve_paths(src: D1SourceConfig | KvSourceConfig, base: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for attr in ("path", "wrangler_state"):
         value = getattr(src, attr)

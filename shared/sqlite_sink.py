@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from shared.database import sqlite_connect
-from shared.errors import RejectedBySinkError, SinkError, TransientSinkError
+from shared.errors import (
+    ForeignKeyViolationError,
+    RejectedBySinkError,
+    SinkError,
+    TransientSinkError,
+)
 from shared.sink import PageMeta, WriteResult, conflict_clause, quote
 from shared.streams import Stream
 
@@ -124,6 +129,8 @@ def classify(exc: sqlite3.Error, stream: str) -> SinkError:
         "locked" in message or "busy" in message or "disk I/O" in message
     ):
         return TransientSinkError(message, sink="sqlite", stream=stream)
+    if isinstance(exc, sqlite3.IntegrityError) and "FOREIGN KEY" in message:
+        return ForeignKeyViolationError(message, sink="sqlite", stream=stream)
     if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError):
         return RejectedBySinkError(message, sink="sqlite", stream=stream)
     return SinkError(message, sink="sqlite", stream=stream)

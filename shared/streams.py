@@ -34,6 +34,15 @@ class Column:
 
 
 @dataclass(frozen=True)
+class ForeignKey:
+    """`column` references `parent_table`.`parent_column` (enforced by both databases)."""
+
+    column: str
+    parent_table: str
+    parent_column: str
+
+
+@dataclass(frozen=True)
 class Stream:
     name: str
     table: str
@@ -42,6 +51,7 @@ class Stream:
     conflict: ConflictPolicy = "ignore"
     version_column: str | None = None  # compared by the "newer" policy
     sinks: tuple[str, ...] = ("postgres", "sqlite")
+    foreign_keys: tuple[ForeignKey, ...] = ()
     column_names: tuple[str, ...] = field(init=False)
     key_indexes: tuple[int, ...] = field(init=False)
 
@@ -112,4 +122,107 @@ TIMESERIES = Stream(
     conflict="update",
 )
 
-CATALOG: dict[str, Stream] = {s.name: s for s in (USAGE_EVENTS, HISTORICAL_PRICES, TIMESERIES)}
+# Report snapshots keyed by date and type (seed 001): a re-run of a report replaces its snapshot.
+SCHEDULED_JOB_RESULTS = Stream(
+    name="scheduled_job_results",
+    table="scheduled_job_results",
+    columns=(
+        Column("scheduled_date", "text", max_length=64),
+        Column("report_type", "text", max_length=255),
+        Column("report_content", "text", required=False, max_length=1_000_000),
+        Column("metadata", "json", required=False, max_length=100_000),
+        Column("trigger_source", "text", required=False, max_length=255),
+        Column("created_at", "timestamp", required=False),
+    ),
+    key=("scheduled_date", "report_type"),
+    conflict="update",
+)
+
+# The Telegram bot's Workers KV data moved to tables (seed 002). Times are epoch milliseconds
+# (INTEGER), as the bot's Date.now() writes them. Every stream is `ignore`: the migration is
+# one-time and running it twice must leave the tables as running it once did.
+_CHAT_ID = ForeignKey("chat_id", "users", "chat_id")
+
+USERS = Stream(
+    name="users",
+    table="users",
+    columns=(
+        Column("chat_id", "text", max_length=255),
+        Column("subscription_status", "int"),
+        Column("created_at", "int"),
+        Column("updated_at", "int"),
+    ),
+    key=("chat_id",),
+)
+
+WATCHLISTS = Stream(
+    name="watchlists",
+    table="watchlists",
+    columns=(
+        Column("chat_id", "text", max_length=255),
+        Column("ticker", "text", max_length=64),
+        Column("created_at", "int"),
+    ),
+    key=("chat_id", "ticker"),
+    foreign_keys=(_CHAT_ID,),
+)
+
+# The seed gives executions no natural key; the migration needs one to be idempotent. The same
+# user, ticker, side and millisecond is the same execution (a double write in KV), so that is
+# the key (UNIQUE in both schemas).
+EXECUTIONS = Stream(
+    name="executions",
+    table="executions",
+    columns=(
+        Column("chat_id", "text", max_length=255),
+        Column("execution_date", "int"),
+        Column("ticker", "text", max_length=64),
+        Column("signal_type", "text", max_length=8),
+        Column("execution_price", "float"),
+        Column("signal_price", "float", required=False),
+        Column("created_at", "int"),
+    ),
+    key=("chat_id", "execution_date", "ticker", "signal_type"),
+    foreign_keys=(_CHAT_ID,),
+)
+
+ACTIVE_POSITIONS = Stream(
+    name="active_positions",
+    table="active_positions",
+    columns=(
+        Column("chat_id", "text", max_length=255),
+        Column("ticker", "text", max_length=64),
+        Column("entry_price", "float"),
+        Column("created_at", "int"),
+        Column("updated_at", "int"),
+    ),
+    key=("chat_id", "ticker"),
+    foreign_keys=(_CHAT_ID,),
+)
+
+CACHE = Stream(
+    name="cache",
+    table="cache",
+    columns=(
+        Column("cache_key", "text", max_length=512),  # a KV key is at most 512 bytes
+        Column("cache_value", "json"),
+        Column("expires_at", "int"),
+        Column("updated_at", "int"),
+    ),
+    key=("cache_key",),
+)
+
+CATALOG: dict[str, Stream] = {
+    s.name: s
+    for s in (
+        USAGE_EVENTS,
+        HISTORICAL_PRICES,
+        TIMESERIES,
+        SCHEDULED_JOB_RESULTS,
+        USERS,
+        WATCHLISTS,
+        EXECUTIONS,
+        ACTIVE_POSITIONS,
+        CACHE,
+    )
+}

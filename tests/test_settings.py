@@ -55,6 +55,11 @@ def test_example_config_loads() -> None:
     assert s.config_path == EXAMPLE
     assert set(s.sources) == {"usage_local", "usage_remote"}
     assert set(s.http_sources) == {"binance", "cryptocompare", "coingecko", "aceiot"}
+    assert set(s.kv_sources) == {"bot_kv"}
+    kv = s.kv_sources["bot_kv"]
+    assert kv.streams == ["users", "cache", "watchlists", "executions", "active_positions"]
+    assert [k.pattern for k in kv.keys][:2] == ["chat_ids", "watchlist:{chatId}"]
+    assert kv.once and kv.mode == "remote"
     local, remote = s.sources["usage_local"], s.sources["usage_remote"]
     assert (local.mode, local.stream, local.batch_size, local.max_batches) == (
         "local",
@@ -77,8 +82,16 @@ def test_config_check_accepts_the_example_and_lists_both_sources() -> None:
     r = config_check(EXAMPLE)
     assert r.returncode == 0, r.stderr
     assert "OK" in r.stdout
-    assert "6 source(s)" in r.stdout
-    for name in ("usage_local", "usage_remote", "binance", "cryptocompare", "coingecko", "aceiot"):
+    assert "7 source(s)" in r.stdout
+    for name in (
+        "usage_local",
+        "usage_remote",
+        "binance",
+        "cryptocompare",
+        "coingecko",
+        "aceiot",
+        "bot_kv",
+    ):
         assert f"source {name}:" in r.stdout
 
 
@@ -122,16 +135,38 @@ MISTAKES = [
         id="above-range",
     ),
     pytest.param(
+        '[sources.x]\nkind = "kv"\npath = "kv.json"\nmode = "local"\n'
+        'keys = [{ pattern = "p:{chatId}", stream = "usage_events" }]\n',
+        "sources.x.keys.0",
+        "stream 'usage_events' has no KV mapper (expected one of: users, watchlists,",
+        id="kv-stream-without-mapper",
+    ),
+    pytest.param(
+        '[sources.x]\nkind = "kv"\naccount_id = "a"\nnamespace_id = "n"\n'
+        'keys = [{ pattern = "watchlist", stream = "watchlists" }]\n',
+        "sources.x.keys.0",
+        "pattern for watchlists must contain {chatId}",
+        id="kv-child-pattern-without-chat-id",
+    ),
+    pytest.param(
+        '[sources.x]\nkind = "kv"\nmode = "remote"\naccount_id = "a"\n',
+        "sources.x",
+        "remote mode needs 'account_id' and 'namespace_id'",
+        id="kv-remote-without-namespace",
+    ),
+    pytest.param(
         LOCAL_SOURCE.replace('"usage_events"', '"usage_evnts"'),
         "sources.x.stream",
         "unknown stream 'usage_evnts'"
-        " (expected one of: historical_prices, timeseries, usage_events)",
+        " (expected one of: active_positions, cache, executions, historical_prices,"
+        " scheduled_job_results, timeseries, usage_events, users, watchlists)",
         id="unknown-stream-for-source",
     ),
     pytest.param(
         "[streams.orders]\nsinks = ['sqlite']\n",
         "streams.orders",
-        "unknown stream (expected one of: historical_prices, timeseries, usage_events)",
+        "unknown stream (expected one of: active_positions, cache, executions, historical_prices,"
+        " scheduled_job_results, timeseries, usage_events, users, watchlists)",
         id="unknown-stream-section",
     ),
     pytest.param(

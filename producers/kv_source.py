@@ -1,0 +1,670 @@
+"""Workers KV source: a namespace migrated, once, into tables (seed 002).
+
+A run lists the keys of every configured pattern by its literal prefix, reads their values 100 at
+a time, maps each value to rows (producers/kv_mapping.py) and yields pages, one stream per page,
+parents first (`users` before the tables whose rows reference it). What cannot be read, parsed or
+mapped becomes a dead letter naming the key, and the run goes on.
+
+Stores (all read-only):
+- remote: the Workers KV REST API (apis.md §3) through the shared Cloudflare client
+  (producers/d1_rest.py: envelope, retries, 429/971). Listing follows `result_info.cursor` until
+  it is empty or absent; a short or empty page with a cursor is not the end (tombstones). Values
+  come from `POST …/bulk/get` (`type: "text"`, so one value that is not JSON cannot fail the
+  others); a key bulk get leaves out, or a bulk get refused as a whole, is read with a single
+  `GET …/values/{key}`; 404 with code 10009 means the key is gone (deleted or expired).
+- local: wrangler's state folder (apis.md §3.7: `_mf_entries` plus blob files), or a JSON
+  export `[{"key", "value", "expiration"?, "metadata"?}]`.
+
+One-time: the migration's state is a `source_migrations` row in the state database. The run
+records the attempt and what it saw; each page's acknowledgement (after every sink committed
+it) is recorded by page number; when all are in, the migration is `complete` and later runs do
+nothing (unless `once = false`). A run while pages are in flight does nothing either, so
+`sluice produce` twice is the same as once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import orjson
+import requests
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from producers.d1_rest import CloudflareClient
+from producers.kv_mapping import MAPPERS, KvEntry, MapContext, MappingError, compile_pattern
+from producers.source import SourcePage
+from shared.database import postgres_engine, postgres_url
+from shared.errors import KvError, SourceError, TransientSourceError
+from shared.settings import KvSourceConfig, Settings
+from shared.streams import Stream
+
+log = logging.getLogger("sluice.kv_source")
+
+BULK_GET_MAX = 100  # keys per bulk get (apis.md §3.4)
+KEY_NOT_FOUND = 10009
+DEAD_LETTER_SINK = "source"  # failed before any sink: the value itself is unusable
+MAX_EVIDENCE = 10_000  # characters of a bad value kept in its dead letter
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    name: str
+    expiration: int | None = None  # epoch seconds
+    metadata: Any = None
+
+
+# A value as read: text, bytes that are not UTF-8 text, or None when the key is gone.
+RawValue = str | bytes | None
+
+
+class KvStore(Protocol):
+    def list_keys(self, prefix: str) -> Iterator[KeyInfo]: ...
+
+    def get_values(self, keys: Sequence[str]) -> dict[str, RawValue]: ...
+
+    def close(self) -> None: ...
+
+
+# -- remote: the REST API -------------------------------------------------------------------------
+
+
+class KvRestClient(CloudflareClient):
+    """The Workers KV endpoints of one namespace, over the shared Cloudflare transport."""
+
+    error_type = KvError
+
+    def __init__(
+        self,
+        *,
+        account_id: str,
+        namespace_id: str,
+        api_token: str,
+        base_url: str = "https://api.cloudflare.com/client/v4",
+        list_limit: int = 1000,
+        max_attempts: int = 5,
+        session: requests.Session | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        super().__init__(
+            api_token=api_token,
+            base_url=base_url,
+            session=session,
+            max_attempts=max_attempts,
+            sleep=sleep,
+        )
+        self.namespace_id = namespace_id
+        self.root = (
+            f"{self.base_url}/accounts/{quote(account_id, safe='')}"
+            f"/storage/kv/namespaces/{quote(namespace_id, safe='')}"
+        )
+        self.list_limit = list_limit
+        self.anomalies: list[str] = []
+
+    def list_keys(self, prefix: str) -> Iterator[KeyInfo]:
+        cursor: str | None = None
+        seen: set[str] = set()
+        while True:
+            # The prefix goes with every request: KV does not remember it in the cursor.
+            params = {"limit": str(self.list_limit)}
+            if prefix:
+                params["prefix"] = prefix
+            if cursor:
+                params["cursor"] = cursor
+            envelope = self.request("GET", f"{self.root}/keys", params=params)
+            result = envelope.get("result")
+            if not isinstance(result, list):
+                raise self._shape_error(f"{self.root}/keys", "'result' is not a list of keys")
+            for item in result:
+                name = item.get("name") if isinstance(item, dict) else None
+                if not isinstance(name, str):
+                    raise self._shape_error(f"{self.root}/keys", f"key without a name: {item!r}")
+                expiration = item.get("expiration")
+                yield KeyInfo(
+                    name,
+                    int(expiration) if isinstance(expiration, int | float) else None,
+                    item.get("metadata"),
+                )
+            info = envelope.get("result_info")
+            cursor = info.get("cursor") if isinstance(info, dict) else None
+            if not cursor:  # "", null or absent: the last page (short pages are not)
+                return
+            if cursor in seen:  # a cursor that does not advance would loop for ever
+                raise KvError(
+                    "list cursor repeated; the listing does not advance",
+                    namespace=self.namespace_id,
+                    prefix=prefix,
+                )
+            seen.add(cursor)
+
+    def bulk_get(self, keys: Sequence[str]) -> dict[str, str | None]:
+        envelope = self.request(
+            "POST",
+            f"{self.root}/bulk/get",
+            body={"keys": list(keys), "type": "text", "withMetadata": True},
+        )
+        result = envelope.get("result")
+        values = result.get("values") if isinstance(result, dict) else None
+        if not isinstance(values, dict):
+            raise self._shape_error(f"{self.root}/bulk/get", "'result.values' is not an object")
+        out: dict[str, str | None] = {}
+        for key in keys:
+            item = values.get(key)
+            value = item.get("value") if isinstance(item, dict) else None
+            out[key] = value if isinstance(value, str) else None
+        return out
+
+    def get(self, key: str) -> RawValue:
+        try:
+            response = self.request("GET", f"{self.root}/values/{quote(key, safe='')}", raw=True)
+        except KvError as exc:
+            if exc.code == KEY_NOT_FOUND:
+                return None  # deleted or expired since it was listed
+            raise KvError(
+                exc.message, status=exc.status, code=exc.code, transient=exc.transient, key=key
+            ) from exc
+        data: bytes = response.content
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return data
+
+    def get_values(self, keys: Sequence[str]) -> dict[str, RawValue]:
+        out: dict[str, RawValue] = {}
+        for i in range(0, len(keys), BULK_GET_MAX):
+            chunk = keys[i : i + BULK_GET_MAX]
+            try:
+                got: dict[str, str | None] = self.bulk_get(chunk)
+            except KvError as exc:
+                if exc.transient:
+                    raise
+                # Refused as a whole (e.g. a binary value): read these keys one by one.
+                self.anomalies.append(f"bulk get refused ({exc.message}); single reads used")
+                got = {}
+            for key in chunk:
+                value: RawValue = got.get(key)
+                out[key] = value if value is not None else self.get(key)
+        return out
+
+
+# -- local: a JSON export or wrangler's state folder ----------------------------------------------
+
+
+def _now_s() -> float:
+    return time.time()
+
+
+def _sort_key(key: str) -> bytes:
+    return key.encode("utf-8", "surrogatepass")  # KV lists in UTF-8 byte order
+
+
+class KvJsonFile:
+    """A JSON export: `[{"key", "value", "expiration"?, "metadata"?}]`. A value that is a string is
+    the stored text; anything else is taken as the stored JSON itself."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @cached_property
+    def _entries(self) -> dict[str, tuple[str, KeyInfo]]:
+        try:
+            data = orjson.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            raise SourceError(f"KV export not found: {self.path}") from None
+        except orjson.JSONDecodeError as exc:
+            raise SourceError(f"KV export is not JSON: {exc}", path=str(self.path)) from None
+        if not isinstance(data, list):
+            raise SourceError("KV export must be a JSON array of entries", path=str(self.path))
+        now = _now_s()
+        out: dict[str, tuple[str, KeyInfo]] = {}
+        for i, item in enumerate(data):
+            if not isinstance(item, dict) or not isinstance(item.get("key"), str):
+                raise SourceError(f"KV export entry {i} has no string 'key'", path=str(self.path))
+            expiration = item.get("expiration")
+            exp = int(expiration) if isinstance(expiration, int | float) else None
+            if exp is not None and exp <= now:
+                continue  # expired: KV would not return it either
+            value = item.get("value")
+            raw = value if isinstance(value, str) else orjson.dumps(value).decode()
+            out[item["key"]] = (raw, KeyInfo(item["key"], exp, item.get("metadata")))
+        return out
+
+    def list_keys(self, prefix: str) -> Iterator[KeyInfo]:
+        for key in sorted((k for k in self._entries if k.startswith(prefix)), key=_sort_key):
+            yield self._entries[key][1]
+
+    def get_values(self, keys: Sequence[str]) -> dict[str, RawValue]:
+        return {k: self._entries[k][0] if k in self._entries else None for k in keys}
+
+    def close(self) -> None:
+        pass
+
+
+def miniflare_kv_filename(namespace_id: str) -> str:
+    """The SQLite file miniflare keeps a local KV namespace's index in (apis.md §2.5, §3.7)."""
+    key = hashlib.sha256(b"miniflare-KVNamespaceObject").digest()
+    name_hmac = hmac.new(key, namespace_id.encode(), hashlib.sha256).digest()[:16]
+    mac = hmac.new(key, name_hmac, hashlib.sha256).digest()[:16]
+    return (name_hmac + mac).hex() + ".sqlite"
+
+
+class KvWranglerState:
+    """wrangler's local KV: `_mf_entries(key, blob_id, expiration ms, metadata)` in a SQLite file,
+    the value bytes in `<state>/v3/kv/<namespace_id>/blobs/<blob_id>`."""
+
+    def __init__(self, state_dir: Path, namespace_id: str) -> None:
+        kv = state_dir / "v3" / "kv"
+        self.index = kv / "miniflare-KVNamespaceObject" / miniflare_kv_filename(namespace_id)
+        self.blobs = kv / namespace_id / "blobs"
+
+    @cached_property
+    def _conn(self) -> sqlite3.Connection:
+        if not self.index.exists():
+            raise SourceError(f"local KV namespace not found: {self.index}")
+        # Read-only: the source never changes the namespace it migrates.
+        return sqlite3.connect(f"file:{self.index}?mode=ro", uri=True, check_same_thread=False)
+
+    def list_keys(self, prefix: str) -> Iterator[KeyInfo]:
+        now_ms = _now_s() * 1000
+        rows = self._conn.execute(
+            "SELECT key, expiration, metadata FROM _mf_entries WHERE key >= ? ORDER BY key",
+            (prefix,),
+        )
+        for key, expiration, metadata in rows:
+            if not key.startswith(prefix):
+                return  # sorted: past the prefix
+            if expiration is not None and expiration <= now_ms:
+                continue
+            meta = orjson.loads(metadata) if metadata else None
+            yield KeyInfo(key, int(expiration // 1000) if expiration else None, meta)
+
+    def get_values(self, keys: Sequence[str]) -> dict[str, RawValue]:
+        out: dict[str, RawValue] = {}
+        for key in keys:
+            row = self._conn.execute(
+                "SELECT blob_id FROM _mf_entries WHERE key = ?", (key,)
+            ).fetchone()
+            if row is None:
+                out[key] = None
+                continue
+            try:
+                data = (self.blobs / row[0]).read_bytes()
+            except FileNotFoundError:
+                out[key] = None
+                continue
+            try:
+                out[key] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                out[key] = data
+        return out
+
+    def close(self) -> None:
+        if "_conn" in self.__dict__:
+            self._conn.close()
+
+
+# -- migration state ----------------------------------------------------------------------
+
+
+class MigrationState:
+    """The `source_migrations` row of a one-time source (state database)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def get(self, source: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = (
+                conn.execute(
+                    text(
+                        "SELECT source, attempt, status, keys_seen, keys_unmapped, records,"
+                        " dead_letters, pages_total, cardinality(pages_acked) AS pages_acked,"
+                        " started_at, enqueued_at, completed_at"
+                        " FROM source_migrations WHERE source = :s"
+                    ),
+                    {"s": source},
+                )
+                .mappings()
+                .first()
+            )
+        return dict(row) if row else None
+
+    def start(self, source: str, attempt: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO source_migrations (source, attempt, status) VALUES"
+                    " (:s, :a, 'running') ON CONFLICT (source) DO UPDATE SET attempt = :a,"
+                    " status = 'running', keys_seen = 0, keys_unmapped = 0, records = 0,"
+                    " dead_letters = 0, pages_total = NULL, pages_acked = '{}',"
+                    " started_at = now(), enqueued_at = NULL, completed_at = NULL"
+                ),
+                {"s": source, "a": attempt},
+            )
+
+    def enqueued(self, source: str, attempt: str, counts: Counts, pages: int) -> None:
+        """Every page is on its way; complete at once if they were all acknowledged already."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "UPDATE source_migrations SET pages_total = :p, keys_seen = :k,"
+                    " keys_unmapped = :u, records = :r, dead_letters = :d, enqueued_at = now(),"
+                    " status = CASE WHEN cardinality(pages_acked) >= :p THEN 'complete'"
+                    " ELSE 'enqueued' END,"
+                    " completed_at = CASE WHEN cardinality(pages_acked) >= :p THEN now() END"
+                    " WHERE source = :s AND attempt = :a"
+                ),
+                {
+                    "s": source,
+                    "a": attempt,
+                    "p": pages,
+                    "k": counts.keys_seen,
+                    "u": counts.keys_unmapped,
+                    "r": counts.records,
+                    "d": counts.dead_letters,
+                },
+            )
+
+    def acknowledge(self, source: str, attempt: str, page: int) -> None:
+        """Record that every sink committed `page`; twice is harmless (a set of page numbers)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "UPDATE source_migrations SET pages_acked = array_append(pages_acked, :p)"
+                    " WHERE source = :s AND attempt = :a AND NOT (:p = ANY(pages_acked))"
+                ),
+                {"s": source, "a": attempt, "p": page},
+            )
+            conn.execute(
+                text(
+                    "UPDATE source_migrations SET status = 'complete', completed_at = now()"
+                    " WHERE source = :s AND attempt = :a AND status = 'enqueued'"
+                    " AND cardinality(pages_acked) >= pages_total"
+                ),
+                {"s": source, "a": attempt},
+            )
+
+
+# -- the source ----------------------------------------------------------------------
+
+
+@dataclass
+class Counts:
+    keys_seen: int = 0
+    keys_unmapped: int = 0
+    keys_gone: int = 0
+    records: int = 0
+    dead_letters: int = 0
+
+
+@dataclass
+class Problem:
+    """A key (or one item of its value) that cannot become a record."""
+
+    key: str
+    stream: str
+    message: str
+    value: RawValue = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class KvSource:
+    resumes_per_partition = False
+
+    def __init__(
+        self,
+        name: str,
+        cfg: KvSourceConfig,
+        settings: Settings,
+        store: Callable[[], KvStore],
+    ) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.settings = settings
+        self._open_store = store
+        self.stream: Stream = settings.stream(cfg.stream)
+        self.anomalies: list[str] = []
+        self.counts = Counts()
+
+    @cached_property
+    def store(self) -> KvStore:
+        # Opened on first read: the ack task opens this source only to record commits, and
+        # needs neither the namespace nor its token.
+        return self._open_store()
+
+    @cached_property
+    def engine(self) -> Engine:
+        return postgres_engine(postgres_url(self.settings))
+
+    @cached_property
+    def state(self) -> MigrationState:
+        return MigrationState(self.engine)
+
+    # -- reading and mapping ------------------------------------------------------------------
+
+    def records(
+        self, now_ms: int, on_problem: Callable[[Problem], None]
+    ) -> Iterator[tuple[Stream, list[Any]]]:
+        """Every record the namespace holds, parents first, in its stream's column order."""
+        keys = self.cfg.ordered_keys()
+        compiled = [(compile_pattern(k.pattern), k.stream) for k in keys]
+        ctx = MapContext(now_ms=now_ms, cache_ttl_ms=int(self.cfg.cache_ttl_seconds * 1000))
+        listed: set[str] = set()  # prefixes may overlap: each key is counted and mapped once
+        for index, ((_, prefix), stream_name) in enumerate(compiled):
+            stream = self.settings.stream(stream_name)
+            batch: list[tuple[KeyInfo, dict[str, str]]] = []
+            for info in self.store.list_keys(prefix):
+                first_seen = info.name not in listed
+                if first_seen:
+                    listed.add(info.name)
+                    self.counts.keys_seen += 1
+                owner = next(
+                    (
+                        (i, m)
+                        for i, ((rx, _), _) in enumerate(compiled)
+                        if (m := rx.match(info.name))
+                    ),
+                    None,
+                )
+                if owner is None:
+                    self.counts.keys_unmapped += first_seen
+                    continue
+                if owner[0] != index:
+                    continue  # another pattern (listed under its own prefix) maps it
+                batch.append((info, owner[1].groupdict()))
+                if len(batch) >= BULK_GET_MAX:
+                    yield from self._map_batch(batch, stream, ctx, on_problem)
+                    batch = []
+            if batch:
+                yield from self._map_batch(batch, stream, ctx, on_problem)
+        self.anomalies.extend(getattr(self.store, "anomalies", []))
+
+    def _map_batch(
+        self,
+        batch: list[tuple[KeyInfo, dict[str, str]]],
+        stream: Stream,
+        ctx: MapContext,
+        on_problem: Callable[[Problem], None],
+    ) -> Iterator[tuple[Stream, list[Any]]]:
+        values = self.store.get_values([info.name for info, _ in batch])
+        mapper = MAPPERS[stream.name]
+        names = stream.column_names
+        for info, groups in batch:
+            raw = values.get(info.name)
+            if raw is None:
+                self.counts.keys_gone += 1  # deleted or expired between list and read
+                continue
+            if isinstance(raw, bytes):
+                on_problem(Problem(info.name, stream.name, "value is not UTF-8 text", raw))
+                continue
+            try:
+                value = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                on_problem(Problem(info.name, stream.name, f"value is not JSON: {exc}", raw))
+                continue
+            entry = KvEntry(info.name, value, info.expiration, info.metadata)
+            try:
+                mapped = mapper(entry, groups, ctx)
+            except MappingError as exc:
+                on_problem(
+                    Problem(info.name, stream.name, f"cannot map to {stream.name}: {exc}", raw)
+                )
+                continue
+            for n, message in enumerate(mapped.problems):
+                key = info.name if len(mapped.problems) == 1 else f"{info.name}#{n}"
+                on_problem(
+                    Problem(key, stream.name, f"cannot map to {stream.name}: {message}", raw)
+                )
+            for row in mapped.rows:
+                yield stream, [row.get(c) for c in names]
+
+    def snapshot(self) -> Iterator[tuple[str, list[Any]]]:
+        """(stream, row) for every record the namespace holds, read-only: nothing is enqueued,
+        no dead letter is sent, no state is written. Times the KV data does not carry (users'
+        created_at, …) are the time of this call, not of the migration."""
+        now_ms = int(time.time() * 1000)
+        for stream, row in self.records(now_ms, lambda p: None):
+            yield stream.name, row
+
+    # -- the Source interface -----------------------------------------------------------------
+
+    def pages(self, after: Any | None, max_pages: int) -> Iterator[SourcePage]:
+        if after is not None:
+            log.info("source %s: pages of the last run are in flight; nothing to do", self.name)
+            return
+        state = self._state_call(self.state.get, self.name)
+        if state is not None and state["status"] == "complete" and self.cfg.once:
+            log.info("source %s: migration complete; nothing to do", self.name)
+            return
+        attempt = uuid.uuid4().hex
+        self._state_call(self.state.start, self.name, attempt)
+        self.counts = Counts()
+        problems: list[Problem] = []
+
+        def on_problem(p: Problem) -> None:
+            problems.append(p)
+            if len(problems) >= 500:
+                self._dead_letter(problems, attempt)
+
+        page_size = self.settings.pipeline.page_size
+        pages = 0
+        rows: list[list[Any]] = []
+        current: Stream | None = None
+        for stream, row in self.records(int(time.time() * 1000), on_problem):
+            if current is not None and (stream is not current or len(rows) >= page_size):
+                yield self._page(current, rows, attempt, pages)
+                pages, rows = pages + 1, []
+            current = stream
+            rows.append(row)
+            self.counts.records += 1
+        if current is not None and rows:
+            yield self._page(current, rows, attempt, pages)
+            pages += 1
+        self._dead_letter(problems, attempt)
+        if self.counts.keys_gone:
+            self.anomalies.append(f"{self.counts.keys_gone} key(s) gone between list and read")
+        self._state_call(self.state.enqueued, self.name, attempt, self.counts, pages)
+
+    def _state_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except SQLAlchemyError as exc:  # the state database is down: the next run retries
+            raise TransientSourceError(
+                f"migration state unavailable: {type(exc).__name__}", source=self.name
+            ) from exc
+
+    def _page(self, stream: Stream, rows: list[list[Any]], attempt: str, n: int) -> SourcePage:
+        return SourcePage(
+            rows=rows, ack={"attempt": attempt, "page": n}, last_key=n, stream=stream.name
+        )
+
+    def _dead_letter(self, problems: list[Problem], attempt: str) -> None:
+        """Send the problems as dead letters (one message) and forget them."""
+        if not problems:
+            return
+        send_kv_dead_letters(self.name, attempt, problems)
+        self.counts.dead_letters += len(problems)
+        problems.clear()
+
+    def acknowledge(self, ack: Any) -> None:
+        try:
+            self.state.acknowledge(self.name, str(ack["attempt"]), int(ack["page"]))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise SourceError(f"malformed acknowledgement: {exc}", source=self.name) from exc
+        except SQLAlchemyError as exc:  # the state database is down: retried by the ack task
+            raise TransientSourceError(
+                f"could not record the page: {type(exc).__name__}", source=self.name
+            ) from exc
+
+    def close(self) -> None:
+        if "store" in self.__dict__:
+            self.store.close()
+        if "engine" in self.__dict__:
+            self.engine.dispose()
+
+
+def _safe(text: str) -> str:
+    return text.replace("\x00", "\\0")  # PostgreSQL text cannot hold NUL
+
+
+def send_kv_dead_letters(source: str, attempt: str, problems: Sequence[Problem]) -> None:
+    """Publish the problems as dead letters, the way the consumers do. The payload holds the
+    key and (the start of) its value, and `_message`, so `dlq replay` skips them: the fix is in
+    the KV data, then a new migration run."""
+    from consumers.dead_letter import DeadLetter, send_dead_letters
+
+    letters = []
+    for p in problems:
+        value = p.value.decode("utf-8", "replace") if isinstance(p.value, bytes) else p.value
+        letters.append(
+            DeadLetter(
+                stream=p.stream,
+                sink=DEAD_LETTER_SINK,
+                record_key=_safe(p.key)[:500],
+                source=source,
+                page_id=f"kv-{attempt}",
+                payload={
+                    "_message": "KV value that could not be mapped",
+                    "kv_key": _safe(p.key),
+                    "value": _safe(value or "")[:MAX_EVIDENCE],
+                },
+                error_class="KvMappingError",
+                error_message=_safe(f"key {p.key!r}: {p.message}"),
+            )
+        )
+    send_dead_letters(letters)
+
+
+def open_kv_source(name: str, cfg: KvSourceConfig, settings: Settings) -> KvSource:
+    def open_store() -> KvStore:
+        if cfg.mode == "local":
+            if cfg.path:
+                return KvJsonFile(Path(cfg.path))
+            assert cfg.wrangler_state and cfg.namespace_id
+            return KvWranglerState(Path(cfg.wrangler_state), cfg.namespace_id)
+        token = settings.secret(cfg.api_token_env)
+        if not token:
+            raise SourceError(f"remote KV needs an API token in ${cfg.api_token_env}", source=name)
+        assert cfg.account_id and cfg.namespace_id
+        return KvRestClient(
+            account_id=cfg.account_id,
+            namespace_id=cfg.namespace_id,
+            api_token=token,
+            base_url=cfg.base_url,
+            list_limit=cfg.list_limit,
+            max_attempts=cfg.max_attempts,
+        )
+
+    return KvSource(name, cfg, settings, open_store)
