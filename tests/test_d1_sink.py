@@ -35,6 +35,7 @@ from shared.streams import HISTORICAL_PRICES, USAGE_EVENTS, Stream
 from tests.conftest import Env
 from tests.fakes.d1_server import FakeD1
 from tests.helpers import d1_processed, drain, pg_scalar, sqlite_keys
+from tests.test_cli import ROOT
 
 DB_ID = "7c1f6f4e-0d1e-4b8e-9a57-2f4e5d6c7b8a"
 TOKEN_ENV = "TEST_D1_SINK_TOKEN"
@@ -138,14 +139,15 @@ def test_migrate_applies_the_sqlite_schema_through_the_api_once(fake: FakeD1, re
     with _client(fake) as client:
         first = migrate_d1(client)
         again = migrate_d1(client)
-    assert first == ["0001_core", "0002_prices_timeseries"]
+    shipped = sorted(f.stem for f in (ROOT / "schema" / "sqlite").glob("*.sql"))
+    assert first == shipped and first[:2] == ["0001_core", "0002_prices_timeseries"]
     assert again == []
-    assert remote_scalar(remote, "SELECT count(*) FROM sluice_migrations") == 2
+    assert remote_scalar(remote, "SELECT count(*) FROM sluice_migrations") == len(shipped)
     for table in ("usage_events", "ingestion_runs", "historical_prices", "timeseries"):
         assert remote_scalar(remote, f"SELECT count(*) FROM sqlite_master WHERE name = '{table}'")
     # Each file went as one batch (one transaction) with its version row.
     file_batches = batches(fake)
-    assert len(file_batches) == 2
+    assert len(file_batches) == len(shipped)
     assert all("sluice_migrations" in b[-1]["sql"] for b in file_batches)
     assert all(r.authorized for r in fake.requests)
 
@@ -159,7 +161,9 @@ def test_sluice_migrate_cli_reaches_the_remote_d1(
     for key, value in {**env.vars, TOKEN_ENV: fake.token}.items():
         monkeypatch.setenv(key, value)
     assert main(["migrate", "--sink", "d1"]) == 0
-    assert remote_scalar(remote, "SELECT count(*) FROM sluice_migrations") == 2
+    assert remote_scalar(remote, "SELECT count(*) FROM sluice_migrations") == len(
+        list((ROOT / "schema" / "sqlite").glob("*.sql"))
+    )
 
 
 # -- writes -------------------------------------------------------------------------------------

@@ -103,6 +103,12 @@ def test_every_sqlite_schema_file_applies_unchanged_with_wrangler_twice(tmp_path
         "latest_prices",
         "data_coverage",
         "ingestion_performance",
+        "users",
+        "watchlists",
+        "executions",
+        "active_positions",
+        "cache",
+        "scheduled_job_results",
     }
     assert expected <= names, expected - names
 
