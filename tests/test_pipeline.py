@@ -146,7 +146,11 @@ def test_sigkill_worker_mid_run_loses_and_duplicates_nothing(env: Env, workers: 
 def test_rows_stay_unprocessed_while_a_sink_is_down(env: Env, workers: WorkerPool) -> None:
     d1 = env.dir / "d1.sqlite"
     sample = write_d1_file(d1, 3_000)
-    env.write_config(d1_config(d1, page_size=500))
+    # Should stopping the broken worker end in SIGKILL (a loaded machine), the pages it held come
+    # back only after the visibility timeout; a short in-flight lease has the next run re-read
+    # them instead. (A short visibility timeout would also shorten the retry delays, and the
+    # pages would be dead-lettered before the assertions below.)
+    env.write_config(d1_config(d1, page_size=500, inflight_lease=40))
     ctx = configure(env)
     down = dict(env.vars, SLUICE_POSTGRES_URL="postgresql://postgres@127.0.0.1:1/nowhere")
     broken = WorkerPool(down, env.dir / "logs-down")
