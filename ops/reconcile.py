@@ -40,7 +40,7 @@ from producers.d1_rest import MAX_BOUND_PARAMS, D1Client
 from shared.database import libpq_dsn, postgres_url
 from shared.errors import ConfigError, D1Error, SinkError, SourceError
 from shared.records import Validator, record_key
-from shared.settings import D1SinkConfig, KvSourceConfig, Settings
+from shared.settings import D1SinkConfig, D1SourceConfig, KvSourceConfig, Settings
 from shared.sink import quote
 from shared.streams import Column, ForeignKey, Stream
 
@@ -70,12 +70,6 @@ SKIPPED_COLUMNS: dict[str, str] = {
     "cache": "updated_at when the value has no timestamp; expires_at when neither it nor the"
     " key's KV expiration gives one",
 }
-
-
-class Snapshotting(Protocol):
-    def snapshot(self) -> Iterator[tuple[str, list[Any]]]: ...
-
-    def close(self) -> None: ...
 
 
 # -- normalisation --------------------------------------------------------------------------------
@@ -520,6 +514,8 @@ def reconcile(
 ) -> dict[str, Any]:
     """The report (see the module docstring) as a JSON-able dict; `ok` is False on any
     mismatch. Raises SluiceError when the source or a sink cannot be read or is not configured."""
+    from producers.d1_source import D1Source
+    from producers.kv_source import KvSource
     from producers.registry import open_source
 
     cfg = settings.source_config(source_name)
@@ -532,24 +528,24 @@ def reconcile(
         for s in ("postgres", "sqlite", "d1")
         if any(s in settings.streams[n].sinks for n in stream_names)
     ]
-    started = time.perf_counter()
-    source = open_source(settings, source_name)
-    snapshot = getattr(source, "snapshot", None)
-    if snapshot is None:
-        source.close()
+    if not isinstance(cfg, D1SourceConfig | KvSourceConfig):
         raise SourceError(
             f"source {source_name!r} ({cfg.kind}) has no snapshot to reconcile against:"
             " only D1 and KV sources can be read whole",
             source=source_name,
         )
+    started = time.perf_counter()
+    source = open_source(settings, source_name)
+    assert isinstance(source, D1Source | KvSource)
     now_ms: int | None = None
     reader = SourceReader(settings, sample, seed)
     try:
         if isinstance(cfg, KvSourceConfig):
             now_ms = int(time.time() * 1000)
-            reader.read(snapshot(now_ms=now_ms))
+            assert isinstance(source, KvSource)
+            reader.read(source.snapshot(now_ms=now_ms))
         else:
-            reader.read(snapshot())
+            reader.read(source.snapshot())
     finally:
         source.close()
     source_seconds = time.perf_counter() - started
