@@ -236,10 +236,11 @@ def test_kv_namespace_into_three_sinks_reconciles_clean_then_tampering_is_named(
             'UPDATE cache SET cache_value = \'{"data":{"score":51}}\' WHERE 1',
         )
         code, doc = reconcile_json(env, "bot", "--sample", "1000000")
+        table = sluice("reconcile", "bot", "--sample", "1000000", env=env.vars)
     assert code == 1 and doc["ok"] is False
     watch_pg = doc["streams"]["watchlists"]["sinks"]["postgres"]
     assert watch_pg["missing"] == {"total": 1, "keys": [[victim, "AAPL"]]}
-    assert not watch_pg["ok"] and doc["streams"]["watchlists"]["sinks"]["sqlite"]["ok"]
+    assert not watch_pg["ok"] and doc["streams"]["watchlists"]["sinks"]["d1"]["ok"]
     users_pg = doc["streams"]["users"]["sinks"]["postgres"]
     assert users_pg["extra"] == {"total": 1, "keys": [["not-in-kv"]]}
     ex_lite = doc["streams"]["executions"]["sinks"]["sqlite"]
@@ -278,8 +279,7 @@ def test_kv_namespace_into_three_sinks_reconciles_clean_then_tampering_is_named(
         ("active_positions", "sqlite"),
         ("cache", "d1"),
     }
-    table = sluice("reconcile", "bot", "--sample", "1000000", env=env.vars)
-    assert table.returncode == 1
+    assert table.returncode == 1, table.stderr
     assert "reconcile bot (kv): MISMATCH" in table.stdout
     assert f"missing watchlists in postgres (1): {victim}|AAPL" in table.stdout
     assert "orphans executions in sqlite (" in table.stdout
