@@ -67,8 +67,8 @@ SKIPPED_COLUMNS: dict[str, str] = {
     "users": "created_at, updated_at (time of the migration)",
     "watchlists": "created_at (time of the migration)",
     "active_positions": "created_at, updated_at (time of the migration)",
-    "cache": "updated_at when the value has no timestamp; expires_at when neither it nor the"
-    " key's KV expiration gives one",
+    "cache": "updated_at when the value has no timestamp of its own, and expires_at when the"
+    " key has no KV expiration either (both then come from the migration's clock)",
 }
 
 
@@ -672,7 +672,7 @@ def format_report(doc: dict[str, Any]) -> str:
         f" source read in {doc['seconds']['source']}s, total {doc['seconds']['total']}s",
         "",
         f"{'stream':<18}{'sink':<10}{'source':>9}{'invalid':>9}{'in sink':>9}{'missing':>9}"
-        f"{'dead-let':>9}{'extra':>7}{'sampled':>9}{'differ':>8}{'orphans':>9}  ",
+        f"{'dead-let':>9}{'extra':>7}{'sampled':>9}{'differ':>8}{'orphans':>9}",
     ]
     details: list[str] = []
     notes: list[str] = []

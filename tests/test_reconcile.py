@@ -280,6 +280,7 @@ def test_kv_namespace_into_three_sinks_reconciles_clean_then_tampering_is_named(
         ("cache", "d1"),
     }
     assert table.returncode == 1, table.stderr
+    print(table.stdout)
     assert "reconcile bot (kv): MISMATCH" in table.stdout
     assert f"missing watchlists in postgres (1): {victim}|AAPL" in table.stdout
     assert "orphans executions in sqlite (" in table.stdout
