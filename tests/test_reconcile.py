@@ -345,3 +345,42 @@ def test_usage_errors_exit_2(env: Env) -> None:
     assert unknown.returncode == 2 and "unknown source 'nope'" in unknown.stderr
     bad = sluice("reconcile", "prices", "--sample", "-1", env=env.vars)
     assert bad.returncode == 2
+
+
+def test_d1_snapshot_reads_every_row_in_keyset_pages_and_changes_nothing(env: Env) -> None:
+    from producers.d1_source import D1Source
+    from tests.helpers import d1_processed
+
+    source_db = env.dir / "source-d1.sqlite"
+    write_d1_file(source_db, 250)
+    lite_exec(source_db, "UPDATE usage_events SET processed_at = 'x' WHERE rowid % 2 = 0")
+    before = dump(source_db)
+    env.write_config(
+        f'[sources.d1_usage]\nkind = "d1"\nstream = "usage_events"\npath = "{source_db}"\n'
+        "batch_size = 7\n"
+    )
+    source = open_source(Settings.load(env.vars), "d1_usage")
+    assert isinstance(source, D1Source)
+    try:
+        rows = list(source.snapshot())
+    finally:
+        source.close()
+    conn = sqlite3.connect(source_db)
+    try:
+        ids = [r[0] for r in conn.execute("SELECT id FROM usage_events ORDER BY id")]
+    finally:
+        conn.close()
+    # Processed rows too, each once, in the stream's column order (id first).
+    assert [row[0] for _, row in rows] == ids and len(ids) == 250
+    assert {name for name, _ in rows} == {"usage_events"}
+    assert d1_processed(source_db) == (250, 125)
+    # The content (the file's header changes: the local D1 connection turns WAL on).
+    assert dump(source_db) == before
+
+
+def dump(path: Path) -> list[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
