@@ -61,8 +61,8 @@ KV_CLOCK_COLUMNS: dict[str, tuple[str, ...]] = {
     "watchlists": ("created_at",),
     "active_positions": ("created_at", "updated_at"),
 }
-# What the report says is skipped, per stream (cache: only rows whose value has no timestamp of
-# its own, or whose key has no KV expiration, have clock times; other rows are compared).
+# What the report says is skipped, per stream. A cache row's times come from the clock only when
+# its value has no timestamp (updated_at) and its key no KV expiration (expires_at as well).
 SKIPPED_COLUMNS: dict[str, str] = {
     "users": "created_at, updated_at (time of the migration)",
     "watchlists": "created_at (time of the migration)",
@@ -466,18 +466,17 @@ def _feeders(settings: Settings) -> dict[str, list[str]]:
     return out
 
 
-def _clock_skips(
-    settings: Settings, cfg: Any, stream: Stream, row: list[Any], now_ms: int | None
-) -> set[str]:
-    """Columns of this snapshot row the source cannot know (see SKIPPED_COLUMNS)."""
-    if now_ms is None or not isinstance(cfg, KvSourceConfig):
+def _clock_skips(stream: Stream, row: list[Any], now_ms: int | None, ttl_ms: int) -> set[str]:
+    """Columns of this KV snapshot row the source cannot know (see SKIPPED_COLUMNS); a D1
+    source (now_ms None) knows every stream column."""
+    if now_ms is None:
         return set()
     skip = set(KV_CLOCK_COLUMNS.get(stream.name, ()))
     if stream.name == "cache":
         names = stream.column_names
         if row[names.index("updated_at")] == now_ms:
             skip.add("updated_at")
-        if row[names.index("expires_at")] == now_ms + int(cfg.cache_ttl_seconds * 1000):
+        if row[names.index("expires_at")] == now_ms + ttl_ms:
             skip.add("expires_at")
     return skip
 
@@ -538,6 +537,7 @@ def reconcile(
     source = open_source(settings, source_name)
     assert isinstance(source, D1Source | KvSource)
     now_ms: int | None = None
+    ttl_ms = int(cfg.cache_ttl_seconds * 1000) if isinstance(cfg, KvSourceConfig) else 0
     reader = SourceReader(settings, sample, seed)
     try:
         if isinstance(cfg, KvSourceConfig):
@@ -605,7 +605,7 @@ def reconcile(
                     if candidates is None:
                         continue
                     checked += 1
-                    skips = [_clock_skips(settings, cfg, stream, c, now_ms) for c in candidates]
+                    skips = [_clock_skips(stream, c, now_ms, ttl_ms) for c in candidates]
                     for d in _compare(stream, candidates, norm, skips):
                         differ.append({"key": list(key), **d})
                 orphan_total = 0

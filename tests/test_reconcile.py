@@ -384,3 +384,36 @@ def dump(path: Path) -> list[str]:
         return list(conn.iterdump())
     finally:
         conn.close()
+
+
+def test_cache_times_from_the_clock_are_skipped_and_data_times_compared(env: Env) -> None:
+    from ops.reconcile import _clock_skips
+
+    export = env.dir / "kv.json"
+    export.write_text(
+        json.dumps(
+            [
+                {"key": "fear_greed_cache", "value": json.dumps({"score": 1})},  # no timestamp
+                {"key": "other_cache", "value": json.dumps({"timestamp": NOW_MS})},
+            ]
+        )
+    )
+    env.write_config(
+        f'[sources.bot]\nkind = "kv"\nmode = "local"\npath = "{export}"\n'
+        '[[sources.bot.keys]]\npattern = "fear_greed_cache"\nstream = "cache"\n'
+        '[[sources.bot.keys]]\npattern = "other_cache"\nstream = "cache"\n'
+    )
+    settings = Settings.load(env.vars)
+    source = open_source(settings, "bot")
+    assert isinstance(source, KvSource)
+    now = NOW_MS + 5_000_000
+    rows = {row[0]: row for _, row in source.snapshot(now_ms=now)}
+    cache = settings.stream("cache")
+    ttl = 3_600_000
+    assert _clock_skips(cache, rows["fear_greed_cache"], now, ttl) == {"updated_at", "expires_at"}
+    assert _clock_skips(cache, rows["other_cache"], now, ttl) == set()
+    assert _clock_skips(settings.stream("users"), ["1", 1, now, now], now, ttl) == {
+        "created_at",
+        "updated_at",
+    }
+    assert _clock_skips(cache, rows["fear_greed_cache"], None, ttl) == set()  # a D1 source
