@@ -191,6 +191,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from ops.reconcile import format_report, reconcile
+
+    doc = reconcile(_settings(), args.source, sample=args.sample, seed=args.seed, limit=args.limit)
+    print(json.dumps(doc, default=str) if args.json else format_report(doc))
+    return 0 if doc["ok"] else 1
+
+
 def cmd_scale(args: argparse.Namespace) -> int:
     from ops.scale import format_results, parse_autoscale, scale
     from shared.celery_app import app
@@ -398,6 +406,13 @@ def _positive(value: str) -> int:
     return n
 
 
+def _non_negative(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sluice", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -485,6 +500,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for workers to answer (default 1)",
     )
     st.set_defaults(func=cmd_status)
+
+    rc = sub.add_parser(
+        "reconcile",
+        help="compare a D1 or KV source with every sink its streams write to (exit 1: mismatch)",
+    )
+    rc.add_argument("source")
+    rc.add_argument(
+        "--sample",
+        type=_non_negative,
+        default=100,
+        metavar="N",
+        help="keys per stream compared field by field (default 100; 0: none)",
+    )
+    rc.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    rc.add_argument(
+        "--limit",
+        type=_positive,
+        default=20,
+        metavar="N",
+        help="keys listed per problem (default 20; totals are always complete)",
+    )
+    rc.add_argument("--json", action="store_true")
+    rc.set_defaults(func=cmd_reconcile)
 
     sc = sub.add_parser("scale", help="resize running workers' pools (Celery remote control)")
     size = sc.add_mutually_exclusive_group(required=True)

@@ -162,6 +162,30 @@ class D1Source:
             if len(found) < size:
                 return
 
+    def snapshot(self) -> Iterator[tuple[str, list[Any]]]:
+        """(stream, row) for every row of the source table, processed or not, in the stream's
+        column order; read-only (`sluice reconcile`). Keyset pages on the key column, so a
+        remote D1 is read a page per request with two bound parameters."""
+        size = self.cfg.batch_size
+        names = self.stream.column_names
+        after: Any = None
+        while True:
+            if after is None:
+                sql = f"SELECT {self._select_cols} FROM {self.table} ORDER BY {self.key} LIMIT ?"
+                params: list[object] = [size]
+            else:
+                sql = (
+                    f"SELECT {self._select_cols} FROM {self.table} WHERE {self.key} > ?"
+                    f" ORDER BY {self.key} LIMIT ?"
+                )
+                params = [after, size]
+            found = self.db.query(sql, params)
+            for r in found:
+                yield self.stream.name, [r[c] for c in names]
+            if len(found) < size:
+                return
+            after = found[-1]["sluice_key"]
+
     def acknowledge(self, ack: Any) -> None:
         """Mark the page's rows processed; rows already marked keep their first time."""
         keys = list(ack)

@@ -530,11 +530,13 @@ class KvSource:
             for row in mapped.rows:
                 yield stream, [row.get(c) for c in names]
 
-    def snapshot(self) -> Iterator[tuple[str, list[Any]]]:
+    def snapshot(self, now_ms: int | None = None) -> Iterator[tuple[str, list[Any]]]:
         """(stream, row) for every record the namespace holds, read-only: nothing is enqueued,
         no dead letter is sent, no state is written. Times the KV data does not carry (users'
-        created_at, …) are the time of this call, not of the migration."""
-        now_ms = int(time.time() * 1000)
+        created_at, …) are `now_ms` (default: the time of this call), not of the migration;
+        `sluice reconcile` passes its own to tell those values apart."""
+        if now_ms is None:
+            now_ms = int(time.time() * 1000)
         for stream, row in self.records(now_ms, lambda p: None):
             yield stream.name, row
 

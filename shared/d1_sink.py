@@ -33,7 +33,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from producers.d1_rest import MAX_BOUND_PARAMS, MAX_STATEMENT_BYTES, D1Client, Param, encode_param
-from shared.errors import D1Error, RejectedBySinkError, SinkError, TransientSinkError
+from shared.errors import (
+    D1Error,
+    ForeignKeyViolationError,
+    RejectedBySinkError,
+    SinkError,
+    TransientSinkError,
+)
 from shared.records import record_key
 from shared.settings import D1SinkConfig
 from shared.sink import PageMeta, WriteResult, quote
@@ -315,6 +321,10 @@ def classify(exc: D1Error, stream: str | None) -> SinkError:
     }
     if exc.transient:
         return TransientSinkError(exc.message, **context)
+    # As in the other sinks: the consumer retries a child page whose parent is still on its way
+    # (a KV migration's users page) instead of dead-lettering it at once.
+    if "FOREIGN KEY constraint failed" in exc.message:
+        return ForeignKeyViolationError(exc.message, **context)
     # A failure reported inside HTTP 200 (`success:false`, a statement's success=false) is about
     # this batch's statements; so are the data error codes.
     if exc.status == 200 or any(code in exc.message for code in DATA_ERRORS):

@@ -24,8 +24,15 @@ from ops.status import build_status
 from ops.workers import WorkerPool
 from producers.d1_rest import D1Client
 from shared.celery_app import QUEUES, app
-from shared.d1_sink import D1Sink, statement_bytes
-from shared.errors import ConfigError, RejectedBySinkError, SinkError, TransientSinkError
+from shared.d1_sink import D1Sink, classify, statement_bytes
+from shared.errors import (
+    ConfigError,
+    D1Error,
+    ForeignKeyViolationError,
+    RejectedBySinkError,
+    SinkError,
+    TransientSinkError,
+)
 from shared.migrations import migrate_d1
 from shared.page import Page
 from shared.records import Validator, dedupe
@@ -354,6 +361,13 @@ def test_errors_are_classified(migrated: FakeD1) -> None:
         sink.write(USAGE_EVENTS, rows, meta("c", len(rows)))
     assert sink.write(USAGE_EVENTS, rows, meta("c", len(rows))).inserted == len(rows)
     sink.close()
+    # A missing parent is a foreign-key error, which the consumer retries before dead-lettering.
+    fk = D1Error(
+        "FOREIGN KEY constraint failed: SQLITE_CONSTRAINT (extended: SQLITE_CONSTRAINT_FOREIGNKEY)",
+        status=400,
+        code=7500,
+    )
+    assert isinstance(classify(fk, "watchlists"), ForeignKeyViolationError)
 
 
 def test_token_comes_from_the_environment_and_is_never_in_errors(migrated: FakeD1) -> None:
