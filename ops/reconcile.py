@@ -36,7 +36,8 @@ import orjson
 import psycopg2
 import psycopg2.extensions
 
-from producers.d1_rest import MAX_BOUND_PARAMS, D1Client
+from producers.d1_rest import MAX_BOUND_PARAMS
+from shared.d1_sink import d1_client
 from shared.database import libpq_dsn, postgres_url
 from shared.errors import ConfigError, D1Error, SinkError, SourceError
 from shared.records import Validator, record_key
@@ -276,14 +277,7 @@ class D1Reader:
     name = "d1"
 
     def __init__(self, cfg: D1SinkConfig, token: str) -> None:
-        self.client = D1Client(
-            account_id=cfg.account_id,
-            database_id=cfg.database_id,
-            api_token=token,
-            base_url=cfg.base_url,
-            timeout=(cfg.connect_timeout, cfg.read_timeout),
-            max_attempts=cfg.max_attempts,
-        )
+        self.client = d1_client(cfg, token)
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         try:

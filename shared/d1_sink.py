@@ -108,6 +108,22 @@ def statement_bytes(sql: str, params: Sequence[Param]) -> int:
     return len(sql.encode("utf-8")) + sum(_json_size(p) for p in params)
 
 
+def d1_client(
+    cfg: D1SinkConfig, token: str, sleep: Callable[[float], None] | None = None
+) -> D1Client:
+    """The REST client for the D1 sink's database (also used by `sluice reconcile`)."""
+    extra: dict[str, Any] = {} if sleep is None else {"sleep": sleep}
+    return D1Client(
+        account_id=cfg.account_id,
+        database_id=cfg.database_id,
+        api_token=token,
+        base_url=cfg.base_url,
+        timeout=(cfg.connect_timeout, cfg.read_timeout),
+        max_attempts=cfg.max_attempts,
+        **extra,
+    )
+
+
 class D1Sink:
     """Writes pages to a remote D1 database. One client (one HTTP session) per process."""
 
@@ -139,16 +155,7 @@ class D1Sink:
                     sink=SINK,
                     database=cfg.database_id,
                 )
-            extra: dict[str, Any] = {} if self._sleep is None else {"sleep": self._sleep}
-            self._client = D1Client(
-                account_id=cfg.account_id,
-                database_id=cfg.database_id,
-                api_token=token,
-                base_url=cfg.base_url,
-                timeout=(cfg.connect_timeout, cfg.read_timeout),
-                max_attempts=cfg.max_attempts,
-                **extra,
-            )
+            self._client = d1_client(cfg, token, self._sleep)
         return self._client
 
     # -- the batch ------------------------------------------------------------------------------
