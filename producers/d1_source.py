@@ -86,6 +86,20 @@ class LocalD1:
                 raise TransientSourceError(str(exc)) from exc
             raise SourceError(str(exc)) from exc
 
+    def values(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """Rows as plain tuples in the select order: a page read this way costs about half of
+        building a dict per row (the producer's main cost)."""
+        cur = self._conn.cursor()
+        cur.row_factory = None
+        try:
+            return cur.execute(sql, tuple(params)).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise TransientSourceError(str(exc)) from exc
+            raise SourceError(str(exc)) from exc
+        finally:
+            cur.close()
+
     def batch(self, statements: Sequence[tuple[str, Sequence[object]]]) -> None:
         self._reopen_if_replaced()
         try:
@@ -151,15 +165,20 @@ class D1Source:
                     f" AND {self.key} > ? ORDER BY {self.key} LIMIT ?"
                 )
                 params = [after, size]
-            found = self.db.query(sql, params)
-            if not found:
+            if isinstance(self.db, LocalD1):
+                values = self.db.values(sql, params)
+                rows = [list(r[1:]) for r in values]
+                keys = [r[0] for r in values]
+            else:
+                found = self.db.query(sql, params)
+                names = self.stream.column_names
+                rows = [[r[c] for c in names] for r in found]
+                keys = [r["sluice_key"] for r in found]
+            if not rows:
                 return
-            names = self.stream.column_names
-            rows = [[r[c] for c in names] for r in found]
-            keys = [r["sluice_key"] for r in found]
             after = keys[-1]
             yield SourcePage(rows=rows, ack=keys, last_key=after)
-            if len(found) < size:
+            if len(rows) < size:
                 return
 
     def acknowledge(self, ack: Any) -> None:
