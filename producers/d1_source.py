@@ -149,26 +149,36 @@ class D1Source:
         self.key = _quote(cfg.key_column)
         cols = ", ".join(_quote(c) for c in stream.column_names)
         self._select_cols = f"{self.key} AS sluice_key, {cols}"
+        # A local page is read as tuples; the key is read once when it is a stream column.
+        names = stream.column_names
+        self._key_at = names.index(cfg.key_column) if cfg.key_column in names else None
+        self._values_cols = cols if self._key_at is not None else f"{self.key}, {cols}"
 
     def pages(self, after: Any | None, max_pages: int) -> Iterator[SourcePage]:
         size = self.cfg.batch_size
+        local = isinstance(self.db, LocalD1)
+        select = self._values_cols if local else self._select_cols
         for _ in range(max_pages):
             if after is None:
                 sql = (
-                    f"SELECT {self._select_cols} FROM {self.table} WHERE processed_at IS NULL"
+                    f"SELECT {select} FROM {self.table} WHERE processed_at IS NULL"
                     f" ORDER BY {self.key} LIMIT ?"
                 )
                 params: list[object] = [size]
             else:
                 sql = (
-                    f"SELECT {self._select_cols} FROM {self.table} WHERE processed_at IS NULL"
+                    f"SELECT {select} FROM {self.table} WHERE processed_at IS NULL"
                     f" AND {self.key} > ? ORDER BY {self.key} LIMIT ?"
                 )
                 params = [after, size]
             if isinstance(self.db, LocalD1):
                 values = self.db.values(sql, params)
-                rows = [list(r[1:]) for r in values]
-                keys = [r[0] for r in values]
+                if self._key_at is None:
+                    rows = [list(r[1:]) for r in values]
+                    keys = [r[0] for r in values]
+                else:
+                    rows = [list(r) for r in values]
+                    keys = [r[self._key_at] for r in rows]
             else:
                 found = self.db.query(sql, params)
                 names = self.stream.column_names
