@@ -353,6 +353,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     data_dir,
                     say,
                     args.pool,
+                    args.prefill,
                 )
             )
     finally:
@@ -526,6 +527,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["solo", "prefork", "threads"],
         default="solo",
         help="worker layout: --workers solo processes, or one prefork/threads worker of that size",
+    )
+    be.add_argument(
+        "--prefill",
+        type=int,
+        default=0,
+        metavar="N",
+        help="rows already in the sink's table before each limit and pipeline run",
     )
     be.add_argument("--data-dir", help="its own embedded servers live here (.sluice/bench)")
     be.add_argument("--json", action="store_true")
