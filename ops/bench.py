@@ -65,27 +65,33 @@ class BenchResult:
     p99_page_ms: float
     notes: list[str] = field(default_factory=list)
     samples: dict[str, list[float]] = field(default_factory=dict)
+    rss_by_worker_mb: dict[str, float] = field(default_factory=dict)  # peak over the runs
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class RssSampler:
-    """Peak resident memory of any single worker process (main or pool child)."""
+    """Peak resident memory of any single worker process (main or pool child), also per worker
+    name (which process holds the memory: a sink's page cache, a D1 connection's)."""
 
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
         self.peak = 0
+        self.by_worker: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             for p in list(self.pool.procs):
+                name = self.pool.name_of(p.pid)
                 try:
                     proc = psutil.Process(p.pid)
                     for q in [proc, *proc.children(recursive=True)]:
-                        self.peak = max(self.peak, q.memory_info().rss)
+                        rss = q.memory_info().rss
+                        self.peak = max(self.peak, rss)
+                        self.by_worker[name] = max(self.by_worker.get(name, 0), rss)
                 except psutil.Error:
                     pass
             self._stop.wait(0.2)
@@ -120,6 +126,7 @@ class Bench:
         self.sink = sink
         self.pool = pool
         self.prefill = prefill
+        self.rss_by_worker: dict[str, int] = {}  # of the last pipeline run
         self.records = records
         self.page_size = page_size
         self.workers = workers
@@ -307,6 +314,7 @@ class Bench:
                         time.sleep(0.05)
         finally:
             pool.stop()
+        self.rss_by_worker = rss.by_worker
         last_commit, p99 = self._commits()
         return self.records / (last_commit - t0), rss.peak / 2**20, p99
 
@@ -427,6 +435,7 @@ def run_bench(
     rows, _ = Validator(USAGE_EVENTS).validate(COLUMNS, [list(r) for r in raw])
     samples: dict[str, list[float]] = {"limit": [], "pipeline": [], "naive": [], "dlt": []}
     rss_peaks: list[float] = []
+    by_worker: dict[str, float] = {}
     p99s: list[float] = []
     notes: list[str] = []
     for run in range(1, runs + 1):
@@ -435,6 +444,8 @@ def run_bench(
         rps, rss, p99 = b.pipeline()
         samples["pipeline"].append(rps)
         rss_peaks.append(rss)
+        for name, peak in b.rss_by_worker.items():
+            by_worker[name] = max(by_worker.get(name, 0.0), round(peak / 2**20, 1))
         p99s.append(p99)
         say(
             f"run {run}: pipeline {rps:,.0f} records/s (worker peak {rss:.0f} MB, p99 page "
@@ -470,6 +481,7 @@ def run_bench(
         p99_page_ms=round(statistics.median(p99s), 1),
         notes=notes,
         samples={k: [round(x) for x in v] for k, v in samples.items() if v},
+        rss_by_worker_mb=by_worker,
     )
 
 
