@@ -20,15 +20,19 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from celery import Task
 
 from consumers.dead_letter import DeadLetter, send_dead_letters
+from producers.ack import acknowledge_page
 from shared.celery_app import app
+from shared.context import Context
 from shared.errors import (
     ForeignKeyViolationError,
     MessageError,
     RejectedBySinkError,
     SinkError,
+    SluiceError,
     TransientSinkError,
     UnknownStreamError,
 )
@@ -107,7 +111,7 @@ def ingest(self: Task, body: object) -> dict[str, Any]:
     if rejected:
         send_dead_letters([_dead_letter(stream, page, r) for r in rejected])
     if ctx.progress.committed(page.id, page.sink):
-        app.send_task("sluice.ack_page", args=[page.source, page.id])
+        _acknowledge(ctx, page)
     return {
         "page": page.id,
         "sink": page.sink,
@@ -160,6 +164,19 @@ def _refused(stream: Stream, row: Sequence[Any], exc: RejectedBySinkError) -> Re
         )
         return Rejected(row, None, f"{parents} ({exc.message})", FK_ERROR)
     return Rejected(row, None, exc.message, "RejectedBySink")
+
+
+def _acknowledge(ctx: Context, page: Page) -> None:
+    """Mark the page processed at its source now, in this process: a separate task per page
+    cost a Celery round trip. The single SQLite writer hands it to another worker instead (it is
+    the bottleneck of its sink), and a failed attempt becomes the retrying ack task."""
+    if page.sink != "sqlite":
+        try:
+            acknowledge_page(ctx, page.source, page.id)
+            return
+        except (SluiceError, redis.RedisError) as exc:
+            log.warning("ack of page %s failed (%s); sent as a task", page.id, exc)
+    app.send_task("sluice.ack_page", args=[page.source, page.id])
 
 
 def _isolate(

@@ -20,7 +20,7 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +46,7 @@ from shared.streams import USAGE_EVENTS
 
 SOURCE = "bench_d1"
 LIMIT_BATCH = 10_000
+RERUN_SECONDS = 5  # how often the pipeline bench re-runs the source while pages are in flight
 
 
 @dataclass
@@ -64,27 +65,33 @@ class BenchResult:
     p99_page_ms: float
     notes: list[str] = field(default_factory=list)
     samples: dict[str, list[float]] = field(default_factory=dict)
+    rss_by_worker_mb: dict[str, float] = field(default_factory=dict)  # peak over the runs
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class RssSampler:
-    """Peak resident memory of any single worker process (main or pool child)."""
+    """Peak resident memory of any single worker process (main or pool child), also per worker
+    name (which process holds the memory: a sink's page cache, a D1 connection's)."""
 
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
         self.peak = 0
+        self.by_worker: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             for p in list(self.pool.procs):
+                name = self.pool.name_of(p.pid)
                 try:
                     proc = psutil.Process(p.pid)
                     for q in [proc, *proc.children(recursive=True)]:
-                        self.peak = max(self.peak, q.memory_info().rss)
+                        rss = q.memory_info().rss
+                        self.peak = max(self.peak, rss)
+                        self.by_worker[name] = max(self.by_worker.get(name, 0), rss)
                 except psutil.Error:
                     pass
             self._stop.wait(0.2)
@@ -113,8 +120,13 @@ class Bench:
         workers: int,
         data_dir: Path,
         say: Callable[[str], None],
+        pool: str = "solo",
+        prefill: int = 0,
     ) -> None:
         self.sink = sink
+        self.pool = pool
+        self.prefill = prefill
+        self.rss_by_worker: dict[str, int] = {}  # of the last pipeline run
         self.records = records
         self.page_size = page_size
         self.workers = workers
@@ -183,6 +195,68 @@ class Bench:
             Path(str(self.sqlite_path) + suffix).unlink(missing_ok=True)
         migrate_sqlite(self.sqlite_path)
         self.ctx.redis.flushdb()
+        if self.prefill:
+            self._prefill()
+
+    def _prefill(self) -> None:
+        """Put `prefill` rows in the sink's table before a run: keys spread over the whole key
+        space like real ones (md5), so new keys land all over big indexes. Loaded without the
+        indexes, which are then rebuilt (minutes, not the hour of random-key inserts)."""
+        n = self.prefill
+        self.say(f"prefilling {self.sink} with {n:,} rows")
+        if self.sink == "postgres":
+            conn = psycopg2.connect(libpq_dsn(self.pg_url))
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SET maintenance_work_mem = '512MB'")
+                cur.execute(
+                    "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'usage_events'"
+                    " AND indexname <> 'usage_events_pkey'"
+                )
+                indexes = cur.fetchall()
+                for name, _ in indexes:
+                    cur.execute(f'DROP INDEX "{name}"')
+                cur.execute("ALTER TABLE usage_events DROP CONSTRAINT usage_events_pkey")
+                cur.execute(
+                    "INSERT INTO usage_events (id, organisation_id, project_id, idempotency_key,"
+                    ' metric_name, metric_value, unit, "timestamp", metadata)'
+                    " SELECT md5('id' || g)::uuid::text, 'org_' || lpad((g %% 200)::text, 4, '0'),"
+                    " 'proj_' || (g %% 2000), 'pre_' || md5('k' || g), 'api_calls', g %% 1000,"
+                    " 'count', to_timestamp(1700000000 + g / 2.0),"
+                    ' \'{"region":"eu-west","sdk":"py/1.4.2","host":"h001"}\'::jsonb'
+                    " FROM generate_series(1, %s) g",
+                    (n,),
+                )
+                cur.execute("ALTER TABLE usage_events ADD PRIMARY KEY (id)")
+                for _, definition in indexes:
+                    cur.execute(definition)
+                cur.execute("VACUUM ANALYZE usage_events")
+                cur.execute("CHECKPOINT")
+            conn.close()
+            return
+        lite = sqlite_connect(self.sqlite_path)
+        indexes = lite.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index'"
+            " AND tbl_name = 'usage_events' AND sql IS NOT NULL"
+        ).fetchall()
+        for name, _ in indexes:
+            lite.execute(f'DROP INDEX "{name}"')
+        # The primary key's own index stays: rows go in in its order, so it is built by appends.
+        lite.execute(
+            "INSERT INTO usage_events (id, organisation_id, project_id, idempotency_key,"
+            ' metric_name, metric_value, unit, "timestamp", metadata)'
+            " WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < ?)"
+            " SELECT lower(hex(randomblob(16))) AS id, printf('org_%04d', i % 200),"
+            " printf('proj_%d', i % 2000), 'pre_' || lower(hex(randomblob(12))), 'api_calls',"
+            " i % 1000, 'count',"
+            " strftime('%Y-%m-%dT%H:%M:%S+00:00', 1700000000 + i / 2, 'unixepoch'),"
+            ' \'{"region":"eu-west","sdk":"py/1.4.2","host":"h001"}\' FROM g ORDER BY id',
+            (n,),
+        )
+        for _, definition in indexes:
+            lite.execute(definition)
+        lite.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        lite.close()
 
     # -- limit ---------------------------------------------------------------------------
     def limit(self, rows: list[list[Any]]) -> float:
@@ -213,30 +287,48 @@ class Bench:
         pool = WorkerPool(self.env, self.dir / "logs", loglevel="WARNING")
         if self.sink == "sqlite":
             # One writer for the file; acknowledgements and dead letters run beside it.
-            pool.start("writer", ["ingest.sqlite"], 1)
-            pool.start("aux", ["dead_letter", "progress"], 1)
+            self._start(pool, "writer", ["ingest.sqlite"], 1)
+            self._start(pool, "aux", ["dead_letter", "progress"], 1)
         else:
-            pool.start("bench", ["ingest.postgres", "dead_letter", "progress"], self.workers)
+            self._start(pool, "bench", ["ingest.postgres", "dead_letter", "progress"], self.workers)
         try:
             time.sleep(2)  # let the workers boot: measure the pipeline, not Python start-up
             with RssSampler(pool) as rss:
                 t0 = time.time()
+                s = run_source(self.ctx, SOURCE)
+                rerun = time.monotonic() + RERUN_SECONDS
                 while True:
-                    s = run_source(self.ctx, SOURCE)
                     if s.status != "ok":
                         raise RuntimeError(f"bench source run failed: {s.error}")
-                    if (
-                        s.pages == 0
-                        and self.ctx.progress.in_flight(SOURCE) == 0
-                        and total_depth(self.ctx.redis) == 0
-                    ):
-                        break
-                    if s.pages == 0:
+                    # Two Redis reads per tick: a source run per tick (open, lock, history row)
+                    # was a quarter of the producer's CPU in a profile, on the shared cores.
+                    idle = self.ctx.progress.in_flight(SOURCE) == 0
+                    if idle and total_depth(self.ctx.redis) == 0:
+                        s = run_source(self.ctx, SOURCE)  # anything left (a page presumed lost)?
+                        if s.pages == 0:
+                            break
+                    elif time.monotonic() > rerun:
+                        s = run_source(self.ctx, SOURCE)
+                        rerun = time.monotonic() + RERUN_SECONDS
+                    else:
                         time.sleep(0.05)
         finally:
             pool.stop()
+        self.rss_by_worker = rss.by_worker
         last_commit, p99 = self._commits()
         return self.records / (last_commit - t0), rss.peak / 2**20, p99
+
+    def _start(
+        self, pool: WorkerPool, name: str, queues: list[str], n: int, extra: Sequence[str] = ()
+    ) -> None:
+        """n workers on `queues`: one prefork (threads) worker with n pool processes (threads),
+        or n single-process (solo) workers, which skip prefork's hand-off of every message from the
+        consumer process to a pool process through a pipe (about 10% of the workers' CPU)."""
+        if self.pool != "solo":
+            pool.start(name, queues, n, extra=["--pool", self.pool, *extra])
+        else:
+            for i in range(n):
+                pool.start(f"{name}{i}", queues, 1, extra=["--pool", self.pool, *extra])
 
     def _commits(self) -> tuple[float, float]:
         """Time of the last commit (epoch s) and the p99 page latency (ms) in the sink."""
@@ -266,7 +358,8 @@ class Bench:
         self.reset()
         distinct = len({r[3] for r in rows})
         pool = WorkerPool(self.env, self.dir / "logs", loglevel="WARNING")
-        pool.start("naive", ["naive"], self.workers, extra=["--include", "ops.bench_tasks"])
+        # The same worker processes as the pipeline gets: only the work per task differs.
+        self._start(pool, "naive", ["naive"], self.workers, extra=["--include", "ops.bench_tasks"])
         try:
             time.sleep(2)
             t0 = time.perf_counter()
@@ -334,12 +427,15 @@ def run_bench(
     naive_records: int,
     data_dir: Path,
     say: Callable[[str], None],
+    pool: str = "solo",
+    prefill: int = 0,
 ) -> BenchResult:
-    b = Bench(sink, records, page_size, workers, data_dir, say)
+    b = Bench(sink, records, page_size, workers, data_dir, say, pool, prefill)
     raw, _, _ = generate_rows(records)
     rows, _ = Validator(USAGE_EVENTS).validate(COLUMNS, [list(r) for r in raw])
     samples: dict[str, list[float]] = {"limit": [], "pipeline": [], "naive": [], "dlt": []}
     rss_peaks: list[float] = []
+    by_worker: dict[str, float] = {}
     p99s: list[float] = []
     notes: list[str] = []
     for run in range(1, runs + 1):
@@ -348,19 +444,23 @@ def run_bench(
         rps, rss, p99 = b.pipeline()
         samples["pipeline"].append(rps)
         rss_peaks.append(rss)
+        for name, peak in b.rss_by_worker.items():
+            by_worker[name] = max(by_worker.get(name, 0.0), round(peak / 2**20, 1))
         p99s.append(p99)
         say(
             f"run {run}: pipeline {rps:,.0f} records/s (worker peak {rss:.0f} MB, p99 page "
             f"{p99:.1f} ms)"
         )
-        if sink == "postgres" and naive_records:
+        if sink == "postgres" and naive_records and not prefill:
             samples["naive"].append(b.naive(rows[:naive_records]))
             say(f"run {run}: naive {samples['naive'][-1]:,.0f} records/s")
-        d = b.dlt(rows) if sink == "postgres" else None
+        d = b.dlt(rows) if sink == "postgres" and not prefill else None
         if d is not None:
             samples["dlt"].append(d)
             say(f"run {run}: dlt {d:,.0f} records/s")
-    if sink != "postgres":
+    if prefill:
+        notes.append(f"{prefill:,} rows in the table before each run; naive and dlt skipped")
+    elif sink != "postgres":
         notes.append("naive and dlt baselines are measured on PostgreSQL only")
     elif not samples["dlt"]:
         notes.append("dlt not installed (pip install -e '.[bench]'): peer baseline skipped")
@@ -381,6 +481,7 @@ def run_bench(
         p99_page_ms=round(statistics.median(p99s), 1),
         notes=notes,
         samples={k: [round(x) for x in v] for k, v in samples.items() if v},
+        rss_by_worker_mb=by_worker,
     )
 
 

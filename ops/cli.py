@@ -384,6 +384,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     args.naive_records,
                     data_dir,
                     say,
+                    args.pool,
+                    args.prefill,
                 )
             )
     finally:
@@ -582,6 +584,19 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--workers", type=int, default=2, help="PostgreSQL worker concurrency")
     be.add_argument("--runs", type=int, default=3, help="the figures are medians of this many")
     be.add_argument("--naive-records", type=int, default=20_000)
+    be.add_argument(
+        "--pool",
+        choices=["solo", "prefork", "threads"],
+        default="solo",
+        help="worker layout: --workers solo processes, or one prefork/threads worker of that size",
+    )
+    be.add_argument(
+        "--prefill",
+        type=int,
+        default=0,
+        metavar="N",
+        help="rows already in the sink's table before each limit and pipeline run",
+    )
     be.add_argument("--data-dir", help="its own embedded servers live here (.sluice/bench)")
     be.add_argument("--json", action="store_true")
     be.add_argument("--keep-services", action="store_true")

@@ -63,6 +63,11 @@ class WorkerPool:
         self._specs[proc.pid] = (name, list(queues), concurrency, list(extra))
         return proc
 
+    def name_of(self, pid: int) -> str:
+        """The name a running worker was started under (its pid when unknown)."""
+        spec = self._specs.get(pid)
+        return spec[0] if spec else str(pid)
+
     def restart_dead(self) -> int:
         """Start a replacement for every worker that exited, as a supervisor would (Celery can
         exit on a broker outage: celery.md §2). Returns how many were restarted."""

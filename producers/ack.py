@@ -1,6 +1,8 @@
 """Acknowledge a page to its source once every sink has committed it (D1: set processed_at).
 
-Sent by the ingest task of the last sink to commit. If the acknowledgement fails it is retried;
+Done by the ingest task of the last sink to commit, in the same process (a Celery task per page
+cost a publish, a delivery and three events); the SQLite writer, and any ingest whose own attempt
+failed, send it as the `sluice.ack_page` task instead. If the acknowledgement fails it is retried;
 if it is lost, the rows stay unprocessed and are read again after the in-flight lease: a
 duplicate delivery the sinks absorb, never a loss.
 """
@@ -13,16 +15,14 @@ from celery import Task
 
 from producers.registry import open_source
 from shared.celery_app import app
+from shared.context import Context
 from shared.errors import SluiceError
 
 log = logging.getLogger("sluice.ack")
 
 
-@app.task(
-    name="sluice.ack_page", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=20
-)
-def ack_page(self: Task, source_name: str, page_id: str) -> str:
-    ctx = app.context
+def acknowledge_page(ctx: Context, source_name: str, page_id: str) -> str:
+    """Mark the page's rows processed at its source, once; raises SluiceError on failure."""
     found = ctx.progress.ack_data(page_id)
     if found is None:
         return "already acknowledged"
@@ -32,13 +32,23 @@ def ack_page(self: Task, source_name: str, page_id: str) -> str:
         source = ctx.sources[source_name] = open_source(ctx.settings, source_name)
     try:
         source.acknowledge(ack)
-    except SluiceError as exc:
+    except SluiceError:
         ctx.sources.pop(source_name, None)  # reopen next time: the connection may be broken
         source.close()
+        raise
+    ctx.progress.done(source_name, page_id)
+    return "acknowledged"
+
+
+@app.task(
+    name="sluice.ack_page", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=20
+)
+def ack_page(self: Task, source_name: str, page_id: str) -> str:
+    try:
+        return acknowledge_page(app.context, source_name, page_id)
+    except SluiceError as exc:
         delay = min(300, 2 ** min(self.request.retries, 8))
         log.warning(
             "ack of page %s to %s failed (%s); retry in %ss", page_id, source_name, exc, delay
         )
         raise self.retry(exc=exc, countdown=delay) from exc
-    ctx.progress.done(source_name, page_id)
-    return "acknowledged"

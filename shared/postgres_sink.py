@@ -55,16 +55,47 @@ def copy_csv(rows: Sequence[Sequence[Any]]) -> bytes:
     return buf.getvalue().encode()
 
 
+def copy_text(rows: Sequence[Sequence[Any]]) -> bytes | None:
+    """Rows in COPY's text format, or None when a value would need escaping (then use copy_csv).
+
+    Half the cost of the csv writer: one str.join per row. Text format needs a backslash, tab,
+    newline or carriage return inside a value escaped; rather than scanning every value, the
+    page is checked as a whole: if it holds exactly the tabs and newlines the joins put in, and
+    no backslash besides the NULL markers, no value contains one."""
+    nulls = 0
+    lines = []
+    for r in rows:
+        if None in r:
+            nulls += sum(1 for v in r if v is None)
+            r = ["\\N" if v is None else v for v in r]
+        lines.append("\t".join(map(str, r)))
+    lines.append("")
+    body = "\n".join(lines)
+    width = len(rows[0]) if rows else 0
+    if (
+        body.count("\t") != len(rows) * (width - 1)
+        or body.count("\n") != len(rows)
+        or body.count("\\") != nulls
+        or "\r" in body
+    ):
+        return None
+    return body.encode()
+
+
 class PostgresSink:
     name = "postgres"
 
     def __init__(self, url: str) -> None:
         self._dsn = libpq_dsn(url)
         self._conn: psycopg2.extensions.connection | None = None
-        self._sql: dict[tuple[str, str], tuple[str, str, str]] = {}
+        self._sql: dict[tuple[str, str], tuple[str, str, str, str]] = {}
+        # Staging tables known to exist in this session (CREATE … IF NOT EXISTS per page sent a
+        # NOTICE and a catalog lookup every time); emptied with each new connection.
+        self._staged: set[str] = set()
 
     def _connection(self) -> psycopg2.extensions.connection:
         if self._conn is None or self._conn.closed:
+            self._staged.clear()
             try:
                 self._conn = psycopg2.connect(
                     self._dsn, connect_timeout=10, application_name="sluice-postgres-sink"
@@ -73,7 +104,7 @@ class PostgresSink:
                 raise TransientSinkError(f"cannot connect: {exc}".strip(), sink=self.name) from exc
         return self._conn
 
-    def _statements(self, stream: Stream) -> tuple[str, str, str]:
+    def _statements(self, stream: Stream) -> tuple[str, str, str, str]:
         cached = self._sql.get((stream.name, stream.conflict))
         if cached:
             return cached
@@ -85,17 +116,19 @@ class PostgresSink:
             f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
             f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
-        copy = f"COPY {stage} ({cols}) FROM STDIN WITH (FORMAT csv)"
+        copy = f"COPY {stage} ({cols}) FROM STDIN"
+        copy_csv = f"COPY {stage} ({cols}) FROM STDIN WITH (FORMAT csv)"
         insert = (
             f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {stage} ORDER BY {key} "
             + conflict_clause(stream)
         )
-        self._sql[(stream.name, stream.conflict)] = (create, copy, insert)
-        return create, copy, insert
+        self._sql[(stream.name, stream.conflict)] = (create, copy, copy_csv, insert)
+        return create, copy, copy_csv, insert
 
     def write(self, stream: Stream, rows: Sequence[Sequence[Any]], meta: PageMeta) -> WriteResult:
-        create, copy, insert = self._statements(stream)
+        create, copy, copy_as_csv, insert = self._statements(stream)
         conn = self._connection()
+        created = False
         try:
             with conn.cursor() as cur:
                 cur.execute(
@@ -120,8 +153,14 @@ class PostgresSink:
                 # The row commits with the page's records: finding it means a redelivery of a
                 # page that is already in, so there is nothing more to write.
                 if first_delivery and rows:
-                    cur.execute(create)
-                    cur.copy_expert(copy, io.BytesIO(copy_csv(rows)))
+                    if stream.table not in self._staged:
+                        cur.execute(create)
+                        created = True
+                    data = copy_text(rows)
+                    if data is not None:
+                        cur.copy_expert(copy, io.BytesIO(data))
+                    else:
+                        cur.copy_expert(copy_as_csv, io.BytesIO(copy_csv(rows)))
                     cur.execute(insert)
                     inserted = cur.rowcount
                 duplicates = meta.received - meta.invalid - inserted if first_delivery else 0
@@ -137,6 +176,8 @@ class PostgresSink:
         except psycopg2.Error as exc:
             self._reset(conn)
             raise classify(exc, stream.name) from exc
+        if created:  # committed, so the table outlives this transaction
+            self._staged.add(stream.table)
         return WriteResult(inserted, duplicates, already_committed=not first_delivery)
 
     def _reset(self, conn: psycopg2.extensions.connection) -> None:

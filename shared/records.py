@@ -181,6 +181,37 @@ class Validator:
     def validate(
         self, columns: Sequence[str], rows: Sequence[Any]
     ) -> tuple[list[Row], list[Rejected]]:
+        if tuple(columns) == self.stream.column_names:
+            fast = self._all_plain(rows)
+            if fast is not None:
+                return fast, []
+        return self._each(columns, rows)
+
+    def _all_plain(self, rows: Sequence[Any]) -> list[Row] | None:
+        """The whole page column by column, with C-level passes (map, join, set), when every
+        value is plain; None as soon as one is not, and `_each` then redoes the page value by
+        value, naming each rejected record. Same output as `_each` on pages it accepts, at
+        about a third of its cost (the per-value loop in Python was most of it)."""
+        if not rows:
+            return []
+        width = len(self._checks)
+        try:
+            if not set(map(type, rows)) <= {list, tuple} or set(map(len, rows)) != {width}:
+                return None
+            columns = list(zip(*rows, strict=True))
+            out = [
+                _plain_column(col, check, values)
+                for (col, check), values in zip(self._checks, columns, strict=True)
+            ]
+        except (InvalidValue, ValueError, TypeError, OverflowError, orjson.JSONDecodeError):
+            return None
+        if any(o is None for o in out):
+            return None
+        return list(map(list, zip(*out, strict=True)))
+
+    def _each(
+        self, columns: Sequence[str], rows: Sequence[Any]
+    ) -> tuple[list[Row], list[Rejected]]:
         order = self._order(columns)
         width = len(columns)
         good: list[Row] = []
@@ -221,6 +252,43 @@ class Validator:
             return None
         index = {c: i for i, c in enumerate(columns)}
         return [index.get(n, -1) for n in names]
+
+
+def _plain_column(
+    col: Column, check: Callable[[Any], Any], values: Sequence[Any]
+) -> Sequence[Any] | None:
+    """One column of a page checked and normalised as `Validator._each` would, or None (or an
+    exception) when some value needs a closer look. Specialised for the common shapes: a text,
+    JSON or timestamp column of strings and a float column of floats, with no NULL."""
+    types = set(map(type, values))
+    if type(None) in types:
+        if col.required:
+            return None
+        return [None if v is None else check(v) for v in values]
+    if col.type in ("text", "json", "timestamp") and types == {str}:
+        joined = "".join(values)
+        if "\x00" in joined:
+            return None
+        longest = max(map(len, values))
+        if col.type == "text":
+            if longest > col.limit or (col.required and "" in values):
+                return None
+            return values
+        if col.type == "json":
+            if longest > col.limit or "\\u0000" in joined:
+                return None
+            for _ in map(orjson.loads, values):  # raises on the first invalid document
+                pass
+            return values
+        if longest > 64:
+            return None
+        parsed = list(map(datetime.fromisoformat, values))
+        if any(d.tzinfo is None for d in parsed):
+            return None
+        return [d.astimezone(UTC).isoformat() for d in parsed]
+    if col.type == "float" and types == {float}:
+        return values if all(map(math.isfinite, values)) else None
+    return [check(v) for v in values]
 
 
 def dedupe(stream: Stream, rows: list[Row]) -> list[Row]:

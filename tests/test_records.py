@@ -489,3 +489,56 @@ def test_validate_then_dedupe_gives_one_row_per_distinct_valid_key(
     for r in valid:
         first.setdefault(r[key], r)
     assert out == [first[k] for k in distinct]
+
+
+# Values for the page-at-once path to meet: the plain ones it takes, and every kind it must
+# hand back to the per-value checks.
+ODD_VALUES = st.sampled_from(
+    [
+        None,
+        "",
+        "x\x00",
+        "m" * 300,
+        "not json {",
+        '{"a": "\\u0000"}',
+        "2026-11-25T12:00:00",
+        "2026-11-25T12:00:00+02:00",
+        "yesterday",
+        7,
+        7.5,
+        float("nan"),
+        True,
+        [1],
+        {"k": "v"},
+    ]
+)
+
+
+@given(
+    rows=st.lists(st.tuples(st.integers(0, 8), ODD_VALUES, st.booleans()), min_size=1, max_size=30),
+    shape=st.sampled_from(["list", "tuple", "short"]),
+)
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+def test_page_at_once_matches_value_by_value(
+    rows: list[tuple[int, object, bool]], shape: str
+) -> None:
+    """Whatever the page holds, validate() gives exactly what the per-value checks give."""
+    base = [
+        "id-1",
+        "org_1",
+        "proj_1",
+        "k-1",
+        "api_calls",
+        1.5,
+        "count",
+        "2026-11-25T12:00:00.123+00:00",
+        '{"region":"eu"}',
+    ]
+    page: list[Any] = []
+    for i, (col, value, odd) in enumerate(rows):
+        r: list[Any] = [f"id-{i}", *base[1:3], f"k-{i}", *base[4:]]
+        if odd:
+            r[col] = value
+        page.append(tuple(r) if shape == "tuple" else r[:8] if shape == "short" and odd else r)
+    v = Validator(USAGE_EVENTS)
+    assert v.validate(USAGE_EVENTS.column_names, page) == v._each(USAGE_EVENTS.column_names, page)

@@ -20,7 +20,7 @@ from shared.database import libpq_dsn
 from shared.errors import TransientSinkError
 from shared.migrations import migrate_sqlite
 from shared.page import Page
-from shared.postgres_sink import PostgresSink
+from shared.postgres_sink import PostgresSink, copy_text
 from shared.records import Validator, dedupe
 from shared.settings import Settings
 from shared.sink import PageMeta, Sink
@@ -207,6 +207,31 @@ def test_values_round_trip_exactly(sink: Sink, env: Env) -> None:
     assert all(g[2] is None for g in got)
     assert [g[3] for g in got] == [1.5 + i for i in range(len(rows))]
     assert all('x,\\"y\\"' in g[4] for g in got)
+    sink.close()
+
+
+def test_plain_page_round_trips_through_copy_text(sink: Sink, env: Env) -> None:
+    """The fast COPY text path (no value needs escaping) keeps NULL and '' apart too, and a page
+    holding one value that needs escaping goes the CSV way."""
+    assert copy_text([["a", None, "", 1.5]]) == b"a\t\\N\t\t1.5\n"
+    assert copy_text([["a", "tab\there"]]) is None and copy_text([["back\\slash"]]) is None
+    rows = [
+        [f"id-{i}", "org", text, f"key-{i}", "m", 2.5, None, "2026-11-25T00:00:00+00:00", "{}"]
+        for i, text in enumerate(["", "plain", "émoji 🚰", None])
+    ]
+    sink.write(USAGE_EVENTS, dedupe(USAGE_EVENTS, rows), meta("plain", len(rows)))
+    query = "SELECT project_id, unit FROM usage_events ORDER BY idempotency_key"
+    if sink.name == "postgres":
+        conn = psycopg2.connect(libpq_dsn(env.pg_url))
+        with conn.cursor() as cur:
+            cur.execute(query)
+            got = cur.fetchall()
+        conn.close()
+    else:
+        lite = sqlite3.connect(env.sqlite_path)
+        got = lite.execute(query).fetchall()
+        lite.close()
+    assert got == [("", None), ("plain", None), ("émoji 🚰", None), (None, None)]
     sink.close()
 
 

@@ -1,0 +1,69 @@
+"""Acknowledging a page: done by the ingest task of the last sink to commit, in its own process;
+when that attempt fails (here: the D1 file is locked by someone else) the retrying ack task takes
+over, so the rows are still marked, later, and never before the commit."""
+
+from __future__ import annotations
+
+import uuid
+
+from consumers.ingest import ingest
+from ops.sample import write_d1_file
+from producers.ack import ack_page
+from producers.registry import open_source
+from shared.celery_app import app
+from shared.context import Context
+from shared.database import sqlite_connect
+from shared.migrations import migrate_sqlite
+from shared.page import Page
+from shared.settings import Settings
+from tests.conftest import Env
+from tests.helpers import d1_config, d1_processed
+
+
+def _one_page(env: Env, ctx: Context) -> Page:
+    """The first page of the D1 source, registered as in flight for PostgreSQL only."""
+    source = open_source(ctx.settings, "d1_usage")
+    sp = next(source.pages(None, 1))
+    source.close()
+    page_id = uuid.uuid4().hex
+    ctx.progress.register("d1_usage", page_id, ["postgres"], sp.ack, sp.last_key)
+    columns = list(ctx.settings.stream("usage_events").column_names)
+    return Page(page_id, "usage_events", "postgres", "d1_usage", "run", columns, sp.rows)
+
+
+def _configure(env: Env, records: int) -> tuple[Context, Page]:
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, records)
+    config = d1_config(d1, page_size=records).replace(
+        "[pipeline]\n", "[pipeline]\nsqlite_busy_timeout_ms = 200\n"
+    )
+    env.write_config(config)
+    migrate_sqlite(env.sqlite_path)
+    ctx = app.configure(Settings.load(env.vars))
+    return ctx, _one_page(env, ctx)
+
+
+def test_last_sink_marks_the_rows_itself(env: Env) -> None:
+    ctx, page = _configure(env, 40)
+    ingest.apply(args=[page.encode()]).get()
+    assert d1_processed(env.dir / "d1.sqlite") == (40, 40)
+    assert ctx.progress.in_flight("d1_usage") == 0
+    assert ctx.redis.llen("progress") == 0  # no ack task was needed
+
+
+def test_failed_inline_ack_becomes_the_retrying_task(env: Env) -> None:
+    ctx, page = _configure(env, 40)
+    d1 = env.dir / "d1.sqlite"
+    holder = sqlite_connect(d1)
+    holder.execute("BEGIN IMMEDIATE")  # another writer holds the file past the busy timeout
+    try:
+        ingest.apply(args=[page.encode()]).get()
+        assert d1_processed(d1) == (40, 0)
+        assert ctx.progress.in_flight("d1_usage") == 1
+        assert ctx.redis.llen("progress") == 1  # sluice.ack_page, for a worker to retry
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    ack_page.apply(args=["d1_usage", page.id]).get()
+    assert d1_processed(d1) == (40, 40)
+    assert ctx.progress.in_flight("d1_usage") == 0
