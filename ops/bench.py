@@ -400,14 +400,13 @@ class Bench:
 
         from sqlalchemy.engine import make_url
 
+        # The embedded server is reached by its socket folder and port, both in the URL's query:
+        # libpq takes them from the query of a connection URI, which dlt passes on unchanged.
+        # dlt insists on a host: the socket folder in the query overrides it for libpq.
         u = make_url(self.pg_url)
-        creds = {
-            "database": u.database,
-            "username": u.username or "postgres",
-            "password": "unused",
-            "host": u.query.get("host"),
-            "port": u.port or 5432,
-        }
+        creds = u.set(
+            drivername="postgresql", password=u.password or "unused", host=u.host or "localhost"
+        ).render_as_string(hide_password=False)
         pipe = dlt.pipeline(
             pipeline_name=f"bench_{int(time.time())}",
             destination=dlt.destinations.postgres(credentials=creds),
