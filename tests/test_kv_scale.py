@@ -17,32 +17,13 @@ from tests.conftest import Env
 from tests.fakes.kv_server import FakeKV
 from tests.helpers import drain
 from tests.test_kv_pipeline import PG_QUEUES, kv_config, lite_rows, pg_rows
-from tests.test_kv_source import NOW_MS, NS
+from tests.test_reconcile import put_namespace
 
 
 def test_kv_namespace_at_scale_migrates_into_both_sinks(env: Env) -> None:
     keys = int(os.environ.get("SLUICE_KV_SCALE_KEYS", "5000"))
-    users = (keys - 2) // 3  # chat_ids and the cache, then 3 keys per user
-    ids = [str(100_000_000 + i) for i in range(users)]
     with FakeKV() as fake:
-        fake.put(NS, "chat_ids", ids)
-        fake.put(NS, "fear_greed_cache", {"data": {"score": 50}, "timestamp": NOW_MS})
-        for i, cid in enumerate(ids):
-            fake.put(NS, f"watchlist:{cid}", ["SPY", "AAPL", "MSFT"][: 1 + i % 3])
-            fake.put(
-                NS,
-                f"execution_history:{cid}",
-                [
-                    {
-                        "signalType": "BUY" if j % 2 == 0 else "SELL",
-                        "ticker": "SPY",
-                        "executionPrice": 400.0 + j,
-                        "executionDate": NOW_MS + j,
-                    }
-                    for j in range(2)
-                ],
-            )
-            fake.put(NS, f"active_position:{cid}", {"ticker": "SPY", "entryPrice": 401.0})
+        users = put_namespace(fake, keys)
         env.vars["CLOUDFLARE_API_TOKEN"] = fake.token
         env.write_config(kv_config(fake, page_size=1000))
         ctx = app.configure(Settings.load(env.vars))
