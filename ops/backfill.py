@@ -26,11 +26,10 @@ from typing import Any
 
 from producers.cursors import CursorStore, format_cursor
 from producers.http_source import HttpSource
+from producers.produce import publish_page
 from producers.registry import open_source
-from shared.celery_app import app, ingest_queue
 from shared.context import Context
 from shared.errors import SluiceError
-from shared.page import Page
 
 LOCK_SECONDS = 300
 
@@ -122,7 +121,6 @@ def _backfill(
     if summary.windows_done:
         say(f"{name}: resuming: {summary.windows_done}/{summary.windows_total} window(s) done")
     run_id = uuid.uuid4().hex
-    columns = list(stream.column_names)
     while plans:
         for p in list(plans):
             w = next(plans[p], None)
@@ -146,15 +144,9 @@ def _backfill(
                     "first": False,  # never creates a live cursor, only moves it forward
                 }
                 if rows:
-                    page = Page(uuid.uuid4().hex, stream.name, "", name, run_id, columns, rows)
-                    last_key = [f"backfill:{p}", ack["end"]]  # ignored by live resume points
-                    ctx.progress.register(name, page.id, stream.sinks, ack, last_key)
-                    for sink in stream.sinks:
-                        app.send_task(
-                            "sluice.ingest",
-                            args=[page.for_sink(sink).encode()],
-                            queue=ingest_queue(sink),
-                        )
+                    # Ignored by live resume points: a backfill never makes a live run restart.
+                    last_key = [f"backfill:{p}", ack["end"]]
+                    publish_page(ctx, stream, name, run_id, rows, ack, last_key)
                     summary.pages += 1
                     summary.records += len(rows)
                 else:

@@ -156,7 +156,26 @@ def _orphan_sql(stream: Stream, fk: ForeignKey) -> tuple[str, str]:
     )
 
 
-class PostgresReader:
+class _SqlReader:
+    """What the PostgreSQL and SQLite readers share: a connection and a `_run` of SQL."""
+
+    name: str
+    conn: Any
+
+    def _run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def orphans(self, stream: Stream, fk: ForeignKey, limit: int) -> tuple[int, list[Key]]:
+        count, listing = _orphan_sql(stream, fk)
+        total = int(self._run(count)[0][0])
+        found = self._run(listing + str(int(limit))) if total else []
+        return total, [tuple(r) for r in found]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class PostgresReader(_SqlReader):
     name = "postgres"
 
     def __init__(self, url: str) -> None:
@@ -202,17 +221,8 @@ class PostgresReader:
             )
             yield from self._run(sql, [v for k in part for v in k])
 
-    def orphans(self, stream: Stream, fk: ForeignKey, limit: int) -> tuple[int, list[Key]]:
-        count, listing = _orphan_sql(stream, fk)
-        total = int(self._run(count)[0][0])
-        found = self._run(listing + str(int(limit))) if total else []
-        return total, [tuple(r) for r in found]
 
-    def close(self) -> None:
-        self.conn.close()
-
-
-class SqliteReader:
+class SqliteReader(_SqlReader):
     name = "sqlite"
 
     def __init__(self, path: Path) -> None:
@@ -238,15 +248,6 @@ class SqliteReader:
     def rows(self, stream: Stream, keys: Sequence[Key]) -> Iterator[Sequence[Any]]:
         for sql, params in _in_list_queries(stream, keys, SQLITE_KEYS_PER_QUERY):
             yield from self._run(sql, params)
-
-    def orphans(self, stream: Stream, fk: ForeignKey, limit: int) -> tuple[int, list[Key]]:
-        count, listing = _orphan_sql(stream, fk)
-        total = int(self._run(count)[0][0])
-        found = self._run(listing + str(int(limit))) if total else []
-        return total, [tuple(r) for r in found]
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 def _in_list_queries(

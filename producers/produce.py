@@ -22,6 +22,7 @@ from shared.context import Context
 from shared.errors import SluiceError
 from shared.page import Page
 from shared.settings import KvSourceConfig
+from shared.streams import Stream
 
 log = logging.getLogger("sluice.produce")
 
@@ -65,13 +66,7 @@ def run_source(ctx: Context, name: str, max_batches: int | None = None) -> RunSu
         for sp in source.pages(after, max_batches or cfg.max_batches):
             # A source feeding several streams (KV) names each page's stream.
             page_stream = ctx.settings.stream(sp.stream) if sp.stream else stream
-            columns = list(page_stream.column_names)
-            page = Page(uuid.uuid4().hex, page_stream.name, "", name, run_id, columns, sp.rows)
-            ctx.progress.register(name, page.id, page_stream.sinks, sp.ack, sp.last_key)
-            for sink in page_stream.sinks:
-                app.send_task(
-                    "sluice.ingest", args=[page.for_sink(sink).encode()], queue=ingest_queue(sink)
-                )
+            publish_page(ctx, page_stream, name, run_id, sp.rows, sp.ack, sp.last_key)
             summary.pages += 1
             summary.records += len(sp.rows)
             lock.extend(LOCK_SECONDS, replace_ttl=True)
@@ -88,6 +83,25 @@ def run_source(ctx: Context, name: str, max_batches: int | None = None) -> RunSu
     summary.seconds = round(time.perf_counter() - t0, 3)
     _record_run(ctx, summary, started, stream_name(ctx, name))
     return summary
+
+
+def publish_page(
+    ctx: Context,
+    stream: Stream,
+    source: str,
+    run_id: str,
+    rows: list[list[Any]],
+    ack: Any,
+    last_key: Any,
+) -> None:
+    """Register a page as in flight (before it is visible to any worker, so the next run
+    continues after it), then put it on each of its stream's sink queues."""
+    page = Page(uuid.uuid4().hex, stream.name, "", source, run_id, list(stream.column_names), rows)
+    ctx.progress.register(source, page.id, stream.sinks, ack, last_key)
+    for sink in stream.sinks:
+        app.send_task(
+            "sluice.ingest", args=[page.for_sink(sink).encode()], queue=ingest_queue(sink)
+        )
 
 
 def stream_name(ctx: Context, source: str) -> str:

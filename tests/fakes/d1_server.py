@@ -438,13 +438,25 @@ class FakeD1:
             return
         status, payload, extra = self._respond(route, authorized, body)
         data = json.dumps(payload).encode("utf-8")
+        self._send_body(handler, fault, status, data, JSON_CONTENT_TYPE, extra)
+
+    def _send_body(
+        self,
+        handler: _Handler,
+        fault: Fault | None,
+        status: int,
+        data: bytes,
+        content_type: str,
+        extra: dict[str, str],
+    ) -> None:
+        """Send a real answer, cut short when the fault asks for a broken body."""
         if fault is not None and fault.kind == "truncated":
             keep = int(fault.options.get("keep", len(data) // 2))
-            self._send(handler, status, data[:keep], JSON_CONTENT_TYPE, extra)
+            self._send(handler, status, data[:keep], content_type, extra)
         elif fault is not None and fault.kind == "short_body":
-            self._send(handler, status, data[: len(data) // 2], JSON_CONTENT_TYPE, extra, len(data))
+            self._send(handler, status, data[: len(data) // 2], content_type, extra, len(data))
         else:
-            self._send(handler, status, data, JSON_CONTENT_TYPE, extra)
+            self._send(handler, status, data, content_type, extra)
 
     def _inject(self, handler: _Handler, fault: Fault) -> bool:
         """Answer with `fault`; False if the request should still be handled normally."""

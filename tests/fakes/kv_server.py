@@ -168,13 +168,7 @@ class FakeKV(FakeD1):
                 JSON_CONTENT_TYPE,
                 {},
             )
-        if fault is not None and fault.kind == "truncated":
-            keep = int(fault.options.get("keep", len(data) // 2))
-            self._send(handler, status, data[:keep], content_type, extra)
-        elif fault is not None and fault.kind == "short_body":
-            self._send(handler, status, data[: len(data) // 2], content_type, extra, len(data))
-        else:
-            self._send(handler, status, data, content_type, extra)
+        self._send_body(handler, fault, status, data, content_type, extra)
 
     def _namespace(self, account: str, namespace_id: str) -> _Namespace:
         if account != self.account_id:
