@@ -87,7 +87,10 @@ class Progress:
         keys = self.resume_keys(source)
         if not keys:
             return None
-        return max(keys)
+        try:
+            return max(keys)
+        except TypeError:  # keys of two kinds (a D1 source's order changed): start over
+            return None
 
     def resume_keys(self, source: str) -> list[Any] | None:
         """The last key of every page of `source` in flight ([] when none), or None when a

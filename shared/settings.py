@@ -49,7 +49,10 @@ class Schedule(_Model):
 
 
 class D1SourceConfig(_Model):
-    """A D1 table read in id order: local (a SQLite file or wrangler's state) or remote (REST)."""
+    """A D1 table's unprocessed rows, in pages: local (a SQLite file or wrangler's state) or
+    remote (REST). `order`: "rowid" reads in arrival order (cheap on random ids, needs an index on
+    `processed_at` alone), "key" in key order (index on `(processed_at, key)`), "auto" picks rowid
+    when the table's indexes serve it without a sort."""
 
     kind: Literal["d1"]
     stream: str
@@ -62,6 +65,7 @@ class D1SourceConfig(_Model):
     base_url: str = "https://api.cloudflare.com/client/v4"
     table: str | None = None
     key_column: str = "id"
+    order: Literal["auto", "rowid", "key"] = "auto"
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
     max_batches: Annotated[int, Field(ge=1)] = 10
     schedule: Schedule | None = None

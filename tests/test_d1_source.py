@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from ops.sample import write_d1_file
 from ops.workers import WorkerPool
-from producers.d1_source import miniflare_object_filename, wrangler_d1_path
+from producers.d1_source import D1Source, miniflare_object_filename, wrangler_d1_path
 from producers.registry import open_source
 from shared.celery_app import app
 from shared.migrations import migrate_sqlite
@@ -32,26 +34,125 @@ def _settings(env: Env, body: str) -> Settings:
     return Settings.load(env.vars)
 
 
-def test_local_pages_in_key_order_with_batch_limits(env: Env) -> None:
+def test_local_pages_in_arrival_order_with_batch_limits(env: Env) -> None:
+    """With the shipped schema (an index on processed_at alone) pages follow the rowid."""
     d1 = env.dir / "d1.sqlite"
     write_d1_file(d1, 2_500)
     settings = _settings(env, d1_config(d1, page_size=1000, max_batches=2))
     source = open_source(settings, "d1_usage")
+    assert isinstance(source, D1Source) and source.order == "rowid"
     pages = list(source.pages(None, 2))
     assert [len(p.rows) for p in pages] == [1000, 1000]  # max_batches stops the run
-    keys = [k for p in pages for k in p.ack]
-    assert keys == sorted(keys) and len(set(keys)) == 2000
-    assert [r[0] for r in pages[0].rows] == pages[0].ack  # column order = stream order (id first)
+    rowids = [r for p in pages for r in p.ack["rowid"]]
+    assert rowids == sorted(rowids) and len(set(rowids)) == 2000
+    by_rowid = _rows_by_rowid(d1)
+    for page in pages:  # column order = stream order (id first); ack keys are the rows' ids
+        assert [r[0] for r in page.rows] == page.ack["key"]
+        assert [by_rowid[r] for r in page.ack["rowid"]] == page.ack["key"]
+    assert pages[-1].last_key == rowids[-1]
     rest = list(source.pages(pages[-1].last_key, 10))
     assert [len(p.rows) for p in rest] == [500]
-    assert rest[0].ack[0] > keys[-1]
+    assert rest[0].ack["rowid"][0] > rowids[-1]
 
     source.acknowledge(pages[0].ack)
     source.acknowledge(pages[0].ack)  # twice is harmless
     assert d1_processed(d1) == (2_500, 1_000)
-    again = [k for p in source.pages(None, 10) for k in p.ack]
-    assert len(again) == 1_500 and not set(again) & set(pages[0].ack)
+    again = [k for p in source.pages(None, 10) for k in p.ack["key"]]
+    assert len(again) == 1_500 and not set(again) & set(pages[0].ack["key"])
     source.close()
+
+
+def test_rowid_marks_only_the_rows_read(env: Env) -> None:
+    """Rowids renumbered between read and acknowledgement (what a VACUUM may do): the rows that
+    moved away stay unprocessed, the rows that moved in are not marked."""
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 300)
+    source = open_source(_settings(env, d1_config(d1, page_size=100)), "d1_usage")
+    page = next(iter(source.pages(None, 1)))
+    moved_away = page.ack["rowid"][:10]
+    conn = sqlite3.connect(d1, isolation_level=None)
+    later = [r for (r,) in conn.execute("SELECT rowid FROM usage_events ORDER BY rowid DESC")][:10]
+    for old, other in zip(moved_away, later, strict=True):
+        conn.execute("UPDATE usage_events SET rowid = ? WHERE rowid = ?", (old + 10_000, old))
+        conn.execute("UPDATE usage_events SET rowid = ? WHERE rowid = ?", (old, other))
+    source.acknowledge(page.ack)
+    marked = {
+        k for (k,) in conn.execute("SELECT id FROM usage_events WHERE processed_at IS NOT NULL")
+    }
+    conn.close()
+    assert marked == set(page.ack["key"][10:])
+    source.close()
+
+
+def _without_processed_index(d1: Path, index: str | None) -> None:
+    conn = sqlite3.connect(d1, isolation_level=None)
+    conn.execute("DROP INDEX idx_usage_events_unprocessed")
+    if index:
+        conn.execute(index)
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("index", "order"),
+    [
+        ("CREATE INDEX u ON usage_events (processed_at, id)", "key"),  # rowid order would sort
+        (None, "rowid"),  # no index: a rowid range of the table itself
+    ],
+)
+def test_auto_order_follows_the_indexes(env: Env, index: str | None, order: str) -> None:
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 1_200)
+    _without_processed_index(d1, index)
+    source = open_source(_settings(env, d1_config(d1, page_size=500)), "d1_usage")
+    assert isinstance(source, D1Source) and source.order == order
+    pages = list(source.pages(None, 10))
+    keys = [k for p in pages for k in (p.ack["key"] if order == "rowid" else p.ack)]
+    assert len(set(keys)) == 1_200
+    if order == "key":
+        assert keys == sorted(keys) and pages[0].last_key == keys[499]
+    for p in pages:
+        source.acknowledge(p.ack)
+    assert d1_processed(d1) == (1_200, 1_200)
+    source.close()
+
+
+def test_without_rowid_table_reads_in_key_order(env: Env) -> None:
+    d1 = env.dir / "d1.sqlite"
+    conn = sqlite3.connect(d1, isolation_level=None)
+    conn.execute(
+        "CREATE TABLE usage_events (id TEXT PRIMARY KEY, organisation_id TEXT, project_id TEXT,"
+        ' idempotency_key TEXT, metric_name TEXT, metric_value REAL, unit TEXT, "timestamp" TEXT,'
+        " metadata TEXT, processed_at TEXT) WITHOUT ROWID"
+    )
+    conn.executemany(
+        "INSERT INTO usage_events (id, organisation_id, idempotency_key, metric_name,"
+        " metric_value, \"timestamp\") VALUES (?, 'o', ?, 'm', 1.0, '2025-01-01T00:00:00Z')",
+        [(f"e{i:04d}", f"k{i}") for i in range(250)],
+    )
+    conn.close()
+    source = open_source(_settings(env, d1_config(d1, page_size=100)), "d1_usage")
+    assert isinstance(source, D1Source) and source.order == "key"
+    pages = list(source.pages(None, 10))
+    assert [len(p.rows) for p in pages] == [100, 100, 50] and pages[1].ack[0] == "e0100"
+    source.acknowledge(pages[0].ack)
+    assert d1_processed(d1) == (250, 100)
+    source.close()
+
+
+def test_a_resume_point_of_the_other_order_starts_over(env: Env) -> None:
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 300)
+    source = open_source(_settings(env, d1_config(d1, page_size=100)), "d1_usage")
+    assert sum(len(p.rows) for p in source.pages("ffffffff-an-old-id", 10)) == 300
+    source.close()
+
+
+def _rows_by_rowid(d1: Path) -> dict[int, str]:
+    conn = sqlite3.connect(d1)
+    try:
+        return dict(conn.execute("SELECT rowid, id FROM usage_events"))
+    finally:
+        conn.close()
 
 
 def test_wrangler_local_layout(env: Env) -> None:
@@ -113,7 +214,8 @@ def test_remote_reads_and_marks_within_d1_limits(env: Env, fake: FakeD1) -> None
     assert d1_processed(d1) == (1_200, 500)
     bodies = [r.body for r in fake.requests if isinstance(r.body, dict)]
     marks = [b for b in bodies if "batch" in b]
-    assert len(marks) == 1 and len(marks[0]["batch"]) == 6  # 500 ids, 99 per statement
+    # 500 rows, 49 (rowid, id) pairs per statement; the source chose rowid order by EXPLAIN.
+    assert len(marks) == 1 and len(marks[0]["batch"]) == 11
     for stmt in marks[0]["batch"]:
         assert len(stmt["params"]) <= 100
     assert all(r.authorized for r in fake.requests)

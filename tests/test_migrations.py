@@ -340,7 +340,7 @@ def test_idempotency_key_unique_index_is_used_after_migration(tmp_path: Path) ->
 
 
 def test_d1_source_read_uses_the_unprocessed_index(tmp_path: Path) -> None:
-    """The D1 source pages through `processed_at IS NULL` rows in id order without sorting."""
+    """The D1 source pages through `processed_at IS NULL` rows in rowid order without sorting."""
     conn = sqlite3.connect(tmp_path / "d1.sqlite", isolation_level=None)
     try:
         for file in sorted((SCHEMA_DIR / "d1_source").glob("*.sql")):
@@ -349,9 +349,9 @@ def test_d1_source_read_uses_the_unprocessed_index(tmp_path: Path) -> None:
         plan = " ".join(
             r[3]
             for r in conn.execute(
-                "EXPLAIN QUERY PLAN SELECT id FROM usage_events WHERE processed_at IS NULL"
-                " AND id > ? ORDER BY id LIMIT ?",
-                ("", 1000),
+                "EXPLAIN QUERY PLAN SELECT rowid, id FROM usage_events WHERE processed_at IS NULL"
+                " AND rowid > ? ORDER BY rowid LIMIT ?",
+                (0, 1000),
             )
         )
         assert "idx_usage_events_unprocessed" in plan, plan

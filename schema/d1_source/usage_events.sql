@@ -15,5 +15,8 @@ CREATE TABLE IF NOT EXISTS usage_events (
     created_at       TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     processed_at     TEXT
 );
+-- processed_at alone: its entries for NULL are in rowid order, so the source reads unprocessed
+-- rows in arrival order without a sort, and a page's rows sit on neighbouring table pages
+-- (marking them rewrites a few pages, not one per random id).
 CREATE INDEX IF NOT EXISTS idx_usage_events_unprocessed
-    ON usage_events (processed_at, id);
+    ON usage_events (processed_at);
