@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -71,38 +70,35 @@ class BenchResult:
         return asdict(self)
 
 
-class RssSampler:
-    """Peak resident memory of any single worker process (main or pool child), also per worker
-    name (which process holds the memory: a sink's page cache, a D1 connection's)."""
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory in bytes: the kernel's high-water mark (VmHWM), so no
+    thread has to sample it during the run (one that walked /proc five times a second took
+    about 5% of the CPU the measured pipeline shares). Elsewhere than Linux: the current RSS."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return 0
 
-    def __init__(self, pool: WorkerPool) -> None:
-        self.pool = pool
-        self.peak = 0
-        self.by_worker: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for p in list(self.pool.procs):
-                name = self.pool.name_of(p.pid)
-                try:
-                    proc = psutil.Process(p.pid)
-                    for q in [proc, *proc.children(recursive=True)]:
-                        rss = q.memory_info().rss
-                        self.peak = max(self.peak, rss)
-                        self.by_worker[name] = max(self.by_worker.get(name, 0), rss)
-                except psutil.Error:
-                    pass
-            self._stop.wait(0.2)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+def worker_peaks(pool: WorkerPool) -> dict[str, int]:
+    """Peak RSS of any single process (main or pool child) of each worker, by worker name."""
+    peaks: dict[str, int] = {}
+    for p in list(pool.procs):
+        name = pool.name_of(p.pid)
+        try:
+            pids = [p.pid, *(c.pid for c in psutil.Process(p.pid).children(recursive=True))]
+        except psutil.Error:
+            pids = [p.pid]
+        for pid in pids:
+            peaks[name] = max(peaks.get(name, 0), peak_rss(pid))
+    return peaks
 
 
 def _timed(fn: Callable[[], None]) -> float:
@@ -293,30 +289,34 @@ class Bench:
             self._start(pool, "bench", ["ingest.postgres", "dead_letter", "progress"], self.workers)
         try:
             time.sleep(2)  # let the workers boot: measure the pipeline, not Python start-up
-            with RssSampler(pool) as rss:
-                t0 = time.time()
-                s = run_source(self.ctx, SOURCE)
-                rerun = time.monotonic() + RERUN_SECONDS
-                while True:
-                    if s.status != "ok":
-                        raise RuntimeError(f"bench source run failed: {s.error}")
-                    # Two Redis reads per tick: a source run per tick (open, lock, history row)
-                    # was a quarter of the producer's CPU in a profile, on the shared cores.
-                    idle = self.ctx.progress.in_flight(SOURCE) == 0
-                    if idle and total_depth(self.ctx.redis) == 0:
-                        s = run_source(self.ctx, SOURCE)  # anything left (a page presumed lost)?
-                        if s.pages == 0:
-                            break
-                    elif time.monotonic() > rerun:
-                        s = run_source(self.ctx, SOURCE)
-                        rerun = time.monotonic() + RERUN_SECONDS
-                    else:
-                        time.sleep(0.05)
+            t0 = time.time()
+            self._drain()
+            self.rss_by_worker = worker_peaks(pool)  # before the workers exit
         finally:
             pool.stop()
-        self.rss_by_worker = rss.by_worker
         last_commit, p99 = self._commits()
-        return self.records / (last_commit - t0), rss.peak / 2**20, p99
+        peak = max(self.rss_by_worker.values(), default=0)
+        return self.records / (last_commit - t0), peak / 2**20, p99
+
+    def _drain(self) -> None:
+        """Run the source, and again while pages are in flight, until a run finds nothing."""
+        s = run_source(self.ctx, SOURCE)
+        rerun = time.monotonic() + RERUN_SECONDS
+        while True:
+            if s.status != "ok":
+                raise RuntimeError(f"bench source run failed: {s.error}")
+            # Two Redis reads per tick: a source run per tick (open, lock, history row)
+            # was a quarter of the producer's CPU in a profile, on the shared cores.
+            idle = self.ctx.progress.in_flight(SOURCE) == 0
+            if idle and total_depth(self.ctx.redis) == 0:
+                s = run_source(self.ctx, SOURCE)  # anything left (a page presumed lost)?
+                if s.pages == 0:
+                    return
+            elif time.monotonic() > rerun:
+                s = run_source(self.ctx, SOURCE)
+                rerun = time.monotonic() + RERUN_SECONDS
+            else:
+                time.sleep(0.05)
 
     def _start(
         self, pool: WorkerPool, name: str, queues: list[str], n: int, extra: Sequence[str] = ()

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from shared.celery_app import app, ingest_queue
+from shared.celery_app import send_page
 from shared.context import Context
 from shared.errors import SluiceError
 from shared.page import Page
@@ -152,7 +152,7 @@ def replay(ctx: Context, f: Filters, dry_run: bool = False) -> ReplayResult:
                     [[p.get(c) for c in columns] for _, p in chunk],
                 )
                 if not dry_run:
-                    app.send_task("sluice.ingest", args=[page.encode()], queue=ingest_queue(sink))
+                    send_page(page)
                     conn.execute(
                         text(
                             "UPDATE failed_ingestions SET status = 'replayed',"

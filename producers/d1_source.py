@@ -219,8 +219,9 @@ class D1Source:
 
     def _read(
         self, where: str, position: str, params: list[object]
-    ) -> tuple[list[Any], list[Any], list[list[Any]]]:
-        """One page: (rowids or [], keys, rows in the stream's column order)."""
+    ) -> tuple[list[Any], list[Any], list[Sequence[Any]]]:
+        """One page: (rowids or [], keys, rows in the stream's column order, as tuples: msgpack
+        sends them as it sends lists, without a copy of every row)."""
         by_rowid = position == "rowid"
         if isinstance(self.db, LocalD1):
             lead = ["rowid"] if by_rowid else []
@@ -231,7 +232,7 @@ class D1Source:
             values = self.db.values(sql, params)
             skip = len(lead)
             rowids = [r[0] for r in values] if by_rowid else []
-            rows = [list(r[skip:]) for r in values]
+            rows: list[Sequence[Any]] = [r[skip:] for r in values] if skip else list(values)
             if self._key_at is None:
                 keys = [r[skip - 1] for r in values]
             else:

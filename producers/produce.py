@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from sqlalchemy import text
 
 from producers.registry import open_source
-from shared.celery_app import app, ingest_queue
+from shared.celery_app import app, send_page
 from shared.context import Context
 from shared.errors import SluiceError
 from shared.page import Page
@@ -90,7 +91,7 @@ def publish_page(
     stream: Stream,
     source: str,
     run_id: str,
-    rows: list[list[Any]],
+    rows: Sequence[Sequence[Any]],
     ack: Any,
     last_key: Any,
 ) -> None:
@@ -99,9 +100,7 @@ def publish_page(
     page = Page(uuid.uuid4().hex, stream.name, "", source, run_id, list(stream.column_names), rows)
     ctx.progress.register(source, page.id, stream.sinks, ack, last_key)
     for sink in stream.sinks:
-        app.send_task(
-            "sluice.ingest", args=[page.for_sink(sink).encode()], queue=ingest_queue(sink)
-        )
+        send_page(page.for_sink(sink))
 
 
 def stream_name(ctx: Context, source: str) -> str:

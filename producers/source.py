@@ -6,7 +6,7 @@ acknowledges it (D1: sets processed_at on its rows). Acknowledging twice must be
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -15,7 +15,7 @@ from shared.streams import Stream
 
 @dataclass
 class SourcePage:
-    rows: list[list[Any]]  # in the stream's column order
+    rows: Sequence[Sequence[Any]]  # in the stream's column order
     ack: Any  # what `acknowledge` needs (msgpack-serialisable)
     last_key: Any  # where the next page starts (keyset)
     # The page's stream when the source feeds several (a KV namespace); None: `source.stream`.

@@ -7,6 +7,7 @@ MessageError naming what was wrong, so a malformed message is dead-lettered, nev
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ class Page:
     source: str
     run: str
     columns: list[str]
-    rows: list[list[Any]]
+    rows: Sequence[Sequence[Any]]
 
     def encode(self) -> dict[str, Any]:
         return {

@@ -58,20 +58,26 @@ def copy_csv(rows: Sequence[Sequence[Any]]) -> bytes:
 def copy_text(rows: Sequence[Sequence[Any]]) -> bytes | None:
     """Rows in COPY's text format, or None when a value would need escaping (then use copy_csv).
 
-    Half the cost of the csv writer: one str.join per row. Text format needs a backslash, tab,
-    newline or carriage return inside a value escaped; rather than scanning every value, the
-    page is checked as a whole: if it holds exactly the tabs and newlines the joins put in, and
-    no backslash besides the NULL markers, no value contains one."""
+    Built column by column (a column of strings is used as it is, others go through str once)
+    and joined with C-level passes: a third of the csv writer's cost. Text format needs a
+    backslash, tab, newline or carriage return inside a value escaped; rather than scanning every
+    value, the page is checked as a whole: if it holds exactly the tabs and newlines the joins
+    put in, and no backslash besides the NULL markers, no value contains one."""
+    if not rows:
+        return b""
+    width = len(rows[0])
+    columns: list[Sequence[str]] = []
     nulls = 0
-    lines = []
-    for r in rows:
-        if None in r:
-            nulls += sum(1 for v in r if v is None)
-            r = ["\\N" if v is None else v for v in r]
-        lines.append("\t".join(map(str, r)))
-    lines.append("")
-    body = "\n".join(lines)
-    width = len(rows[0]) if rows else 0
+    for column in zip(*rows, strict=True):
+        types = set(map(type, column))
+        if types == {str}:
+            columns.append(column)
+        elif type(None) in types:
+            nulls += column.count(None)
+            columns.append(["\\N" if v is None else str(v) for v in column])
+        else:
+            columns.append(list(map(str, column)))
+    body = "\n".join(map("\t".join, zip(*columns, strict=True))) + "\n"
     if (
         body.count("\t") != len(rows) * (width - 1)
         or body.count("\n") != len(rows)

@@ -283,8 +283,11 @@ def _plain_column(
         if longest > 64:
             return None
         parsed = list(map(datetime.fromisoformat, values))
-        if any(d.tzinfo is None for d in parsed):
+        zones = set(d.tzinfo for d in parsed)
+        if None in zones:
             return None
+        if zones == {UTC}:  # already UTC (fromisoformat gives this object for Z and +00:00)
+            return list(map(datetime.isoformat, parsed))
         return [d.astimezone(UTC).isoformat() for d in parsed]
     if col.type == "float" and types == {float}:
         return values if all(map(math.isfinite, values)) else None
