@@ -279,7 +279,7 @@ class Bench:
     def pipeline(self) -> tuple[float, float, float]:
         """Records/s from first fetch to last commit, worker peak RSS (MB), p99 page ms."""
         self.reset()
-        write_d1_file(self.d1, self.records)
+        sample = write_d1_file(self.d1, self.records)
         pool = WorkerPool(self.env, self.dir / "logs", loglevel="WARNING")
         if self.sink == "sqlite":
             # One writer for the file; acknowledgements and dead letters run beside it.
@@ -294,6 +294,7 @@ class Bench:
             self.rss_by_worker = worker_peaks(pool)  # before the workers exit
         finally:
             pool.stop()
+        self._check(len(sample.distinct_valid_keys))
         last_commit, p99 = self._commits()
         peak = max(self.rss_by_worker.values(), default=0)
         return self.records / (last_commit - t0), peak / 2**20, p99
@@ -329,6 +330,30 @@ class Bench:
         else:
             for i in range(n):
                 pool.start(f"{name}{i}", queues, 1, extra=["--pool", self.pool, *extra])
+
+    def _check(self, expected: int) -> None:
+        """A fast run counts only if it was exact: every distinct valid key in the sink once, and
+        every D1 row marked processed."""
+        if self.sink == "postgres":
+            conn = psycopg2.connect(libpq_dsn(self.pg_url))
+            with conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM usage_events")
+                stored = int(cur.fetchone()[0])
+            conn.close()
+        else:
+            lite = sqlite_connect(self.sqlite_path)
+            stored = int(lite.execute("SELECT count(*) FROM usage_events").fetchone()[0])
+            lite.close()
+        d1 = sqlite_connect(self.d1)
+        unmarked = int(
+            d1.execute("SELECT count(*) FROM usage_events WHERE processed_at IS NULL").fetchone()[0]
+        )
+        d1.close()
+        if stored != expected + self.prefill or unmarked:
+            raise RuntimeError(
+                f"bench pipeline was not exact: {stored:,} rows in {self.sink} for"
+                f" {expected + self.prefill:,} expected, {unmarked:,} D1 rows not marked"
+            )
 
     def _commits(self) -> tuple[float, float]:
         """Time of the last commit (epoch s) and the p99 page latency (ms) in the sink."""
