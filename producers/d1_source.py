@@ -199,11 +199,12 @@ class D1Source:
         size = self.cfg.batch_size
         by_rowid = self.order == "rowid"
         position = "rowid" if by_rowid else self.key
-        # A resume point from the other order (a page in flight across a change of `order`)
+        # A rowid resume point is tagged ["rowid", n], so an integer key is never taken for
+        # one. A resume point of the other order (a page in flight across a change of `order`)
         # means nothing here: start over; pages read twice are absorbed by the sinks.
-        if after is not None and by_rowid != (
-            isinstance(after, int) and not isinstance(after, bool)
-        ):
+        if isinstance(after, list):
+            after = after[1] if by_rowid and len(after) == 2 and after[0] == "rowid" else None
+        elif by_rowid:
             after = None
         for _ in range(max_pages):
             where = "processed_at IS NULL" + ("" if after is None else f" AND {position} > ?")
@@ -213,7 +214,7 @@ class D1Source:
                 return
             after = rowids[-1] if by_rowid else keys[-1]
             ack: Any = {"rowid": rowids, "key": keys} if by_rowid else keys
-            yield SourcePage(rows=rows, ack=ack, last_key=after)
+            yield SourcePage(rows=rows, ack=ack, last_key=["rowid", after] if by_rowid else after)
             if len(rows) < size:
                 return
 

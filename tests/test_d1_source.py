@@ -49,7 +49,7 @@ def test_local_pages_in_arrival_order_with_batch_limits(env: Env) -> None:
     for page in pages:  # column order = stream order (id first); ack keys are the rows' ids
         assert [r[0] for r in page.rows] == page.ack["key"]
         assert [by_rowid[r] for r in page.ack["rowid"]] == page.ack["key"]
-    assert pages[-1].last_key == rowids[-1]
+    assert pages[-1].last_key == ["rowid", rowids[-1]]
     rest = list(source.pages(pages[-1].last_key, 10))
     assert [len(p.rows) for p in rest] == [500]
     assert rest[0].ack["rowid"][0] > rowids[-1]
@@ -144,6 +144,31 @@ def test_a_resume_point_of_the_other_order_starts_over(env: Env) -> None:
     write_d1_file(d1, 300)
     source = open_source(_settings(env, d1_config(d1, page_size=100)), "d1_usage")
     assert sum(len(p.rows) for p in source.pages("ffffffff-an-old-id", 10)) == 300
+    first = next(iter(source.pages(None, 1)))
+    assert [len(p.rows) for p in source.pages(first.last_key, 10)] == [100, 100]
+    source.close()
+
+
+def test_integer_keys_in_key_order_resume_after_the_last_key(env: Env) -> None:
+    """An integer key is a key, not a rowid resume point (those are tagged ["rowid", n])."""
+    d1 = env.dir / "d1.sqlite"
+    conn = sqlite3.connect(d1, isolation_level=None)
+    conn.execute(
+        "CREATE TABLE usage_events (id INTEGER PRIMARY KEY, organisation_id TEXT,"
+        " project_id TEXT, idempotency_key TEXT, metric_name TEXT, metric_value REAL, unit TEXT,"
+        ' "timestamp" TEXT, metadata TEXT, processed_at TEXT)'
+    )
+    conn.executemany(
+        "INSERT INTO usage_events (id, idempotency_key) VALUES (?, ?)",
+        [(i, f"k{i}") for i in range(1, 251)],
+    )
+    conn.close()
+    config = d1_config(d1, page_size=100) + 'order = "key"\n'
+    source = open_source(_settings(env, config), "d1_usage")
+    first = next(iter(source.pages(None, 1)))
+    assert first.last_key == 100 and first.ack == list(range(1, 101))
+    rest = list(source.pages(first.last_key, 10))
+    assert [p.ack[0] for p in rest] == [101, 201]
     source.close()
 
 
