@@ -276,8 +276,9 @@ class Bench:
         return len(rows) / seconds
 
     # -- pipeline ------------------------------------------------------------------------
-    def pipeline(self) -> tuple[float, float, float]:
-        """Records/s from first fetch to last commit, worker peak RSS (MB), p99 page ms."""
+    def pipeline(self) -> tuple[float, float]:
+        """Records/s from first fetch to last commit and p99 page ms; the workers' peak RSS is
+        left in `rss_by_worker`."""
         self.reset()
         sample = write_d1_file(self.d1, self.records)
         pool = WorkerPool(self.env, self.dir / "logs", loglevel="WARNING")
@@ -296,8 +297,7 @@ class Bench:
             pool.stop()
         self._check(len(sample.distinct_valid_keys))
         last_commit, p99 = self._commits()
-        peak = max(self.rss_by_worker.values(), default=0)
-        return self.records / (last_commit - t0), peak / 2**20, p99
+        return self.records / (last_commit - t0), p99
 
     def _drain(self) -> None:
         """Run the source, and again while pages are in flight, until a run finds nothing."""
@@ -458,16 +458,15 @@ def run_bench(
     raw, _, _ = generate_rows(records)
     rows, _ = Validator(USAGE_EVENTS).validate(COLUMNS, [list(r) for r in raw])
     samples: dict[str, list[float]] = {"limit": [], "pipeline": [], "naive": [], "dlt": []}
-    rss_peaks: list[float] = []
-    by_worker: dict[str, float] = {}
+    by_worker: dict[str, float] = {}  # MB, peak over the runs
     p99s: list[float] = []
     notes: list[str] = []
     for run in range(1, runs + 1):
         samples["limit"].append(b.limit(rows))
         say(f"run {run}: limit {samples['limit'][-1]:,.0f} rows/s")
-        rps, rss, p99 = b.pipeline()
+        rps, p99 = b.pipeline()
         samples["pipeline"].append(rps)
-        rss_peaks.append(rss)
+        rss = max(b.rss_by_worker.values(), default=0) / 2**20
         for name, peak in b.rss_by_worker.items():
             by_worker[name] = max(by_worker.get(name, 0.0), round(peak / 2**20, 1))
         p99s.append(p99)
@@ -501,7 +500,7 @@ def run_bench(
         ratio_to_limit=round(pipeline_rps / limit_rps, 3) if limit_rps else 0.0,
         speedup_vs_naive=round(pipeline_rps / med["naive"], 1) if med["naive"] else None,
         speedup_vs_dlt=round(pipeline_rps / med["dlt"], 2) if med["dlt"] else None,
-        worker_peak_rss_mb=round(max(rss_peaks), 1),
+        worker_peak_rss_mb=max(by_worker.values(), default=0.0),
         p99_page_ms=round(statistics.median(p99s), 1),
         notes=notes,
         samples={k: [round(x) for x in v] for k, v in samples.items() if v},

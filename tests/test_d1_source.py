@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,18 +119,7 @@ def test_auto_order_follows_the_indexes(env: Env, index: str | None, order: str)
 
 def test_without_rowid_table_reads_in_key_order(env: Env) -> None:
     d1 = env.dir / "d1.sqlite"
-    conn = sqlite3.connect(d1, isolation_level=None)
-    conn.execute(
-        "CREATE TABLE usage_events (id TEXT PRIMARY KEY, organisation_id TEXT, project_id TEXT,"
-        ' idempotency_key TEXT, metric_name TEXT, metric_value REAL, unit TEXT, "timestamp" TEXT,'
-        " metadata TEXT, processed_at TEXT) WITHOUT ROWID"
-    )
-    conn.executemany(
-        "INSERT INTO usage_events (id, organisation_id, idempotency_key, metric_name,"
-        " metric_value, \"timestamp\") VALUES (?, 'o', ?, 'm', 1.0, '2025-01-01T00:00:00Z')",
-        [(f"e{i:04d}", f"k{i}") for i in range(250)],
-    )
-    conn.close()
+    _usage_table(d1, "id TEXT PRIMARY KEY", "WITHOUT ROWID", [f"e{i:04d}" for i in range(250)])
     source = open_source(_settings(env, d1_config(d1, page_size=100)), "d1_usage")
     assert isinstance(source, D1Source) and source.order == "key"
     pages = list(source.pages(None, 10))
@@ -152,17 +142,7 @@ def test_a_resume_point_of_the_other_order_starts_over(env: Env) -> None:
 def test_integer_keys_in_key_order_resume_after_the_last_key(env: Env) -> None:
     """An integer key is a key, not a rowid resume point (those are tagged ["rowid", n])."""
     d1 = env.dir / "d1.sqlite"
-    conn = sqlite3.connect(d1, isolation_level=None)
-    conn.execute(
-        "CREATE TABLE usage_events (id INTEGER PRIMARY KEY, organisation_id TEXT,"
-        " project_id TEXT, idempotency_key TEXT, metric_name TEXT, metric_value REAL, unit TEXT,"
-        ' "timestamp" TEXT, metadata TEXT, processed_at TEXT)'
-    )
-    conn.executemany(
-        "INSERT INTO usage_events (id, idempotency_key) VALUES (?, ?)",
-        [(i, f"k{i}") for i in range(1, 251)],
-    )
-    conn.close()
+    _usage_table(d1, "id INTEGER PRIMARY KEY", "", list(range(1, 251)))
     config = d1_config(d1, page_size=100) + 'order = "key"\n'
     source = open_source(_settings(env, config), "d1_usage")
     first = next(iter(source.pages(None, 1)))
@@ -170,6 +150,22 @@ def test_integer_keys_in_key_order_resume_after_the_last_key(env: Env) -> None:
     rest = list(source.pages(first.last_key, 10))
     assert [p.ack[0] for p in rest] == [101, 201]
     source.close()
+
+
+def _usage_table(d1: Path, id_column: str, options: str, ids: list[Any]) -> None:
+    """A hand-made D1 usage_events table (a shape write_d1_file does not make), one row per id."""
+    conn = sqlite3.connect(d1, isolation_level=None)
+    conn.execute(
+        f"CREATE TABLE usage_events ({id_column}, organisation_id TEXT, project_id TEXT,"
+        ' idempotency_key TEXT, metric_name TEXT, metric_value REAL, unit TEXT, "timestamp" TEXT,'
+        f" metadata TEXT, processed_at TEXT) {options}"
+    )
+    conn.executemany(
+        "INSERT INTO usage_events (id, organisation_id, idempotency_key, metric_name,"
+        " metric_value, \"timestamp\") VALUES (?, 'o', ?, 'm', 1.0, '2025-01-01T00:00:00Z')",
+        [(i, f"k{i}") for i in ids],
+    )
+    conn.close()
 
 
 def _rows_by_rowid(d1: Path) -> dict[int, str]:
