@@ -146,11 +146,14 @@ def test_sigkill_worker_mid_run_loses_and_duplicates_nothing(env: Env, workers: 
 def test_rows_stay_unprocessed_while_a_sink_is_down(env: Env, workers: WorkerPool) -> None:
     d1 = env.dir / "d1.sqlite"
     sample = write_d1_file(d1, 3_000)
-    # Should stopping the broken worker end in SIGKILL (a loaded machine), the pages it held come
-    # back only after the visibility timeout; a short in-flight lease has the next run re-read
-    # them instead. (A short visibility timeout would also shorten the retry delays, and the
-    # pages would be dead-lettered before the assertions below.)
-    env.write_config(d1_config(d1, page_size=500, inflight_lease=40))
+    # Should stopping the broken worker end in SIGKILL (a loaded machine: CI once saw its 9
+    # retries stay in `unacked`), what it held comes back after the visibility timeout: 60 s here,
+    # and a short in-flight lease has the next run re-read the rows meanwhile. A short visibility
+    # timeout also caps the retry delays (at a tenth of it), so max_retries is raised to keep the
+    # pages from being dead-lettered before the assertions below.
+    env.write_config(
+        d1_config(d1, page_size=500, inflight_lease=40, visibility_timeout=60, max_retries=60)
+    )
     ctx = configure(env)
     down = dict(env.vars, SLUICE_POSTGRES_URL="postgresql://postgres@127.0.0.1:1/nowhere")
     broken = WorkerPool(down, env.dir / "logs-down")
@@ -162,7 +165,7 @@ def test_rows_stay_unprocessed_while_a_sink_is_down(env: Env, workers: WorkerPoo
     assert set(sqlite_keys(env.sqlite_path)) == sample.distinct_valid_keys
     assert d1_processed(d1) == (3_000, 0)
     assert len(pg_keys(env.pg_url)) == 0
-    broken.stop()  # warm shutdown hands its waiting retries back to the queue
+    broken.stop(timeout=60)  # warm shutdown hands its waiting retries back to the queue
     workers.start("pg", PG_QUEUES, 2)
     drain(ctx, "d1_usage", timeout=180)
     wait_queues_empty(ctx)
