@@ -259,7 +259,12 @@ class Bench:
         """The fastest idempotent in-process write of pre-validated rows, no queue."""
         self.reset()
         stream = USAGE_EVENTS.with_settings(sinks=(self.sink,), conflict="ignore")
-        sink = SqliteSink(self.sqlite_path) if self.sink == "sqlite" else self.ctx.sink("postgres")
+        # SQLite: a cache twice the writer's default; the ceiling is not held to its memory target.
+        sink = (
+            SqliteSink(self.sqlite_path, cache_mib=128)
+            if self.sink == "sqlite"
+            else self.ctx.sink("postgres")
+        )
         started = datetime.now(UTC)
 
         def load() -> None:
@@ -283,8 +288,9 @@ class Bench:
         sample = write_d1_file(self.d1, self.records)
         pool = WorkerPool(self.env, self.dir / "logs", loglevel="WARNING")
         if self.sink == "sqlite":
-            # One writer for the file; acknowledgements and dead letters run beside it.
-            self._start(pool, "writer", ["ingest.sqlite"], 1)
+            # One writer process for the file, its threads sharing transactions (group commit,
+            # shared/sqlite_sink.py); acknowledgements and dead letters run beside it.
+            pool.start_sqlite_writer("writer")
             self._start(pool, "aux", ["dead_letter", "progress"], 1)
         else:
             self._start(pool, "bench", ["ingest.postgres", "dead_letter", "progress"], self.workers)

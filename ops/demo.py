@@ -84,7 +84,7 @@ def run_demo(
     result = DemoResult()
     with WorkerPool(env, data_dir / "logs", loglevel="WARNING") as pool:
         pool.start("postgres", ["ingest.postgres", "dead_letter", "progress"], workers)
-        pool.start("sqlite", ["ingest.sqlite"], 1)
+        pool.start_sqlite_writer("sqlite")
         t0 = time.perf_counter()
         while True:
             summary = run_source(ctx, SOURCE)

@@ -63,6 +63,12 @@ class WorkerPool:
         self._specs[proc.pid] = (name, list(queues), concurrency, list(extra))
         return proc
 
+    def start_sqlite_writer(self, name: str = "lite") -> subprocess.Popen[bytes]:
+        """The SQLite writer as deployed: one process, its threads committing pages together."""
+        from shared.sqlite_sink import WRITER_THREADS
+
+        return self.start(name, ["ingest.sqlite"], WRITER_THREADS, extra=["--pool", "threads"])
+
     def name_of(self, pid: int) -> str:
         """The name a running worker was started under (its pid when unknown)."""
         spec = self._specs.get(pid)

@@ -6,6 +6,7 @@ shared between processes.
 
 from __future__ import annotations
 
+import threading
 from functools import cached_property
 from typing import Any
 
@@ -24,11 +25,12 @@ from shared.streams import Stream
 class Context:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._sinks: dict[str, Sink] = {}
+        self._sinks: dict[tuple[str, int | None], Sink] = {}
         # Sources opened by this process (producers/ack.py keeps them: opening a D1 file per
         # page, and checkpointing it on every close, cost more than the acknowledgement).
         self.sources: dict[str, Any] = {}
         self._validators: dict[str, Validator] = {}
+        self._lock = threading.Lock()
 
     @cached_property
     def broker_url(self) -> str:
@@ -60,30 +62,40 @@ class Context:
         return postgres_engine(self.postgres_url)
 
     def sink(self, name: str) -> Sink:
-        sink = self._sinks.get(name)
-        if sink is None:
-            if name == "postgres":
-                from shared.postgres_sink import PostgresSink
+        """The process's sink of that name. In a threads-pool worker the SQLite sink is shared by
+        the threads, which commit their pages together (group commit); the others hold one
+        connection and one transaction at a time, so each thread gets its own, as each pool
+        process does."""
+        key = (name, None if name == "sqlite" else threading.get_ident())
+        with self._lock:
+            sink = self._sinks.get(key)
+            if sink is None:
+                sink = self._sinks[key] = self._open_sink(name)
+            return sink
 
-                sink = PostgresSink(self.postgres_url)
-            elif name == "sqlite":
-                from shared.sqlite_sink import SqliteSink
+    def _open_sink(self, name: str) -> Sink:
+        if name == "postgres":
+            from shared.postgres_sink import PostgresSink
 
-                sink = SqliteSink(
-                    self.settings.sqlite_path, self.settings.pipeline.sqlite_busy_timeout_ms
-                )
-            elif name == "d1":
-                from shared.d1_sink import D1Sink
+            return PostgresSink(self.postgres_url)
+        if name == "sqlite":
+            from shared.sqlite_sink import SqliteSink
 
-                cfg = self.settings.d1_sink
-                if cfg is None:
-                    raise SluiceError("sink 'd1' is not configured: add [sinks.d1]", sink=name)
-                variable = cfg.api_token_env
-                sink = D1Sink(cfg, lambda: self.settings.secret(variable))
-            else:
-                raise SluiceError(f"unknown sink {name!r}; known: postgres, sqlite, d1", sink=name)
-            self._sinks[name] = sink
-        return sink
+            pipeline = self.settings.pipeline
+            return SqliteSink(
+                self.settings.sqlite_path,
+                pipeline.sqlite_busy_timeout_ms,
+                pipeline.sqlite_cache_mib,
+            )
+        if name == "d1":
+            from shared.d1_sink import D1Sink
+
+            cfg = self.settings.d1_sink
+            if cfg is None:
+                raise SluiceError("sink 'd1' is not configured: add [sinks.d1]", sink=name)
+            variable = cfg.api_token_env
+            return D1Sink(cfg, lambda: self.settings.secret(variable))
+        raise SluiceError(f"unknown sink {name!r}; known: postgres, sqlite, d1", sink=name)
 
     def validator(self, stream: Stream) -> Validator:
         v = self._validators.get(stream.name)

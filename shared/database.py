@@ -57,7 +57,9 @@ def _set_wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.02 * (attempt + 1))
 
 
-def sqlite_connect(path: Path, busy_timeout_ms: int = 30_000) -> sqlite3.Connection:
+def sqlite_connect(
+    path: Path, busy_timeout_ms: int = 30_000, cache_mib: int = 128
+) -> sqlite3.Connection:
     """A connection in autocommit mode (we issue BEGIN IMMEDIATE ourselves) with D1's semantics:
     foreign keys on. WAL lets readers run while one writer writes; the busy timeout makes a second
     writer wait for the lock instead of failing."""
@@ -69,8 +71,8 @@ def sqlite_connect(path: Path, busy_timeout_ms: int = 30_000) -> sqlite3.Connect
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-    # limits.md 2t-2: a large cache and rare checkpoints are what make bulk inserts fast;
-    # 128 MiB keeps a worker's memory bounded (it is per connection, and part of its RSS).
-    conn.execute("PRAGMA cache_size=-131072")
+    # limits.md 2t-2: a large cache and rare checkpoints are what make bulk inserts fast; a
+    # fixed size keeps a worker's memory bounded (it is per connection, and part of its RSS).
+    conn.execute(f"PRAGMA cache_size={-1024 * int(cache_mib)}")
     conn.execute("PRAGMA wal_autocheckpoint=20000")
     return conn

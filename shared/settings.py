@@ -351,6 +351,9 @@ class PipelineConfig(_Model):
     fk_retries: Annotated[int, Field(ge=0, le=20)] = 4
     fk_retry_seconds: Annotated[float, Field(gt=0)] = 1.0
     sqlite_busy_timeout_ms: Annotated[int, Field(ge=0)] = 30_000
+    # The SQLite sink's page cache, per writer process: most of its memory, and what keeps the
+    # indexes' random inserts off the disk. Raise it for tables far beyond a few million rows.
+    sqlite_cache_mib: Annotated[int, Field(ge=2, le=65_536)] = 64
 
 
 class FileConfig(_Model):

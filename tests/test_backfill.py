@@ -397,7 +397,7 @@ def test_backfill_every_adapter_lands_every_point_once(
     pool = WorkerPool(env.vars, env.dir / "logs")
     try:
         pool.start("pg", PG_QUEUES, 1)
-        pool.start("lite", ["ingest.sqlite"], 1)
+        pool.start_sqlite_writer()
         second = run_backfill(ctx, src, FROM, TO, said.append)
         assert second.status == "complete", second.error
         assert (second.windows_done, second.windows_this_run) == (

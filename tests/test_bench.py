@@ -41,4 +41,4 @@ def test_bench_reports_every_figure_for_both_sinks(tmp_path: Path) -> None:
     else:
         assert pg["dlt_rps"] is None and any("dlt not installed" in n for n in pg["notes"])
     assert lite["naive_rps"] is None and lite["dlt_rps"] is None
-    assert set(lite["rss_by_worker_mb"]) == {"writer0", "aux0"}
+    assert set(lite["rss_by_worker_mb"]) == {"writer", "aux0"}

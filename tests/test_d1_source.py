@@ -254,7 +254,7 @@ def test_remote_source_end_to_end(env: Env, fake: FakeD1) -> None:
     fake.fail_next("d1_transient")  # a transient D1 error on the first read
     with WorkerPool(env.vars, env.dir / "logs") as pool:
         pool.start("pg", ["ingest.postgres", "dead_letter", "progress"], 2)
-        pool.start("lite", ["ingest.sqlite"], 1)
+        pool.start_sqlite_writer()
         drain(ctx, "d1_usage")
     assert set(pg_keys(env.pg_url)) == sample.distinct_valid_keys
     assert set(sqlite_keys(env.sqlite_path)) == sample.distinct_valid_keys

@@ -70,7 +70,7 @@ def test_sigkill_workers_ten_times_during_200k_run(env: Env) -> None:
     ctx, sample, d1 = start_run(env, 200_000, lease=30)
     assert run_source(ctx, "d1_usage").records == 200_000
     with WorkerPool(env.vars, env.dir / "logs", loglevel="WARNING") as pool:
-        lite = pool.start("lite-0", ["ingest.sqlite"], 1)
+        lite = pool.start_sqlite_writer("lite-0")
         for kill in range(10):
             pg = pool.start(f"pg-{kill}", PG_QUEUES, 2)
             before = committed_pages(env)
@@ -80,7 +80,7 @@ def test_sigkill_workers_ten_times_during_200k_run(env: Env) -> None:
                 os.killpg(v.pid, signal.SIGKILL)
                 v.wait()
             if lite in victims:
-                lite = pool.start(f"lite-{kill + 1}", ["ingest.sqlite"], 1)
+                lite = pool.start_sqlite_writer(f"lite-{kill + 1}")
         pool.start("pg-final", PG_QUEUES, 2)
         drain(ctx, "d1_usage", timeout=300)
     assert_exact(env, sample, d1)
@@ -96,7 +96,7 @@ def test_postgres_restarted_mid_run(env: Env, tmp_path: Path) -> None:
         assert run_source(ctx, "d1_usage").records == 40_000
         with WorkerPool(env.vars, env.dir / "logs") as pool:
             pool.start("pg", PG_QUEUES, 2)
-            pool.start("lite", ["ingest.sqlite"], 1)
+            pool.start_sqlite_writer()
             wait_until(lambda: committed_pages(env) >= 3)
             stop_services(pg_dir)
             time.sleep(3)  # pages fail and back off while the database is down
@@ -119,7 +119,7 @@ def test_redis_restarted_mid_run_with_aof(env: Env, tmp_path: Path) -> None:
         ctx, sample, d1 = start_run(env, 40_000, lease=20)
         with WorkerPool(env.vars, env.dir / "logs") as pool:
             pool.start("pg", PG_QUEUES, 2)
-            pool.start("lite", ["ingest.sqlite"], 1)
+            pool.start_sqlite_writer()
             assert run_source(ctx, "d1_usage").records == 40_000
             wait_until(lambda: committed_pages(env) >= 3)
             stop_services(redis_dir)  # SHUTDOWN: the AOF is flushed, queued pages kept

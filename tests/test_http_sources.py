@@ -169,7 +169,7 @@ def test_end_to_end_both_sinks_no_gaps_no_duplicates(env: Env, fake: FakeMarket)
     pool = WorkerPool(env.vars, env.dir / "logs")
     try:
         pool.start("pg", PG_QUEUES, 2)
-        pool.start("lite", ["ingest.sqlite"], 1)
+        pool.start_sqlite_writer()
         for name in ("bn", "cc"):
             drain(ctx, name)
     finally:

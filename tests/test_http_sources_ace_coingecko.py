@@ -227,7 +227,7 @@ def test_end_to_end_ace_and_coingecko_into_both_sinks(env: Env, fake: FakeMarket
     pool = WorkerPool(env.vars, env.dir / "logs")
     try:
         pool.start("pg", PG_QUEUES, 2)
-        pool.start("lite", ["ingest.sqlite"], 1)
+        pool.start_sqlite_writer()
         for name in ("ace", "cg"):
             drain(ctx, name)
     finally:

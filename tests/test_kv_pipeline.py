@@ -62,7 +62,7 @@ def fake() -> Iterator[FakeKV]:
 def start_workers(env: Env) -> WorkerPool:
     pool = WorkerPool(env.vars, env.dir / "logs")
     pool.start("pg", PG_QUEUES, 2)
-    pool.start("lite", ["ingest.sqlite"], 1)
+    pool.start_sqlite_writer()
     return pool
 
 

@@ -39,7 +39,7 @@ def test_kv_namespace_at_scale_migrates_into_both_sinks(env: Env) -> None:
         pool = WorkerPool(env.vars, env.dir / "logs")
         try:
             pool.start("pg", PG_QUEUES, 2)
-            pool.start("lite", ["ingest.sqlite"], 1)
+            pool.start_sqlite_writer()
             time.sleep(2)  # workers up before the clock starts
             t0 = time.perf_counter()
             first = run_source(ctx, "bot")

@@ -112,7 +112,7 @@ def test_metrics_show_the_counts_of_a_finished_run(env: Env, workers: WorkerPool
     env.write_config(d1_config(d1, page_size=500))
     ctx = configure(env)
     workers.start("pg", PG_QUEUES, 2)
-    workers.start("lite", ["ingest.sqlite"], 1)
+    workers.start_sqlite_writer()
     drain(ctx, "d1_usage")
 
     with serving(env.vars) as base:

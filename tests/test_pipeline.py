@@ -58,7 +58,7 @@ def test_end_to_end_both_sinks_then_second_run_inserts_nothing(
     env.write_config(d1_config(d1, page_size=500))
     ctx = configure(env)
     workers.start("pg", PG_QUEUES, 2)
-    workers.start("lite", ["ingest.sqlite"], 1)
+    workers.start_sqlite_writer()
 
     runs = drain(ctx, "d1_usage")
     assert sum(r.records for r in runs) == 20_000
@@ -129,7 +129,7 @@ def test_sigkill_worker_mid_run_loses_and_duplicates_nothing(env: Env, workers: 
     )
     ctx = configure(env)
     victim = workers.start("victim", PG_QUEUES, 2)
-    workers.start("lite", ["ingest.sqlite"], 1)
+    workers.start_sqlite_writer()
     assert run_source(ctx, "d1_usage").records == 30_000
     deadline = time.monotonic() + 60
     while pg_scalar(env.pg_url, "SELECT count(*) FROM ingestion_runs") < 3:
@@ -158,7 +158,7 @@ def test_rows_stay_unprocessed_while_a_sink_is_down(env: Env, workers: WorkerPoo
     down = dict(env.vars, SLUICE_POSTGRES_URL="postgresql://postgres@127.0.0.1:1/nowhere")
     broken = WorkerPool(down, env.dir / "logs-down")
     broken.start("pg-down", PG_QUEUES, 1)
-    workers.start("lite", ["ingest.sqlite"], 1)
+    workers.start_sqlite_writer()
     assert run_source(ctx, "d1_usage").records == 3_000
     time.sleep(4)
     # SQLite committed; PostgreSQL could not: no row may be marked processed yet.

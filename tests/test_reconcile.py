@@ -169,7 +169,7 @@ def test_kv_namespace_into_three_sinks_reconciles_clean_then_tampering_is_named(
         pool = WorkerPool(env.vars, env.dir / "logs")
         try:
             pool.start("pg", ["ingest.postgres", "dead_letter", "progress"], 1)
-            pool.start("lite", ["ingest.sqlite"], 1)
+            pool.start_sqlite_writer()
             pool.start("d1", ["ingest.d1"], 1)
             time.sleep(2)  # workers up before the clock starts
             t0 = time.perf_counter()
@@ -298,7 +298,7 @@ def test_d1_source_reconciles_clean_with_invalid_rows_as_dead_letters(env: Env) 
     migrate_sqlite(env.sqlite_path)
     with WorkerPool(env.vars, env.dir / "logs") as pool:
         pool.start("pg", ["ingest.postgres", "dead_letter", "progress"], 1)
-        pool.start("lite", ["ingest.sqlite"], 1)
+        pool.start_sqlite_writer()
         drain(ctx, "d1_usage", timeout=300)
         time.sleep(1)  # the dead-letter task commits after the pages' acknowledgements
     code, doc = reconcile_json(env, "d1_usage", "--sample", "500")

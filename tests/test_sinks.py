@@ -17,13 +17,13 @@ from ops.sample import generate_rows
 from ops.workers import WorkerPool
 from shared.celery_app import app
 from shared.database import libpq_dsn
-from shared.errors import TransientSinkError
+from shared.errors import RejectedBySinkError, TransientSinkError
 from shared.migrations import migrate_sqlite
 from shared.page import Page
 from shared.postgres_sink import PostgresSink, copy_text
 from shared.records import Validator, dedupe
 from shared.settings import Settings
-from shared.sink import PageMeta, Sink
+from shared.sink import PageMeta, Sink, WriteResult
 from shared.sqlite_sink import SqliteSink
 from shared.streams import USAGE_EVENTS
 from tests.conftest import Env
@@ -96,6 +96,123 @@ def test_sqlite_lock_held_past_the_timeout_is_transient(env: Env) -> None:
     holder.execute("ROLLBACK")
     # Nothing half-written: the retry writes the whole page.
     assert sink.write(USAGE_EVENTS, rows, meta("busy", len(rows))).inserted == len(rows)
+    sink.close()
+    holder.close()
+
+
+def _write_in_threads(
+    sink: SqliteSink, pages: dict[str, list[list[Any]]], stagger: float = 0.0
+) -> dict[str, WriteResult | Exception]:
+    """Each page written by its own thread, as the SQLite writer's threads pool does; the first
+    thread gets `stagger` seconds' head start."""
+    out: dict[str, WriteResult | Exception] = {}
+
+    def one(page_id: str, rows: list[list[Any]]) -> None:
+        try:
+            out[page_id] = sink.write(USAGE_EVENTS, rows, meta(page_id, len(rows)))
+        except Exception as exc:
+            out[page_id] = exc
+
+    threads = [threading.Thread(target=one, args=item) for item in pages.items()]
+    for i, t in enumerate(threads):
+        t.start()
+        if i == 0:
+            time.sleep(stagger)
+    time.sleep(1)  # every page queued behind the first (which waits for the lock)
+    return _joined(threads, out)
+
+
+def _joined(
+    threads: list[threading.Thread], out: dict[str, WriteResult | Exception]
+) -> dict[str, WriteResult | Exception]:
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive()
+    return out
+
+
+def _locked(env: Env) -> sqlite3.Connection:
+    holder = sqlite3.connect(env.sqlite_path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
+
+
+def _commits(sink: SqliteSink) -> list[str]:
+    statements: list[str] = []
+    sink._connection().set_trace_callback(statements.append)
+    return statements
+
+
+def test_sqlite_pages_written_together_share_one_transaction(env: Env) -> None:
+    """Group commit: pages that arrive while a transaction is committing go in the next one,
+    each counted on its own; a page repeating another's records counts them as duplicates."""
+    migrate_sqlite(env.sqlite_path)
+    rows = dedupe(USAGE_EVENTS, valid_rows(3_000))[:2_500]
+    pages = {f"p{i}": rows[i * 500 : (i + 1) * 500] for i in range(5)}
+    pages["again"] = pages["p2"]
+    sink = SqliteSink(env.sqlite_path, busy_timeout_ms=30_000)
+    statements = _commits(sink)
+    holder = _locked(env)
+    threading.Timer(1.5, lambda: holder.execute("COMMIT")).start()
+    out = _write_in_threads(sink, pages, stagger=0.3)
+    results = {k: v for k, v in out.items() if isinstance(v, WriteResult)}
+    assert len(results) == 6, out
+    # p0 waited alone for the lock; the five pages queued meanwhile committed together.
+    assert statements.count("COMMIT") == 2
+    assert sum(r.inserted for r in results.values()) == len({r[3] for r in rows})
+    assert sorted(r.duplicates for r in results.values()) == [0, 0, 0, 0, 0, 500]
+    assert set(sqlite_keys(env.sqlite_path)) == {r[3] for r in rows}
+    lite = sqlite3.connect(env.sqlite_path)
+    assert lite.execute("SELECT count(*) FROM ingestion_runs").fetchone()[0] == 6
+    lite.close()
+    sink.close()
+    holder.close()
+
+
+def test_sqlite_refused_page_rolls_back_alone_in_its_group(env: Env) -> None:
+    migrate_sqlite(env.sqlite_path)
+    lite = sqlite3.connect(env.sqlite_path)
+    lite.execute(
+        "CREATE TRIGGER refuse_negative BEFORE INSERT ON usage_events"
+        " WHEN NEW.metric_value < 0 BEGIN SELECT RAISE(ABORT, 'metric_value must be"
+        " non-negative'); END"
+    )
+    lite.commit()
+    rows = dedupe(USAGE_EVENTS, valid_rows(2_500))[:2_000]
+    pages = {f"p{i}": rows[i * 500 : (i + 1) * 500] for i in range(4)}
+    pages["p2"][250][5] = -1.0  # mid-page: its first 250 rows were already inserted
+    sink = SqliteSink(env.sqlite_path, busy_timeout_ms=30_000)
+    statements = _commits(sink)
+    holder = _locked(env)
+    threading.Timer(1.5, lambda: holder.execute("COMMIT")).start()
+    out = _write_in_threads(sink, pages, stagger=0.3)
+    assert statements.count("COMMIT") == 2  # p1, p2 and p3 shared a transaction
+    assert isinstance(out["p2"], RejectedBySinkError) and "non-negative" in str(out["p2"])
+    assert all(isinstance(out[p], WriteResult) for p in ("p0", "p1", "p3")), out
+    assert set(sqlite_keys(env.sqlite_path)) == {r[3] for p in ("p0", "p1", "p3") for r in pages[p]}
+    runs = {r[0] for r in lite.execute("SELECT page_id FROM ingestion_runs")}
+    assert runs == {"p0", "p1", "p3"}
+    lite.close()
+    sink.close()
+    holder.close()
+
+
+def test_sqlite_group_that_cannot_begin_fails_every_page_and_writes_nothing(env: Env) -> None:
+    migrate_sqlite(env.sqlite_path)
+    rows = dedupe(USAGE_EVENTS, valid_rows(1_200))[:900]
+    assert len(rows) == 900
+    pages = {f"p{i}": rows[i * 300 : (i + 1) * 300] for i in range(3)}
+    sink = SqliteSink(env.sqlite_path, busy_timeout_ms=300)
+    holder = _locked(env)
+    out = _write_in_threads(sink, pages)
+    assert all(isinstance(e, TransientSinkError) and "locked" in str(e) for e in out.values()), out
+    holder.execute("ROLLBACK")
+    assert sqlite_keys(env.sqlite_path) == {}
+    # Retried, each page is written whole.
+    again = _write_in_threads(sink, pages)
+    written = [r for r in again.values() if isinstance(r, WriteResult)]
+    assert len(written) == 3 and sum(r.inserted + r.duplicates for r in written) == 900, again
+    assert set(sqlite_keys(env.sqlite_path)) == {r[3] for r in rows}
     sink.close()
     holder.close()
 
