@@ -171,13 +171,8 @@ def test_sqlite_pages_written_together_share_one_transaction(env: Env) -> None:
 
 def test_sqlite_refused_page_rolls_back_alone_in_its_group(env: Env) -> None:
     migrate_sqlite(env.sqlite_path)
+    _refuse_negative_values_in_sqlite(env)
     lite = sqlite3.connect(env.sqlite_path)
-    lite.execute(
-        "CREATE TRIGGER refuse_negative BEFORE INSERT ON usage_events"
-        " WHEN NEW.metric_value < 0 BEGIN SELECT RAISE(ABORT, 'metric_value must be"
-        " non-negative'); END"
-    )
-    lite.commit()
     rows = dedupe(USAGE_EVENTS, valid_rows(2_500))[:2_000]
     pages = {f"p{i}": rows[i * 500 : (i + 1) * 500] for i in range(4)}
     pages["p2"][250][5] = -1.0  # mid-page: its first 250 rows were already inserted
@@ -226,6 +221,10 @@ def _refuse_negative_values(env: Env) -> None:
             " CHECK (metric_value >= 0)"
         )
     conn.close()
+    _refuse_negative_values_in_sqlite(env)
+
+
+def _refuse_negative_values_in_sqlite(env: Env) -> None:
     lite = sqlite3.connect(env.sqlite_path)
     lite.execute(
         "CREATE TRIGGER refuse_negative BEFORE INSERT ON usage_events"
