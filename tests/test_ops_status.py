@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -131,7 +132,12 @@ def test_rabbitmq_queue_depths() -> None:
             producer = Producer(channel)
             for i in range(3):
                 producer.publish({"i": i}, routing_key=full, serializer="json")
+            # Publishes are asynchronous (no confirms): the broker counts them a moment later.
+            deadline = time.monotonic() + 10
             depths = amqp_queue_depths(RABBITMQ, [full, empty, missing])
+            while depths[full]["waiting"] != 3 and time.monotonic() < deadline:
+                time.sleep(0.1)
+                depths = amqp_queue_depths(RABBITMQ, [full, empty, missing])
             assert depths[full] == {"waiting": 3, "unacked": None, "total": 3}
             assert depths[empty] == {"waiting": 0, "unacked": None, "total": 0}
             assert depths[missing] == {"waiting": 0, "unacked": None, "total": 0}
