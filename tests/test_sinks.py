@@ -118,13 +118,6 @@ def _write_in_threads(
         t.start()
         if i == 0:
             time.sleep(stagger)
-    time.sleep(1)  # every page queued behind the first (which waits for the lock)
-    return _joined(threads, out)
-
-
-def _joined(
-    threads: list[threading.Thread], out: dict[str, WriteResult | Exception]
-) -> dict[str, WriteResult | Exception]:
     for t in threads:
         t.join(60)
         assert not t.is_alive()
@@ -137,10 +130,18 @@ def _locked(env: Env) -> sqlite3.Connection:
     return holder
 
 
-def _commits(sink: SqliteSink) -> list[str]:
+def _written_behind_a_held_lock(
+    env: Env, sink: SqliteSink, pages: dict[str, list[list[Any]]]
+) -> tuple[dict[str, WriteResult | Exception], int]:
+    """The first page's thread waits for a lock another connection holds for 1.5 s; the others
+    queue behind it meanwhile. Returns each page's outcome and how many COMMITs the sink ran."""
     statements: list[str] = []
     sink._connection().set_trace_callback(statements.append)
-    return statements
+    holder = _locked(env)
+    threading.Timer(1.5, lambda: holder.execute("COMMIT")).start()
+    out = _write_in_threads(sink, pages, stagger=0.3)
+    holder.close()
+    return out, statements.count("COMMIT")
 
 
 def test_sqlite_pages_written_together_share_one_transaction(env: Env) -> None:
@@ -151,14 +152,11 @@ def test_sqlite_pages_written_together_share_one_transaction(env: Env) -> None:
     pages = {f"p{i}": rows[i * 500 : (i + 1) * 500] for i in range(5)}
     pages["again"] = pages["p2"]
     sink = SqliteSink(env.sqlite_path, busy_timeout_ms=30_000)
-    statements = _commits(sink)
-    holder = _locked(env)
-    threading.Timer(1.5, lambda: holder.execute("COMMIT")).start()
-    out = _write_in_threads(sink, pages, stagger=0.3)
+    out, commits = _written_behind_a_held_lock(env, sink, pages)
     results = {k: v for k, v in out.items() if isinstance(v, WriteResult)}
     assert len(results) == 6, out
     # p0 waited alone for the lock; the five pages queued meanwhile committed together.
-    assert statements.count("COMMIT") == 2
+    assert commits == 2
     assert sum(r.inserted for r in results.values()) == len({r[3] for r in rows})
     assert sorted(r.duplicates for r in results.values()) == [0, 0, 0, 0, 0, 500]
     assert set(sqlite_keys(env.sqlite_path)) == {r[3] for r in rows}
@@ -166,7 +164,6 @@ def test_sqlite_pages_written_together_share_one_transaction(env: Env) -> None:
     assert lite.execute("SELECT count(*) FROM ingestion_runs").fetchone()[0] == 6
     lite.close()
     sink.close()
-    holder.close()
 
 
 def test_sqlite_refused_page_rolls_back_alone_in_its_group(env: Env) -> None:
@@ -177,11 +174,8 @@ def test_sqlite_refused_page_rolls_back_alone_in_its_group(env: Env) -> None:
     pages = {f"p{i}": rows[i * 500 : (i + 1) * 500] for i in range(4)}
     pages["p2"][250][5] = -1.0  # mid-page: its first 250 rows were already inserted
     sink = SqliteSink(env.sqlite_path, busy_timeout_ms=30_000)
-    statements = _commits(sink)
-    holder = _locked(env)
-    threading.Timer(1.5, lambda: holder.execute("COMMIT")).start()
-    out = _write_in_threads(sink, pages, stagger=0.3)
-    assert statements.count("COMMIT") == 2  # p1, p2 and p3 shared a transaction
+    out, commits = _written_behind_a_held_lock(env, sink, pages)
+    assert commits == 2  # p1, p2 and p3 shared a transaction
     assert isinstance(out["p2"], RejectedBySinkError) and "non-negative" in str(out["p2"])
     assert all(isinstance(out[p], WriteResult) for p in ("p0", "p1", "p3")), out
     assert set(sqlite_keys(env.sqlite_path)) == {r[3] for p in ("p0", "p1", "p3") for r in pages[p]}
@@ -189,7 +183,6 @@ def test_sqlite_refused_page_rolls_back_alone_in_its_group(env: Env) -> None:
     assert runs == {"p0", "p1", "p3"}
     lite.close()
     sink.close()
-    holder.close()
 
 
 def test_sqlite_group_that_cannot_begin_fails_every_page_and_writes_nothing(env: Env) -> None:
