@@ -88,6 +88,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         argv += ["-P", args.pool]
     if args.include:
         argv += ["--include", args.include]
+    if args.pool == "threads":
+        # Each thread already holds a page; prefetching more per thread only adds decoded pages
+        # waiting in memory (about 1.5 MB each at 1,000 records) for no gain in throughput.
+        argv += ["--prefetch-multiplier", "1"]
     app.worker_main(argv)
     return 0
 

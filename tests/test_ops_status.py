@@ -12,10 +12,11 @@ from collections.abc import Iterator
 import pytest
 
 from ops.sample import write_d1_file
-from ops.status import amqp_queue_depths
+from ops.status import amqp_queue_depths, queue_depths
 from ops.workers import WorkerPool
 from producers.produce import run_source
 from shared.celery_app import QUEUES, app
+from shared.database import sqlite_connect
 from shared.migrations import migrate_sqlite
 from shared.settings import Settings
 from tests.conftest import Env, _port_open
@@ -156,3 +157,38 @@ def test_status_with_a_rabbitmq_broker(env: Env) -> None:
     assert isinstance(queues, dict)
     assert list(queues) == list(QUEUES)
     assert all(q["unacked"] is None and q["total"] == q["waiting"] for q in queues.values())
+
+
+def test_a_threads_writer_holds_one_page_per_thread(env: Env, workers: WorkerPool) -> None:
+    """A threads pool reserves no page beyond the one each thread holds: the SQLite writer's
+    memory is bounded by its thread count, not by a prefetch multiple of it."""
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 3_000)
+    env.write_config(
+        d1_config(d1, page_size=250, max_batches=20).replace(
+            "[pipeline]\n", "[pipeline]\nsqlite_busy_timeout_ms = 120000\n"
+        )
+    )
+    ctx = app.configure(Settings.load(env.vars))
+    migrate_sqlite(env.sqlite_path)
+    lock = sqlite_connect(env.sqlite_path)
+    lock.execute("BEGIN IMMEDIATE")  # every page the writer takes waits here
+    try:
+        workers.start("lite", ["ingest.sqlite"], 3, extra=["--pool", "threads"])
+        assert run_source(ctx, "d1_usage").pages == 12
+        deadline = time.monotonic() + 30
+        while queue_depths(ctx.redis)["ingest.sqlite"]["unacked"] < 3:
+            assert time.monotonic() < deadline, queue_depths(ctx.redis)
+            time.sleep(0.1)
+        time.sleep(2)  # a prefetch would have reserved more by now
+        assert queue_depths(ctx.redis)["ingest.sqlite"] == {"waiting": 9, "unacked": 3, "total": 12}
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    deadline = time.monotonic() + 60
+    while queue_depths(ctx.redis)["ingest.sqlite"]["total"]:
+        assert time.monotonic() < deadline, queue_depths(ctx.redis)
+        time.sleep(0.2)
+    lite = sqlite_connect(env.sqlite_path)
+    assert lite.execute("SELECT count(*) FROM ingestion_runs").fetchone()[0] == 12
+    lite.close()
