@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import logging
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,13 +57,18 @@ class D1Database(Protocol):
 
 
 class LocalD1:
-    """A local D1 file through sqlite3, with the same two calls as the REST client."""
+    """A local D1 file through sqlite3, with the same two calls as the REST client.
+
+    One connection per process, shared by the threads of a threads-pool worker, which
+    acknowledge pages side by side: a lock keeps one thread's transaction from taking in
+    another's statements (or its BEGIN from failing inside the other's transaction)."""
 
     def __init__(self, path: Path, busy_timeout_ms: int) -> None:
         if not path.exists():
             raise SourceError(f"D1 file not found: {path}")
         self._path = path
         self._busy_timeout_ms = busy_timeout_ms
+        self._lock = threading.Lock()
         self._open()
 
     def _open(self) -> None:
@@ -85,7 +91,8 @@ class LocalD1:
 
     def query(self, sql: str, params: Sequence[object] = ()) -> list[dict[str, Any]]:
         try:
-            return [dict(r) for r in self._conn.execute(sql, tuple(params))]
+            with self._lock:
+                return [dict(r) for r in self._conn.execute(sql, tuple(params))]
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise TransientSourceError(str(exc)) from exc
@@ -97,7 +104,8 @@ class LocalD1:
         cur = self._conn.cursor()
         cur.row_factory = None
         try:
-            return cur.execute(sql, tuple(params)).fetchall()
+            with self._lock:
+                return cur.execute(sql, tuple(params)).fetchall()
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise TransientSourceError(str(exc)) from exc
@@ -106,24 +114,26 @@ class LocalD1:
             cur.close()
 
     def batch(self, statements: Sequence[tuple[str, Sequence[object]]]) -> None:
-        self._reopen_if_replaced()
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, params in statements:
-                    self._conn.execute(sql, tuple(params))
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
+            with self._lock:
+                self._reopen_if_replaced()
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for sql, params in statements:
+                        self._conn.execute(sql, tuple(params))
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise TransientSourceError(str(exc)) from exc
             raise SourceError(str(exc)) from exc
 
     def close(self) -> None:
-        self._conn.close()
+        with self._lock:
+            self._conn.close()
 
 
 class RemoteD1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -265,3 +266,32 @@ def test_missing_local_file_is_a_clear_error(env: Env) -> None:
     settings = _settings(env, d1_config(env.dir / "absent.sqlite"))
     with pytest.raises(Exception, match="D1 file not found"):
         open_source(settings, "d1_usage")
+
+
+def test_threads_acknowledge_through_one_source_side_by_side(env: Env) -> None:
+    """A threads-pool worker's threads share the process's source (producers/ack.py): pages
+    acknowledged at once each commit in their own transaction, none fails or is lost."""
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 4_000)
+    source = open_source(_settings(env, d1_config(d1, page_size=50, max_batches=80)), "d1_usage")
+    pages = list(source.pages(None, 80))
+    assert len(pages) == 80
+    start = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def acknowledge(mine: list[Any]) -> None:
+        start.wait()
+        for p in mine:
+            try:
+                source.acknowledge(p.ack)
+            except BaseException as exc:  # every failure is reported below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=acknowledge, args=(pages[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    source.close()
+    assert errors == []
+    assert d1_processed(d1) == (4_000, 4_000)
