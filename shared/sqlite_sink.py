@@ -83,8 +83,21 @@ def insert_sql(stream: Stream, rows: int = 1) -> str:
 WRITER_THREADS = 16
 # Rows per INSERT statement (within SQLite's bound-variable limit).
 STATEMENT_ROWS = 1000
+# A prepared statement of n rows holds about 1.1 KB per row in SQLite, and sqlite3 keeps the
+# last 128 prepared: one statement per page size seen (pages shrink by their duplicates) held
+# over 100 MB. A page's remainder below STATEMENT_ROWS goes in as a multiple of SHAPE_STEP rows
+# plus fewer than SHAPE_STEP: at most 1 + 15 + 63 shapes, about 12 MB, for one extra statement.
+SHAPE_STEP = 64
 # At most this many pages share a transaction: bounds the rows one failed COMMIT sends back.
 MAX_GROUP_PAGES = 16
+
+
+def statement_sizes(rows: int, per: int) -> list[int]:
+    """Rows per INSERT for a page of `rows`: full statements of `per`, then the rest as a
+    multiple of SHAPE_STEP and a remainder, so few distinct statements are ever prepared."""
+    full, rest = divmod(rows, per)
+    sizes = [per] * full + [rest - rest % SHAPE_STEP, rest % SHAPE_STEP]
+    return [n for n in sizes if n]
 
 
 @dataclass
@@ -128,9 +141,11 @@ class SqliteSink:
         per = max(
             1, min(STATEMENT_ROWS, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width)
         )
-        for i in range(0, len(rows), per):
-            chunk = rows[i : i + per]
-            conn.execute(self._insert(stream, len(chunk)), [v for row in chunk for v in row])
+        i = 0
+        for size in statement_sizes(len(rows), per):
+            chunk = rows[i : i + size]
+            conn.execute(self._insert(stream, size), [v for row in chunk for v in row])
+            i += size
 
     def _insert(self, stream: Stream, rows: int) -> str:
         key = (stream.name, stream.conflict, rows)
