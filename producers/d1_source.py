@@ -8,6 +8,7 @@ committed it (producers/ack.py calls `acknowledge`). Two modes share the same SQ
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -101,17 +102,15 @@ class LocalD1:
     def values(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         """Rows as plain tuples in the select order: a page read this way costs about half of
         building a dict per row (the producer's main cost)."""
-        cur = self._conn.cursor()
-        cur.row_factory = None
         try:
-            with self._lock:
+            # The cursor is taken under the lock too: another thread's batch may reopen the file.
+            with self._lock, contextlib.closing(self._conn.cursor()) as cur:
+                cur.row_factory = None
                 return cur.execute(sql, tuple(params)).fetchall()
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise TransientSourceError(str(exc)) from exc
             raise SourceError(str(exc)) from exc
-        finally:
-            cur.close()
 
     def batch(self, statements: Sequence[tuple[str, Sequence[object]]]) -> None:
         try:

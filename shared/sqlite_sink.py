@@ -1,4 +1,4 @@
-"""SQLite sink (a D1-compatible file): one executemany in one BEGIN IMMEDIATE transaction.
+"""SQLite sink (a D1-compatible file): multi-row INSERTs in BEGIN IMMEDIATE transactions.
 
 Its SQL (insert_sql, RUN_INSERT) is shared with the remote D1 sink, shared/d1_sink.py.
 
@@ -20,6 +20,7 @@ No page is reported written before the COMMIT that holds it succeeds. While one 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -144,7 +145,7 @@ class SqliteSink:
         i = 0
         for size in statement_sizes(len(rows), per):
             chunk = rows[i : i + size]
-            conn.execute(self._insert(stream, size), [v for row in chunk for v in row])
+            conn.execute(self._insert(stream, size), list(itertools.chain.from_iterable(chunk)))
             i += size
 
     def _insert(self, stream: Stream, rows: int) -> str:
