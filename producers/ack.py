@@ -27,14 +27,11 @@ def acknowledge_page(ctx: Context, source_name: str, page_id: str) -> str:
     if found is None:
         return "already acknowledged"
     _, ack = found
-    source = ctx.sources.get(source_name)
-    if source is None:
-        source = ctx.sources[source_name] = open_source(ctx.settings, source_name)
+    source = ctx.source(source_name, lambda: open_source(ctx.settings, source_name))
     try:
         source.acknowledge(ack)
     except SluiceError:
-        ctx.sources.pop(source_name, None)  # reopen next time: the connection may be broken
-        source.close()
+        ctx.drop_source(source_name, source)  # reopen next time: the connection may be broken
         raise
     ctx.progress.done(source_name, page_id)
     return "acknowledged"

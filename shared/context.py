@@ -7,6 +7,7 @@ shared between processes.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from functools import cached_property
 from typing import Any
 
@@ -28,7 +29,7 @@ class Context:
         self._sinks: dict[tuple[str, int | None], Sink] = {}
         # Sources opened by this process (producers/ack.py keeps them: opening a D1 file per
         # page, and checkpointing it on every close, cost more than the acknowledgement).
-        self.sources: dict[str, Any] = {}
+        self._sources: dict[str, Any] = {}
         self._validators: dict[str, Validator] = {}
         self._lock = threading.Lock()
 
@@ -97,6 +98,23 @@ class Context:
             return D1Sink(cfg, lambda: self.settings.secret(variable))
         raise SluiceError(f"unknown sink {name!r}; known: postgres, sqlite, d1", sink=name)
 
+    def source(self, name: str, open_: Callable[[], Any]) -> Any:
+        """The process's source of that name, opened by `open_` on first use. Under the lock so
+        that the threads of a threads-pool worker open one between them, not one each."""
+        with self._lock:
+            source = self._sources.get(name)
+            if source is None:
+                source = self._sources[name] = open_()
+            return source
+
+    def drop_source(self, name: str, source: Any) -> None:
+        """Close a source that failed, so the next use opens it again; a newer one that another
+        thread opened meanwhile is kept."""
+        with self._lock:
+            if self._sources.get(name) is source:
+                del self._sources[name]
+        source.close()
+
     def validator(self, stream: Stream) -> Validator:
         v = self._validators.get(stream.name)
         if v is None or v.stream is not stream:
@@ -104,10 +122,10 @@ class Context:
         return v
 
     def close(self) -> None:
-        for resource in [*self._sinks.values(), *self.sources.values()]:
+        for resource in [*self._sinks.values(), *self._sources.values()]:
             resource.close()
         self._sinks.clear()
-        self.sources.clear()
+        self._sources.clear()
         if "redis" in self.__dict__:
             self.redis.close()
         if "state" in self.__dict__:

@@ -4,7 +4,10 @@ over, so the rows are still marked, later, and never before the commit."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from consumers.ingest import ingest
 from ops.sample import write_d1_file
@@ -67,3 +70,25 @@ def test_failed_inline_ack_becomes_the_retrying_task(env: Env) -> None:
     ack_page.apply(args=["d1_usage", page.id]).get()
     assert d1_processed(d1) == (40, 40)
     assert ctx.progress.in_flight("d1_usage") == 0
+
+
+def test_threads_open_one_source_between_them(env: Env) -> None:
+    """The threads of a threads-pool worker acknowledging their first pages at once share one
+    source: each opening its own left all but one connection unclosed."""
+    ctx = Context(Settings.load(env.vars))
+    opened: list[object] = []
+    start = threading.Barrier(8)
+
+    def open_slowly() -> object:
+        time.sleep(0.05)  # an open that takes a while widens the window the lock closes
+        opened.append(object())
+        return opened[-1]
+
+    def first_use() -> object:
+        start.wait()
+        return ctx.source("d1_usage", open_slowly)
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: first_use(), range(8)))
+    assert len(opened) == 1
+    assert all(s is opened[0] for s in got)
