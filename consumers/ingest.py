@@ -168,14 +168,14 @@ def _refused(stream: Stream, row: Sequence[Any], exc: RejectedBySinkError) -> Re
 
 def _acknowledge(ctx: Context, page: Page) -> None:
     """Mark the page processed at its source now, in this process: a separate task per page
-    cost a Celery round trip. The single SQLite writer hands it to another worker instead (it is
-    the bottleneck of its sink), and a failed attempt becomes the retrying ack task."""
-    if page.sink != "sqlite":
-        try:
-            acknowledge_page(ctx, page.source, page.id)
-            return
-        except (SluiceError, redis.RedisError) as exc:
-            log.warning("ack of page %s failed (%s); sent as a task", page.id, exc)
+    cost a Celery round trip (its publish, in the SQLite writer, cost more of the writer's time
+    than the mark itself: 0.69 → 0.78 of the limit, measured in alternating runs). A failed
+    attempt becomes the retrying ack task."""
+    try:
+        acknowledge_page(ctx, page.source, page.id)
+        return
+    except (SluiceError, redis.RedisError) as exc:
+        log.warning("ack of page %s failed (%s); sent as a task", page.id, exc)
     app.send_task("sluice.ack_page", args=[page.source, page.id])
 
 

@@ -289,7 +289,7 @@ class Bench:
         pool = WorkerPool(self.env, self.dir / "logs", loglevel="WARNING")
         if self.sink == "sqlite":
             # One writer process for the file, its threads sharing transactions (group commit,
-            # shared/sqlite_sink.py); acknowledgements and dead letters run beside it.
+            # shared/sqlite_sink.py); dead letters and retried acknowledgements run beside it.
             pool.start_sqlite_writer("writer")
             self._start(pool, "aux", ["dead_letter", "progress"], 1)
         else:

@@ -9,6 +9,8 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from consumers.ingest import ingest
 from ops.sample import write_d1_file
 from producers.ack import ack_page
@@ -23,18 +25,18 @@ from tests.conftest import Env
 from tests.helpers import d1_config, d1_processed
 
 
-def _one_page(env: Env, ctx: Context) -> Page:
-    """The first page of the D1 source, registered as in flight for PostgreSQL only."""
+def _one_page(env: Env, ctx: Context, sink: str) -> Page:
+    """The first page of the D1 source, registered as in flight for that sink only."""
     source = open_source(ctx.settings, "d1_usage")
     sp = next(source.pages(None, 1))
     source.close()
     page_id = uuid.uuid4().hex
-    ctx.progress.register("d1_usage", page_id, ["postgres"], sp.ack, sp.last_key)
+    ctx.progress.register("d1_usage", page_id, [sink], sp.ack, sp.last_key)
     columns = list(ctx.settings.stream("usage_events").column_names)
-    return Page(page_id, "usage_events", "postgres", "d1_usage", "run", columns, sp.rows)
+    return Page(page_id, "usage_events", sink, "d1_usage", "run", columns, sp.rows)
 
 
-def _configure(env: Env, records: int) -> tuple[Context, Page]:
+def _configure(env: Env, records: int, sink: str = "postgres") -> tuple[Context, Page]:
     d1 = env.dir / "d1.sqlite"
     write_d1_file(d1, records)
     config = d1_config(d1, page_size=records).replace(
@@ -43,11 +45,12 @@ def _configure(env: Env, records: int) -> tuple[Context, Page]:
     env.write_config(config)
     migrate_sqlite(env.sqlite_path)
     ctx = app.configure(Settings.load(env.vars))
-    return ctx, _one_page(env, ctx)
+    return ctx, _one_page(env, ctx, sink)
 
 
-def test_last_sink_marks_the_rows_itself(env: Env) -> None:
-    ctx, page = _configure(env, 40)
+@pytest.mark.parametrize("sink", ["postgres", "sqlite"])
+def test_last_sink_marks_the_rows_itself(env: Env, sink: str) -> None:
+    ctx, page = _configure(env, 40, sink)
     ingest.apply(args=[page.encode()]).get()
     assert d1_processed(env.dir / "d1.sqlite") == (40, 40)
     assert ctx.progress.in_flight("d1_usage") == 0
