@@ -10,18 +10,44 @@ import json
 import os
 from pathlib import Path
 
+import psycopg2
+
+from shared.database import libpq_dsn
+from shared.embedded import ensure_postgres, stop_services
 from tests.test_cli import sluice
+
+
+def _sql(data_dir: Path, *statements: str) -> list[list[tuple[object, ...]]]:
+    """Run statements on the bench's own PostgreSQL (started if need be); the rows of each."""
+    conn = psycopg2.connect(libpq_dsn(ensure_postgres(data_dir)))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            out = []
+            for sql in statements:
+                cur.execute(sql)
+                out.append(cur.fetchall() if cur.description else [])
+            return out
+    finally:
+        conn.close()
 
 
 def test_bench_reports_every_figure_for_both_sinks(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    run = sluice(
-        "bench", "--sink", "postgres", "--sink", "sqlite", "--records", "3000",
-        "--page-size", "500", "--runs", "1", "--naive-records", "200", "--json",
-        "--data-dir", str(tmp_path / "bench"),
-        env=env, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
+    data_dir = tmp_path / "bench"
+    try:
+        run = sluice(
+            "bench", "--sink", "postgres", "--sink", "sqlite", "--records", "3000",
+            "--page-size", "500", "--runs", "1", "--naive-records", "200", "--json",
+            "--data-dir", str(data_dir), "--keep-services",
+            env=env, timeout=600,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        # dlt's dataset (a copy of the records) is dropped after it was timed.
+        (schemas,) = _sql(data_dir, "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'dlt%'")
+        assert schemas == []
+    finally:
+        stop_services(data_dir)
     doc = json.loads(run.stdout)
     have_dlt = importlib.util.find_spec("dlt") is not None
     for sink in ("postgres", "sqlite"):
@@ -42,3 +68,38 @@ def test_bench_reports_every_figure_for_both_sinks(tmp_path: Path) -> None:
         assert pg["dlt_rps"] is None and any("dlt not installed" in n for n in pg["notes"])
     assert lite["naive_rps"] is None and lite["dlt_rps"] is None
     assert set(lite["rss_by_worker_mb"]) == {"writer", "aux0"}
+
+
+def test_bench_prefills_only_its_own_table(tmp_path: Path) -> None:
+    """--prefill drops and rebuilds the indexes of the sink's `usage_events`; another schema's
+    table of that name (a dlt dataset, say) is neither touched nor in the way."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    data_dir = tmp_path / "bench"
+    try:
+        _sql(
+            data_dir,
+            "CREATE SCHEMA other",
+            "CREATE TABLE other.usage_events (id text PRIMARY KEY, k text)",
+            "CREATE UNIQUE INDEX usage_events__other_k ON other.usage_events (k)",
+        )
+        run = sluice(
+            "bench", "--sink", "postgres", "--records", "2000", "--page-size", "500",
+            "--runs", "1", "--prefill", "5000", "--json", "--data-dir", str(data_dir),
+            "--keep-services",
+            env=env, timeout=600,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        r = json.loads(run.stdout)  # one sink: the object itself
+        assert r["pipeline_rps"] > 0 and r["limit_rps"] > 0
+        assert r["naive_rps"] is None and r["dlt_rps"] is None
+        assert any("5,000 rows in the table" in n for n in r["notes"])
+        other, prefilled = _sql(
+            data_dir,
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = 'other'"
+            " AND tablename = 'usage_events'",
+            # The pipeline's rows went in beside the prefilled ones, which stayed.
+            "SELECT count(*) FROM public.usage_events WHERE idempotency_key LIKE 'pre_%'",
+        )
+        assert other == [(2,)] and prefilled == [(5000,)]
+    finally:
+        stop_services(data_dir)
