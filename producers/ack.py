@@ -2,9 +2,9 @@
 
 Done by the ingest task of the last sink to commit, in the same process (a Celery task per page
 cost a publish, a delivery and three events); an ingest whose own attempt failed sends it as the
-`sluice.ack_page` task instead. If the acknowledgement fails it is retried;
-if it is lost, the rows stay unprocessed and are read again after the in-flight lease: a
-duplicate delivery the sinks absorb, never a loss.
+`sluice.ack_page` task instead. If the acknowledgement fails it is retried; if it is lost, the
+rows stay unprocessed and are read again after the in-flight lease: a duplicate delivery the
+sinks absorb, never a loss.
 """
 
 from __future__ import annotations
