@@ -116,3 +116,37 @@ def test_beat_runs_a_scheduled_source_through_workers(env: Env) -> None:
         beat.terminate()
         beat.wait(10)
     assert pg_scalar(env.pg_url, "SELECT count(*) FROM source_runs WHERE status = 'ok'") >= 1
+
+
+ARENAS = """
+import ctypes, sys, threading
+from ops.cli import cap_malloc_arenas
+if sys.argv[1] == "capped":
+    assert cap_malloc_arenas(2)
+def decode_pages():  # what a writer thread does: allocate and free objects of many sizes
+    for _ in range(50):
+        page = [bytes(1000 + i % 500) for i in range(2000)]
+        del page
+threads = [threading.Thread(target=decode_pages) for _ in range(16)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+ctypes.CDLL("libc.so.6").malloc_stats()  # one "Arena N:" block per arena, on stderr
+"""
+
+
+def test_threads_worker_caps_mallocs_arenas() -> None:
+    """What `sluice worker --pool threads` does first (cmd_worker): cap glibc's malloc arenas.
+    16 threads then share 2; uncapped, each gets its own, and the SQLite writer's memory grew
+    with the length of the run."""
+
+    def arenas(mode: str) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", ARENAS, mode], cwd=ROOT, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr
+        return sum(line.startswith("Arena ") for line in run.stderr.splitlines())
+
+    assert arenas("capped") == 2
+    assert arenas("default") > 2
