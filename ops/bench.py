@@ -16,11 +16,12 @@ Each figure is the median of --runs runs on a fresh table.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -148,18 +149,26 @@ class Bench:
         )
         self.ctx: Context = app.configure(Settings.load(self.env))
 
+    @contextlib.contextmanager
+    def _pg(self) -> Iterator[Any]:
+        """A cursor on the bench's PostgreSQL, in autocommit mode; closed with its connection."""
+        conn = psycopg2.connect(libpq_dsn(self.pg_url))
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                yield cur
+        finally:
+            conn.close()
+
     def _tune_postgres(self) -> None:
         """The settings reference/limits.md measured with: a 1 GB buffer cache and no forced
         checkpoints in the middle of a 1M-row load. Both the limit and the pipeline run on it."""
-        conn = psycopg2.connect(libpq_dsn(self.pg_url))
-        conn.autocommit = True
-        with conn.cursor() as cur:
+        with self._pg() as cur:
             cur.execute("SHOW shared_buffers")
             restart = cur.fetchone()[0] != "1GB"
             cur.execute("ALTER SYSTEM SET shared_buffers = '1GB'")
             cur.execute("ALTER SYSTEM SET max_wal_size = '4GB'")
             cur.execute("SELECT pg_reload_conf()")
-        conn.close()
         if restart:
             stop_services(self.dir)
             self.redis_url = ensure_redis(self.dir)
@@ -182,12 +191,9 @@ class Bench:
 
     # -- fresh state -----------------------------------------------------------------------
     def reset(self) -> None:
-        conn = psycopg2.connect(libpq_dsn(self.pg_url))
-        conn.autocommit = True
-        with conn.cursor() as cur:
+        with self._pg() as cur:
             cur.execute("TRUNCATE usage_events, ingestion_runs, source_runs, failed_ingestions")
             cur.execute("CHECKPOINT")
-        conn.close()
         for suffix in ("", "-wal", "-shm"):
             Path(str(self.sqlite_path) + suffix).unlink(missing_ok=True)
         migrate_sqlite(self.sqlite_path)
@@ -202,9 +208,7 @@ class Bench:
         n = self.prefill
         self.say(f"prefilling {self.sink} with {n:,} rows")
         if self.sink == "postgres":
-            conn = psycopg2.connect(libpq_dsn(self.pg_url))
-            conn.autocommit = True
-            with conn.cursor() as cur:
+            with self._pg() as cur:
                 cur.execute("SET maintenance_work_mem = '512MB'")
                 # Our schema only: a dlt dataset of an older bench has a `usage_events` too.
                 cur.execute(
@@ -230,7 +234,6 @@ class Bench:
                     cur.execute(definition)
                 cur.execute("VACUUM ANALYZE usage_events")
                 cur.execute("CHECKPOINT")
-            conn.close()
             return
         lite = sqlite_connect(self.sqlite_path)
         indexes = lite.execute(
@@ -343,11 +346,9 @@ class Bench:
         """A fast run counts only if it was exact: every distinct valid key in the sink once, and
         every D1 row marked processed."""
         if self.sink == "postgres":
-            conn = psycopg2.connect(libpq_dsn(self.pg_url))
-            with conn.cursor() as cur:
+            with self._pg() as cur:
                 cur.execute("SELECT count(*) FROM usage_events")
                 stored = int(cur.fetchone()[0])
-            conn.close()
         else:
             lite = sqlite_connect(self.sqlite_path)
             stored = int(lite.execute("SELECT count(*) FROM usage_events").fetchone()[0])
@@ -366,15 +367,13 @@ class Bench:
     def _commits(self) -> tuple[float, float]:
         """Time of the last commit (epoch s) and the p99 page latency (ms) in the sink."""
         if self.sink == "postgres":
-            conn = psycopg2.connect(libpq_dsn(self.pg_url))
-            with conn.cursor() as cur:
+            with self._pg() as cur:
                 cur.execute(
                     "SELECT extract(epoch FROM max(committed_at)), percentile_cont(0.99) WITHIN"
                     " GROUP (ORDER BY extract(epoch FROM committed_at - started_at) * 1000)"
                     " FROM ingestion_runs"
                 )
                 last, p99 = cur.fetchone()
-            conn.close()
             return float(last), float(p99)
         lite = sqlite_connect(self.sqlite_path)
         rows = lite.execute("SELECT started_at, committed_at FROM ingestion_runs").fetchall()
@@ -398,15 +397,12 @@ class Bench:
             t0 = time.perf_counter()
             for r in rows:
                 app.send_task("sluice.bench.naive_insert", args=[r], queue="naive")
-            conn = psycopg2.connect(libpq_dsn(self.pg_url))
-            conn.autocommit = True
-            with conn.cursor() as cur:
+            with self._pg() as cur:
                 while True:
                     cur.execute("SELECT count(*) FROM usage_events")
                     if cur.fetchone()[0] >= distinct and self.ctx.redis.llen("naive") == 0:
                         break
                     time.sleep(0.05)
-            conn.close()
             return len(rows) / (time.perf_counter() - t0)
         finally:
             pool.stop()
@@ -452,12 +448,9 @@ class Bench:
         finally:
             # Each run's dataset held a copy of the records (and its staging schema): left in
             # place, they grew the bench's database run after run.
-            conn = psycopg2.connect(libpq_dsn(self.pg_url))
-            conn.autocommit = True
-            with conn.cursor() as cur:
+            with self._pg() as cur:
                 for schema in (pipe.dataset_name, f"{pipe.dataset_name}_staging"):
                     cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-            conn.close()
             shutil.rmtree(Path(self.dir) / pipe.pipeline_name, ignore_errors=True)
         return len(rows) / seconds
 

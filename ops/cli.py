@@ -78,11 +78,11 @@ MALLOC_ARENAS = 2  # for a threads-pool worker; see cap_malloc_arenas
 def cap_malloc_arenas(n: int) -> bool:
     """Let glibc's malloc keep at most n arenas in this process (as MALLOC_ARENA_MAX=n would).
 
-    By default every thread that contends for malloc can get an arena of its own, up to 8 per
-    core, and freed memory stays spread over them. The SQLite writer's 16 threads each decode
-    pages of different sizes, so its RSS kept growing with the run: 230.8 MB at 1M records,
-    247.8 MB at 5M. With 2 arenas: 223.6 MB at 1M, 225.0 MB at 5M, at the same speed (one run
-    each). Called before any worker thread starts; False where libc is not glibc."""
+    By default each new thread that allocates gets an arena of its own, up to 8 per core, and
+    freed memory stays spread over them. The SQLite writer's 16 threads each decode pages of
+    different sizes, so its RSS kept growing with the run: 230.8 MB at 1M records, 247.8 MB at
+    5M. With 2 arenas: 224.6 MB at 1M, 225.5 MB at 5M, at the same speed. Called before any
+    worker thread starts; False where libc is not glibc."""
     import ctypes
     import ctypes.util
 
