@@ -1,11 +1,13 @@
-"""ACE IoT FlightDeck timeseries (apis.md §7): `GET /sites/{site}/timeseries/paginated` into the
-timeseries stream, a window at a time, following `next_cursor` while `has_more`.
+"""ACE IoT FlightDeck timeseries: `GET /sites/{site}/timeseries/paginated` into the timeseries
+stream, a window at a time, following `next_cursor` while `has_more`.
 
 - Auth: `Authorization: Bearer <key>`; the key comes from the environment (`api_key_env`).
 - Values stay strings, as sent; times are naive UTC (`2025-10-16T00:05:00`, sometimes with
   microseconds or a trailing `Z`): all read as UTC.
 - Samples of every point come interleaved by time; `points` keeps only the named ones. Samples
-  outside the window and repeats (the same point and time on two pages) are dropped.
+  outside the window and repeats (the same point and time on two pages) are dropped. A sample
+  that cannot be placed (not an object, no name, a time that does not parse) is a dead letter;
+  the rest of the page goes on.
 - The server's cursor can fail to advance (it then serves the same page forever), and `has_more`
   can come with a null cursor. Either stops the window there: the samples read so far are kept,
   the window counts as complete only up to the newest sample time seen (the cursor moves that
@@ -22,7 +24,8 @@ from typing import Any
 from urllib.parse import quote
 
 from producers.http_client import Retry
-from producers.http_source import HttpSource, Row, floor_time, iso_utc
+from producers.http_source import HttpSource, Row, WindowRead, floor_time, iso_utc
+from producers.source import SourceReject
 from shared.errors import HttpSourceError
 from shared.settings import AceIotSourceConfig, Settings
 from shared.streams import Stream
@@ -34,6 +37,21 @@ SECOND = timedelta(seconds=1)
 def parse_ace_time(value: Any) -> datetime:
     t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+def _placed(sample: Any) -> tuple[str, datetime] | str:
+    """A sample's point name and time, or why it cannot be placed."""
+    if not isinstance(sample, dict):
+        return f"sample is a JSON {type(sample).__name__}, not an object"
+    name = sample.get("name")
+    if not isinstance(name, str) or not name:
+        return f"sample has no point name ({str(name)[:40]!r})"
+    if not isinstance(sample.get("time"), str):
+        return f"time {str(sample.get('time'))[:40]!r} is not an ISO-8601 text"
+    try:
+        return name, parse_ace_time(sample["time"])
+    except ValueError:
+        return f"time {sample['time'][:40]!r} is not an ISO-8601 time"
 
 
 def _ace_time(t: datetime) -> str:
@@ -75,12 +93,7 @@ class AceIotSource(HttpSource):
     def initial_start(self) -> datetime:
         return floor_time(super().initial_start(), SECOND)
 
-    def fetch(self, partition: str, start: datetime, end: datetime) -> list[Row]:
-        return self.fetch_window(partition, start, end)[0]
-
-    def fetch_window(
-        self, partition: str, start: datetime, end: datetime
-    ) -> tuple[list[Row], datetime]:
+    def read_window(self, partition: str, start: datetime, end: datetime) -> WindowRead:
         path = f"/sites/{quote(partition, safe='')}/timeseries/paginated"
         context = {"source": self.name, "partition": partition}
         base = {
@@ -90,6 +103,7 @@ class AceIotSource(HttpSource):
             "raw_data": "true" if self.cfg.raw_data else "false",
         }
         rows: dict[tuple[str, str], Row] = {}
+        rejected: list[SourceReject] = []
         cursor: str | None = None
         sent: set[str] = set()
         last_time: datetime | None = None
@@ -101,11 +115,15 @@ class AceIotSource(HttpSource):
                 if exc.status == 404 and "no data" in str(exc).lower():
                     break  # an empty window (or no more data after a cursor)
                 raise
-            for sample in body["point_samples"]:
-                name = str(sample.get("name") or "")
-                t = parse_ace_time(sample["time"])
+            for i, sample in enumerate(body["point_samples"]):
+                placed = _placed(sample)
+                if isinstance(placed, str):
+                    where = f"sample #{i} of a page of {_ace_time(start)}..{_ace_time(end)}"
+                    rejected.append(self.reject(partition, sample, placed, where))
+                    continue
+                name, t = placed
                 last_time = t
-                if not name or (self.wanted and name not in self.wanted):
+                if self.wanted and name not in self.wanted:
                     continue
                 if start <= t < end:
                     ts = iso_utc(t)
@@ -116,30 +134,26 @@ class AceIotSource(HttpSource):
             if cursor is not None:
                 sent.add(cursor)
             if not nxt:
-                return self._cut(rows, start, end, last_time, "has_more with a null next_cursor")
+                why = "has_more with a null next_cursor"
+                return self._cut(rows, rejected, start, end, last_time, why)
             if nxt == cursor or nxt in sent:
-                return self._cut(
-                    rows, start, end, last_time, f"next_cursor did not advance ({nxt[:40]})"
-                )
+                why = f"next_cursor did not advance ({nxt[:40]})"
+                return self._cut(rows, rejected, start, end, last_time, why)
             cursor = str(nxt)
         else:
-            return self._cut(
-                rows,
-                start,
-                end,
-                last_time,
-                f"still has_more after {self.cfg.max_pages_per_window} pages",
-            )
-        return self._sorted(rows), end
+            why = f"still has_more after {self.cfg.max_pages_per_window} pages"
+            return self._cut(rows, rejected, start, end, last_time, why)
+        return WindowRead(self._sorted(rows), end, rejected)
 
     def _cut(
         self,
         rows: dict[tuple[str, str], Row],
+        rejected: list[SourceReject],
         start: datetime,
         end: datetime,
         last_time: datetime | None,
         why: str,
-    ) -> tuple[list[Row], datetime]:
+    ) -> WindowRead:
         """Stop the window: complete up to the newest sample time seen (that time's samples may
         continue on the page we could not get, so they are read again next run)."""
         upto = start if last_time is None else min(max(floor_time(last_time, SECOND), start), end)
@@ -149,7 +163,7 @@ class AceIotSource(HttpSource):
             window=f"{_ace_time(start)}..{_ace_time(end)}",
         )
         kept = {k: r for k, r in rows.items() if parse_ace_time(r[2]) < upto}
-        return self._sorted(kept), upto
+        return WindowRead(self._sorted(kept), upto, rejected)
 
     @staticmethod
     def _sorted(rows: dict[tuple[str, str], Row]) -> list[Row]:

@@ -11,12 +11,30 @@ one long backlog does not starve the others. The resume point of a partition is:
 Only closed periods are fetched (a candle still open would be stored half-made and, once the
 cursor passed it, never corrected). The cursor moves on acknowledgement only, after every sink
 committed the window (producers/cursors.py). A window with no data advances it at once.
+
+What a window's answer can hold besides records:
+- items that cannot be placed (a kline that is not an array, a time that is not a number): they
+  travel in the page as `SourceReject`s and become dead letters; a page of nothing else is still
+  enqueued, and the cursor moves once the letters are stored;
+- times outside the window asked for (by more than a period): the answer is not trusted (often
+  seconds sent for milliseconds). The window is not stored, the cursor stays, the partition stops
+  for this run and is listed in `failures`;
+- a permanent error (an unknown symbol's 400, an oversized answer): the same, for that partition
+  only. Transient errors (after the client's retries) and bans end the run.
+
+A run stops early, and not as a failure, once it has made `max_calls_per_run` calls or run
+`max_run_seconds` (checked between windows, empty ones included); the next run continues from the
+cursors. If every partition failed the run fails.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
@@ -28,9 +46,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from producers.cursors import CursorStore, format_cursor, parse_cursor
 from producers.http_client import HttpApi
 from producers.rate_limit import Budget, SharedRateLimiter
-from producers.source import SourcePage
+from producers.source import SourcePage, SourceReject
 from shared.database import broker_url, postgres_engine, postgres_url
-from shared.errors import SourceError, TransientSourceError
+from shared.errors import HttpSourceError, SourceError, TransientSourceError
 from shared.settings import HttpSourceConfig, Settings
 from shared.streams import Stream
 
@@ -52,12 +70,43 @@ def floor_time(t: datetime, step: timedelta) -> datetime:
     return epoch + ((t - epoch) // step) * step
 
 
+def whole_number(value: Any) -> int | None:
+    """An epoch time as the APIs send it: an int, or a number without a fraction (its literal
+    text when parsed with exact numbers). None for anything else (null, a word, a bool)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    try:
+        f = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return int(f) if f.is_integer() else None
+
+
+def _epoch_text(seconds: float) -> str:
+    try:
+        return iso_utc(datetime.fromtimestamp(seconds, UTC))
+    except (ValueError, OverflowError, OSError):
+        return "out of range"
+
+
+@dataclass
+class WindowRead:
+    """What one window's answer(s) gave."""
+
+    rows: list[Row]
+    complete_until: datetime  # the window's end, or earlier when the API stopped paging
+    rejected: list[SourceReject] = field(default_factory=list)
+
+
 class HttpSource:
     """Base of the API adapters. Subclasses set `api`, and implement `partitions`, `window`,
     `closed_until` and `fetch`."""
 
     api = "http"
     resumes_per_partition = True  # run_source passes every in-flight window, not one max key
+    http: HttpApi  # set by each adapter
 
     def __init__(self, name: str, cfg: HttpSourceConfig, stream: Stream, settings: Settings):
         self.name = name
@@ -66,6 +115,8 @@ class HttpSource:
         self.settings = settings
         self.now: Callable[[], datetime] = _utcnow  # tests move the clock
         self.anomalies: list[str] = []
+        self.failures: list[str] = []  # partitions that failed for good in the last run
+        self.stopped_early: str | None = None  # the bound that ended the last run, if one did
 
     # -- adapter hooks ----------------------------------------------------------------------
 
@@ -80,17 +131,31 @@ class HttpSource:
         """The end (exclusive) of the newest period that is complete at `now`."""
         return now
 
-    def fetch(self, partition: str, start: datetime, end: datetime) -> list[Row]:
-        """Rows with period start in [start, end), in stream column order, deduped."""
+    def read_window(self, partition: str, start: datetime, end: datetime) -> WindowRead:
+        """Rows with period start in [start, end), in stream column order, deduped; the items
+        that are not records; and how far the window is complete: `end`, or earlier when the
+        API stopped paging part-way (ACE's cursor that does not advance). A window cut short
+        ends its partition's run there; its acknowledgement moves the cursor only that far."""
         raise NotImplementedError
 
     def fetch_window(
         self, partition: str, start: datetime, end: datetime
     ) -> tuple[list[Row], datetime]:
-        """Rows of the window and how far they are complete: `end`, or earlier when the API
-        stopped paging part-way (ACE's cursor that does not advance). A window cut short ends
-        its partition's run there; its acknowledgement moves the cursor only that far."""
-        return self.fetch(partition, start, end), end
+        """`read_window` for callers that cannot carry rejected items: refuses a window that
+        has some rather than drop them."""
+        got = self.read_window(partition, start, end)
+        if got.rejected:
+            raise HttpSourceError(
+                f"{len(got.rejected)} item(s) of the answer are not records (first: "
+                f"{got.rejected[0].error}); this caller cannot store them as dead letters: "
+                "use read_window",
+                where={"source": self.name, "partition": partition},
+            )
+        return got.rows, got.complete_until
+
+    def fetch(self, partition: str, start: datetime, end: datetime) -> list[Row]:
+        """The rows of [start, end) (see `fetch_window`)."""
+        return self.fetch_window(partition, start, end)[0]
 
     def anomaly(self, message: str, **where: object) -> None:
         """Something the API did wrong that the run worked around: logged, and recorded in the
@@ -99,6 +164,40 @@ class HttpSource:
         text = f"{message} ({detail})" if detail else message
         log.error("source %s: %s", self.name, text)
         self.anomalies.append(text)
+
+    def reject(self, partition: str, item: Any, why: str, where: str) -> SourceReject:
+        """A dead letter for an item of the answer that is not a record. Keyed by its content, so
+        reading it again (the lookback buffer, a rerun) finds the same letter."""
+        text = json.dumps(item, sort_keys=True, default=str)
+        key = f"{partition}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+        return SourceReject(key, item, f"{self.api} {where} of {partition}: {why}")
+
+    def check_times(
+        self,
+        partition: str,
+        lo: datetime,
+        hi: datetime,
+        stamps: Sequence[int],
+        unit: float,
+        what: str,
+    ) -> None:
+        """Raise a permanent error when any of `stamps` (epoch times in units of `unit` seconds)
+        lies more than one period outside [lo, hi], the span the request asked for. A period's
+        slack allows an edge point (a bar containing the start, CoinGecko's point at `to`);
+        times in the wrong unit (seconds for milliseconds) are off by far more."""
+        slack = self.period().total_seconds()
+        first, last = lo.timestamp() - slack, hi.timestamp() + slack
+        bad = [v for v in stamps if not first <= v * unit <= last]
+        if not bad:
+            return
+        shown = ", ".join(f"{v} (read as {_epoch_text(v * unit)})" for v in bad[:3])
+        raise HttpSourceError(
+            f"{self.api} answered {len(bad)} of {len(stamps)} {what} outside the span asked for "
+            f"({iso_utc(lo)}..{iso_utc(hi)}): {shown}. Times in another unit (seconds for "
+            "milliseconds)? The window is not stored and the cursor stays; check that base_url "
+            "is the real API",
+            where={"source": self.name, "partition": partition},
+        )
 
     # -- shared machinery -------------------------------------------------------------------
 
@@ -124,6 +223,8 @@ class HttpSource:
             headers=headers,
             secrets=(key,) if key else (),
             timeout=(self.cfg.connect_timeout, self.cfg.read_timeout),
+            total_timeout=self.cfg.total_timeout,
+            max_response_bytes=self.cfg.max_response_bytes,
             max_attempts=self.cfg.max_attempts,
             max_wait=self.cfg.max_wait_seconds,
             rate_limit_fallback=self.cfg.rate_limit_fallback_seconds,
@@ -189,18 +290,31 @@ class HttpSource:
             p: self.windows(start, until, first)
             for p, (start, first) in self.resume_points(after).items()
         }
+        self.failures, self.stopped_early = [], None
+        failed: set[str] = set()
+        started, calls = time.monotonic(), self.http.calls
         produced = 0
         while plans and produced < max_pages:
             for partition in list(plans):
+                if self._bound_reached(started, calls):
+                    return
                 w = next(plans[partition], None)
                 if w is None:
                     del plans[partition]
                     continue
                 start, end, first = w
-                rows, complete_until = self.fetch_window(partition, start, end)
-                if complete_until < end:
+                try:
+                    got = self.read_window(partition, start, end)
+                except SourceError as exc:
+                    if exc.transient:
+                        raise  # the next run tries again; a ban stops every partition anyway
+                    del plans[partition]  # the cursor stays; the other partitions go on
+                    failed.add(partition)
+                    self._fail(partition, start, end, exc)
+                    continue
+                if got.complete_until < end:
                     del plans[partition]  # later windows would leave a gap before them
-                    end = complete_until
+                    end = got.complete_until
                     if end <= start:
                         continue  # nothing complete: the cursor stays, the anomaly is recorded
                 ack = {
@@ -209,13 +323,43 @@ class HttpSource:
                     "end": format_cursor(end),
                     "first": first,
                 }
-                if not rows:
+                if not got.rows and not got.rejected:
                     self.acknowledge(ack)  # nothing to commit: the cursor may move now
                     continue
                 produced += 1
-                yield SourcePage(rows=rows, ack=ack, last_key=[partition, ack["end"]])
+                yield SourcePage(
+                    rows=got.rows,
+                    ack=ack,
+                    last_key=[partition, ack["end"]],
+                    rejected=got.rejected,
+                )
                 if produced >= max_pages:
                     return
+        if failed and failed >= set(self.partitions()):
+            raise HttpSourceError(
+                "every partition failed: " + "; ".join(self.failures),
+                where={"source": self.name},
+            )
+
+    def _fail(self, partition: str, start: datetime, end: datetime, exc: SourceError) -> None:
+        text = f"{partition} (window {iso_utc(start)}..{iso_utc(end)}): {exc}"
+        log.error("source %s: partition failed, the others go on: %s", self.name, text)
+        self.failures.append(text)
+
+    def _bound_reached(self, started: float, calls: int) -> bool:
+        made, spent = self.http.calls - calls, time.monotonic() - started
+        if made >= self.cfg.max_calls_per_run:
+            self.stopped_early = f"max_calls_per_run ({made} calls)"
+        elif spent >= self.cfg.max_run_seconds:
+            self.stopped_early = f"max_run_seconds ({spent:.1f}s)"
+        else:
+            return False
+        log.info(
+            "source %s: run stopped at %s; the next run continues from the cursors",
+            self.name,
+            self.stopped_early,
+        )
+        return True
 
     def acknowledge(self, ack: Any) -> None:
         try:

@@ -186,7 +186,17 @@ class _HttpSourceConfig(_Model):
     initial_days: Annotated[float, Field(gt=0)] = 1.0
     max_batches: Annotated[int, Field(ge=1)] = 10  # windows (pages) per run
     connect_timeout: Annotated[float, Field(gt=0)] = 5.0
-    read_timeout: Annotated[float, Field(gt=0)] = 30.0
+    read_timeout: Annotated[float, Field(gt=0)] = 30.0  # the longest silence while reading
+    # One call's whole deadline (connect, headers and body): a server trickling its answer is cut
+    # off and the call retried like a timeout.
+    total_timeout: Annotated[float, Field(gt=0)] = 60.0
+    # The largest answer read (bytes, after decompression); a larger one is refused unread (the
+    # whole body would sit in memory, several times over once parsed).
+    max_response_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
+    # What one run may do, empty windows included; a run that reaches either stops early (not a
+    # failure) and the next one continues from the cursors.
+    max_calls_per_run: Annotated[int, Field(ge=1)] = 1000
+    max_run_seconds: Annotated[float, Field(gt=0)] = 300.0
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
     # The longest server-requested wait (Retry-After, rate-limit reset) a run sleeps through;
     # longer waits end the run with a transient error and the next run tries again.

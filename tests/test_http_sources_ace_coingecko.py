@@ -19,7 +19,7 @@ from shared.errors import HttpSourceError
 from shared.migrations import migrate_sqlite
 from shared.settings import Settings
 from tests.conftest import Env
-from tests.fakes.market_server import FakeMarket, price
+from tests.fakes.market_server import FakeMarket, cap, price
 from tests.helpers import drain, pg_scalar
 
 PG_QUEUES = ["ingest.postgres", "dead_letter", "progress"]
@@ -167,15 +167,13 @@ def test_coingecko_request_unaligned_points_and_chunk_edges(env: Env, fake: Fake
     assert len(hours) == len(set(hours)) == 54  # no hour twice across chunk edges
     assert all(h.endswith(":00:00Z") for h in hours)  # bucketed to the hour
     t0 = int(start.timestamp())
-    assert (
-        rows[0]
-        == ["coingecko", "bitcoin/usd", "1h", hours[0]]
-        + [None] * 3
-        + [
-            price(t0)  # the hour's first point, not the later one in the same hour
-        ]
-        + [None] * 4
-    )
+    # The hour's first point, not the later one in the same hour; its market cap beside it;
+    # both as the JSON numbers' literal text.
+    assert rows[0] == [
+        *("coingecko", "bitcoin/usd", "1h", hours[0]),
+        *(None, None, None, str(price(t0))),  # open, high, low, close
+        *(None, None, str(cap(t0)), None),  # volume, quote_volume, market_cap, trades
+    ]
 
 
 def test_coingecko_429_without_retry_after_is_retried(env: Env, fake: FakeMarket) -> None:
