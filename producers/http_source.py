@@ -147,8 +147,9 @@ class HttpSource:
         if got.rejected:
             raise HttpSourceError(
                 f"{len(got.rejected)} item(s) of the answer are not records (first: "
-                f"{got.rejected[0].error}); this caller cannot store them as dead letters: "
-                "use read_window",
+                f"{got.rejected[0].error}); this caller cannot keep them as dead letters, so "
+                f"the window {iso_utc(start)}..{iso_utc(end)} is refused rather than stored "
+                "without them",
                 where={"source": self.name, "partition": partition},
             )
         return got.rows, got.complete_until

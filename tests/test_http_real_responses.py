@@ -262,6 +262,59 @@ def test_binance_null_close_reaches_the_dead_letters_and_the_rest_postgresql(
     assert cursors(env).get_all("bn") == {"BTCUSDT": end}
 
 
+def test_ace_samples_that_cannot_be_placed_are_rejected_and_the_rest_goes_on(
+    env: Env, fake: FakeMarket
+) -> None:
+    env.vars["TEST_ACE_KEY"] = fake.ace_key
+    env.write_config(
+        f"""
+[sources.ace]
+kind = "aceiot"
+base_url = "{fake.base_url}"
+api_key_env = "TEST_ACE_KEY"
+site = "demo_site"
+window_seconds = 3600
+start = "2024-03-01T11:00:00Z"
+lookback_seconds = 0
+"""
+    )
+    point = "demo/site/ahu1/temp"
+    samples = [
+        {"name": point, "value": "45.5", "time": "2024-03-01T11:05:00"},
+        {"name": point, "value": "45.6", "time": "yesterday"},
+        {"value": "45.7", "time": "2024-03-01T11:15:00"},
+        "45.8",
+        {"name": point, "value": None, "time": "2024-03-01T11:20:00Z"},
+    ]
+    fake.fail_next("body", body=json.dumps({"point_samples": samples, "has_more": False}))
+    source = opened(env, "ace")
+    try:
+        page = next(iter(source.pages(None, 1)))
+    finally:
+        source.close()
+    assert page.rows == [
+        ["demo_site", point, "2024-03-01T11:05:00Z", "45.5"],
+        ["demo_site", point, "2024-03-01T11:20:00Z", None],
+    ]
+    assert [r.item for r in page.rejected] == samples[1:4]
+    assert "time 'yesterday' is not an ISO-8601 time" in page.rejected[0].error
+    assert "sample has no point name" in page.rejected[1].error
+    assert "sample is a JSON str, not an object" in page.rejected[2].error
+
+
+def test_a_backfill_refuses_a_window_with_items_it_cannot_keep(env: Env, fake: FakeMarket) -> None:
+    """ops/backfill.py reads windows through `fetch_window`, which has no room for rejected
+    items: the window is refused, not stored without them."""
+    start = recent() - timedelta(days=1)
+    ctx = context(env, config(fake.base_url, start.isoformat()))
+    fake.fail_next("body", body=json.dumps([kline(start), {"not": "a kline"}]))
+    with pytest.raises(HttpSourceError) as err:
+        run_backfill(ctx, "bn", start, start + timedelta(days=1))
+    assert "1 item(s) of the answer are not records" in str(err.value)
+    assert "kline is a JSON dict, not an array" in str(err.value)
+    assert cursors(env).get_all("backfill:bn") == {}
+
+
 # -- 3. CryptoCompare nulls are not zeros ------------------------------------------------------
 
 
