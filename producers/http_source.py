@@ -24,7 +24,7 @@ What a window's answer can hold besides records:
 
 A run stops early, and not as a failure, once it has made `max_calls_per_run` calls or run
 `max_run_seconds` (checked between windows, empty ones included); the next run continues from the
-cursors. If every partition failed the run fails.
+cursors. If every partition failed before any window went through, the run fails.
 """
 
 from __future__ import annotations
@@ -293,6 +293,7 @@ class HttpSource:
         }
         self.failures, self.stopped_early = [], None
         failed: set[str] = set()
+        done = 0  # windows read whole: enqueued, or empty and acknowledged
         started, calls = time.monotonic(), self.http.calls
         produced = 0
         while plans and produced < max_pages:
@@ -324,6 +325,7 @@ class HttpSource:
                     "end": format_cursor(end),
                     "first": first,
                 }
+                done += 1
                 if not got.rows and not got.rejected:
                     self.acknowledge(ack)  # nothing to commit: the cursor may move now
                     continue
@@ -336,7 +338,7 @@ class HttpSource:
                 )
                 if produced >= max_pages:
                     return
-        if failed and failed >= set(self.partitions()):
+        if failed and failed >= set(self.partitions()) and not done:  # nothing went through
             raise HttpSourceError(
                 "every partition failed: " + "; ".join(self.failures),
                 where={"source": self.name},
