@@ -7,8 +7,12 @@ Runs on the queue of its sink (`ingest.postgres`, `.sqlite`, `.d1`). Every outco
 - invalid records and records the sink refused: dead letters, while the rest is committed;
 - records whose parent row is missing (a foreign key): the page is retried a bounded number of
   times first, because the parent may be in a page still on its way (see `_waits_for_parent`).
-The message is acknowledged only when the task returns (late ack), so a killed worker's page is
-delivered again and the keyed writes make that harmless.
+A page with dead letters is acknowledged to its source only after the letters are stored
+(consumers/dead_letter.py releases it). The message is acknowledged only when the task returns
+(late ack), so a killed worker's page is delivered again and the keyed writes make that harmless.
+A redelivery finds its dead letters again: validation is deterministic, and a page whose records
+a sink refused never committed as a whole (only its isolated parts did), so its write is refused
+again and isolation finds the same records.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from typing import Any
 import redis
 from celery import Task
 
-from consumers.dead_letter import DeadLetter, send_dead_letters
 from producers.ack import acknowledge_page
 from shared.celery_app import app
 from shared.context import Context
@@ -36,9 +39,11 @@ from shared.errors import (
     TransientSinkError,
     UnknownStreamError,
 )
+from shared.letters import DeadLetter, encode_record, record_of_row, send_dead_letters
 from shared.page import Page, decode
+from shared.progress import letters_member
 from shared.records import Rejected, dedupe, record_key
-from shared.sink import PageMeta, WriteResult
+from shared.sink import PageMeta, Sink, WriteResult
 from shared.streams import Stream
 
 log = logging.getLogger("sluice.ingest")
@@ -61,8 +66,12 @@ def ingest(self: Task, body: object) -> dict[str, Any]:
         _dead_letter_message(body, exc)
         return {"status": "malformed", "error": str(exc)}
 
-    good, rejected = ctx.validator(stream).validate(page.columns, page.rows)
-    rows = dedupe(stream, good)
+    if page.op == "delete":
+        good, rejected = _keys_with_orders(stream, page)
+        rows = good
+    else:
+        good, rejected = ctx.validator(stream).validate(page.columns, page.rows, _orders(page))
+        rows = dedupe(stream, good)
     meta = PageMeta(
         page_id=page.id,
         source=page.source,
@@ -75,7 +84,10 @@ def ingest(self: Task, body: object) -> dict[str, Any]:
     sink = ctx.sink(page.sink)
     max_retries = ctx.settings.pipeline.max_retries
     try:
-        result = sink.write(stream, rows, meta)
+        if page.op == "delete":
+            result = sink.delete(stream, rows, meta)
+        else:
+            result = sink.write(stream, rows, meta)
     except TransientSinkError as exc:
         if self.request.retries < max_retries:
             cap = ctx.settings.pipeline.visibility_timeout / 10
@@ -109,8 +121,11 @@ def ingest(self: Task, body: object) -> dict[str, Any]:
         result = WriteResult(0, 0)
 
     if rejected:
-        send_dead_letters([_dead_letter(stream, page, r) for r in rejected])
-    if ctx.progress.committed(page.id, page.sink):
+        # The page waits for its letters: held before they are sent, released once stored.
+        member = letters_member(page.sink)
+        ctx.progress.committed(page.id, page.sink, hold=member)
+        send_dead_letters([_dead_letter(stream, page, r) for r in rejected], page.id, member)
+    elif ctx.progress.committed(page.id, page.sink):
         _acknowledge(ctx, page)
     return {
         "page": page.id,
@@ -118,10 +133,36 @@ def ingest(self: Task, body: object) -> dict[str, Any]:
         "stream": page.stream,
         "received": meta.received,
         "inserted": result.inserted,
+        "updated": result.updated,
+        "unchanged": result.unchanged,
         "duplicates": result.duplicates,
+        "deleted": result.deleted,
         "dead_letters": len(rejected),
         "ms": round((time.perf_counter() - t0) * 1000, 2),
     }
+
+
+def _orders(page: Page) -> Sequence[int | None]:
+    """One source order per row of the page."""
+    n = len(page.rows)
+    if page.orders is not None:
+        return [*page.orders[:n], *[None] * (n - len(page.orders))]
+    if page.seq is not None:
+        return range(page.seq, page.seq + n)
+    return [None] * n
+
+
+def _keys_with_orders(stream: Stream, page: Page) -> tuple[list[list[Any]], list[Rejected]]:
+    """A deletion page's keys, each followed by its source order."""
+    good: list[list[Any]] = []
+    bad: list[Rejected] = []
+    width = len(stream.key)
+    for i, key in enumerate(page.rows):
+        if not isinstance(key, list | tuple) or len(key) != width:
+            bad.append(Rejected([key], None, f"a key must be a list of {width} values", index=i))
+            continue
+        good.append([*key, page.order(i)])
+    return good, bad
 
 
 FK_ERROR = "ForeignKeyViolation"
@@ -168,9 +209,8 @@ def _refused(stream: Stream, row: Sequence[Any], exc: RejectedBySinkError) -> Re
 
 def _acknowledge(ctx: Context, page: Page) -> None:
     """Mark the page processed at its source now, in this process: a separate task per page
-    cost a Celery round trip. That holds for the SQLite writer too, though it bounds its sink:
-    handing the mark to another worker measured 0.69 of the limit, marking here 0.78
-    (alternating runs). A failed attempt becomes the retrying ack task."""
+    cost a Celery round trip per page, which bounds the SQLite writer. A failed attempt becomes
+    the retrying ack task."""
     try:
         acknowledge_page(ctx, page.source, page.id)
         return
@@ -180,7 +220,7 @@ def _acknowledge(ctx: Context, page: Page) -> None:
 
 
 def _isolate(
-    sink: Any, stream: Stream, rows: list[list[Any]], meta: PageMeta, first: RejectedBySinkError
+    sink: Sink, stream: Stream, rows: list[list[Any]], meta: PageMeta, first: RejectedBySinkError
 ) -> tuple[WriteResult, list[Rejected]]:
     """Bisect the page until each refused record stands alone; commit the rest.
 
@@ -188,7 +228,7 @@ def _isolate(
     ids (`<page>/<range>`), so a redelivery during isolation skips the parts already committed.
     """
     refused: list[Rejected] = []
-    inserted = 0
+    total = WriteResult(0, 0)
     half = len(rows) // 2
     stack: list[tuple[int, int]] = [(half, len(rows)), (0, half)]
     if len(rows) == 1:
@@ -209,33 +249,57 @@ def _isolate(
             meta.started_at,
         )
         try:
-            inserted += sink.write(stream, part, sub).inserted
+            total += sink.write(stream, part, sub)
         except RejectedBySinkError as exc:
             if hi - lo == 1:
                 refused.append(_refused(stream, part[0], exc))
             else:
                 mid = (lo + hi) // 2
                 stack += [(mid, hi), (lo, mid)]
-    valid = meta.received - meta.invalid - len(refused)
-    return WriteResult(inserted, valid - inserted), refused
+    # Records dropped as repeats within the page count as its duplicates.
+    valid = meta.received - meta.invalid
+    repeats = valid - len(rows)
+    return WriteResult(
+        total.inserted,
+        total.duplicates + repeats,
+        updated=total.updated,
+        unchanged=total.unchanged,
+    ), refused
 
 
 def _dead_letter(stream: Stream, page: Page, r: Rejected) -> DeadLetter:
-    names: Sequence[str] = page.columns if len(r.row) == len(page.columns) else stream.column_names
-    payload = (
-        dict(zip(names, r.row, strict=False)) if len(r.row) <= len(names) else {"_row": list(r.row)}
-    )
+    """The letter of a rejected record, holding the record as the page carried it."""
+    index = r.index if r.index is not None else _index_of(page, r.row, stream)
+    if index is not None:
+        record = record_of_row(page.columns, page.rows[index])
+        order = page.order(index)
+    else:  # a page without source orders: the row as validated is what is left
+        record = record_of_row(stream.column_names, list(r.row[: len(stream.column_names)]))
+        order = None
     message = f"{r.field}: {r.rule}" if r.field else r.rule
     return DeadLetter(
         stream=stream.name,
         sink=page.sink,
-        record_key=record_key(stream, r.row),
         source=page.source,
         page_id=page.id,
-        payload=payload,
+        record_key=record_key(stream, r.row),
+        record=record,
         error_class=r.error_class,
         error_message=message,
+        record_order=order,
     )
+
+
+def _index_of(page: Page, row: Sequence[Any], stream: Stream) -> int | None:
+    """Where a validated row (ending with its source order) came from in the page."""
+    if len(row) != len(stream.column_names) + 1 or row[-1] is None:
+        return None
+    order = row[-1]
+    if page.orders is not None:
+        return page.orders.index(order) if order in page.orders else None
+    if page.seq is not None and 0 <= order - page.seq < len(page.rows):
+        return int(order - page.seq)
+    return None
 
 
 def _dead_letter_message(body: object, exc: Exception) -> None:
@@ -247,10 +311,10 @@ def _dead_letter_message(body: object, exc: Exception) -> None:
             DeadLetter(
                 stream=str(info.get("stream") or "unknown"),
                 sink=str(info.get("sink") or "unknown"),
-                record_key=f"message:{page_id}",
                 source=str(info.get("source") or "unknown"),
                 page_id=page_id,
-                payload={"_message": repr(body)[:100_000]},
+                record_key=f"message:{page_id}",
+                record=encode_record({"message": body}),
                 error_class=type(exc).__name__,
                 error_message=str(exc),
             )

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import SluiceError
-from shared.settings import D1SourceConfig, KvSourceConfig, Settings
+from shared.settings import SINK_NAMES, D1SourceConfig, KvSourceConfig, Settings
 
 
 def _settings() -> Settings:
@@ -42,10 +42,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from shared.database import postgres_url
     from shared.migrations import migrate_postgres, migrate_sqlite
+    from shared.state import state_kind
 
     s = _settings()
-    # The remote D1 sink is migrated by default only when it is configured.
-    targets = args.sink or ["postgres", "sqlite", *(["d1"] if s.d1_sink else [])]
+    # By default: the sinks the streams write to and the state store (the remote D1 sink only
+    # when it is configured).
+    used = {*s.sinks_fed, state_kind(s), *(["d1"] if s.d1_sink else [])}
+    targets = args.sink or [t for t in ("postgres", "sqlite", "d1") if t in used]
     out: dict[str, list[str]] = {}
     if "postgres" in targets:
         out["postgres"] = migrate_postgres(postgres_url(s))
@@ -463,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_config_check)
 
     mig = sub.add_parser("migrate", help="apply pending schema migrations")
-    mig.add_argument("--sink", action="append", choices=["postgres", "sqlite", "d1"])
+    mig.add_argument("--sink", action="append", choices=list(SINK_NAMES))
     mig.set_defaults(func=cmd_migrate)
 
     w = sub.add_parser("worker", help="run a Celery worker on our queues")
@@ -643,7 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
         a = dl_sub.add_parser(name, help=text)
         a.add_argument("ids", nargs="*", type=int, help="dead letter ids (default: by filter)")
         a.add_argument("--stream")
-        a.add_argument("--sink", choices=["postgres", "sqlite"])
+        a.add_argument(
+            "--sink",
+            choices=[*SINK_NAMES, "source"],
+            help="the sink that refused the record, or 'source' (an item a source could not read)",
+        )
         a.add_argument("--error", help="substring of the error class or message")
         a.add_argument("--source")
         a.add_argument("--since", help="ISO time or relative: 30m, 2h, 7d")

@@ -113,17 +113,18 @@ def _collect(state: Any, sqlite_path: Path, run_ids: list[str], result: DemoResu
         "SELECT coalesce(sum(inserted), 0), coalesce(sum(duplicates), 0),"
         " coalesce(sum(invalid), 0) FROM ingestion_runs WHERE run_id IN ({})"
     )
-    with state.connect() as conn:
-        ins, dup, inv = conn.execute(
-            text(q.format(", ".join(f":r{i}" for i in range(len(run_ids))))),
-            {f"r{i}": r for i, r in enumerate(run_ids)},
-        ).one()
+    runs = ", ".join(f":r{i}" for i in range(len(run_ids)))
+    params = {f"r{i}": r for i, r in enumerate(run_ids)}
+    with state.read() as conn:
+        ins, dup, inv = conn.execute(text(q.format(runs)), params).one()
+        # This run's letters only (earlier demos' may still be pending): those of its pages,
+        # one per record (each sink that refused a record keeps a letter of it).
         dead = conn.execute(
             text(
-                "SELECT count(DISTINCT record_key) FROM failed_ingestions WHERE source = :s"
-                " AND status = 'pending'"
+                "SELECT count(DISTINCT record_hash) FROM failed_ingestions WHERE page_id IN"
+                f" (SELECT page_id FROM ingestion_runs WHERE run_id IN ({runs}))"
             ),
-            {"s": SOURCE},
+            params,
         ).scalar_one()
     result.sinks["postgres"] = {"inserted": int(ins), "duplicates": int(dup), "invalid": int(inv)}
     lite = sqlite_connect(sqlite_path)

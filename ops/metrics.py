@@ -64,9 +64,11 @@ from ops.status import (
     last_commit,
     newest_record_time,
     ops_engine,
+    ops_state,
     pages_in_flight,
     source_cursors,
     sqlite_reader,
+    uses_postgres,
 )
 from shared.context import Context
 from shared.settings import D1SourceConfig
@@ -139,7 +141,11 @@ def sqlite_totals(conn: sqlite3.Connection, sink: str = "sqlite") -> dict[str, R
 class SluiceCollector(Collector):
     def __init__(self, ctx: Context, engine: Engine | None = None) -> None:
         self.ctx = ctx
-        self.engine = engine or ops_engine(ctx.postgres_url)
+        # PostgreSQL only when the deployment has it (a SQLite-only one must not start one).
+        if engine is None and uses_postgres(ctx.settings):
+            engine = ops_engine(ctx.postgres_url)
+        self.engine = engine
+        self.state = ops_state(ctx.settings, engine)
 
     def _read(self, up: GaugeMetricFamily, part: str, fn: Callable[[], T]) -> T | None:
         try:
@@ -158,8 +164,8 @@ class SluiceCollector(Collector):
         finally:
             conn.close()
 
-    def _pg_state(self) -> dict[str, list[Any]]:
-        with self.engine.connect() as conn:
+    def _state(self) -> dict[str, list[Any]]:
+        with self.state.read() as conn:
             return {
                 "dead_lettered": list(
                     conn.execute(
@@ -193,8 +199,11 @@ class SluiceCollector(Collector):
 
         sinks_used = {s for st in self.ctx.settings.streams.values() for s in st.sinks}
         totals: dict[str, dict[str, RunTotals]] = {}
-        pg = self._read(up, "postgres", lambda: postgres_totals(self.engine))
-        if pg is not None:
+        engine = self.engine
+        pg = None
+        if engine is not None:
+            pg = self._read(up, "postgres", lambda: postgres_totals(engine))
+        if pg is not None and "postgres" in sinks_used:
             totals["postgres"] = pg
         if "sqlite" in sinks_used:
             lite = self._read(up, "sqlite", self._sqlite_totals)
@@ -202,10 +211,10 @@ class SluiceCollector(Collector):
                 totals["sqlite"] = lite
         yield from self._runs(totals)
 
-        state = self._pg_state() if pg is not None else None
+        state = self._read(up, "state", self._state)
         if state is not None:
             yield from self._dead_letters(state)
-        yield from self._sources(up, pg_up=pg is not None)
+        yield from self._sources(up, pg_up=pg is not None, state_up=state is not None)
 
         yield up
         took = GaugeMetricFamily("sluice_scrape_duration_seconds", "Time this scrape took")
@@ -293,7 +302,7 @@ class SluiceCollector(Collector):
             runs.add_metric([source, status], float(n))
         yield runs
 
-    def _sources(self, up: GaugeMetricFamily, pg_up: bool) -> Iterator[Metric]:
+    def _sources(self, up: GaugeMetricFamily, pg_up: bool, state_up: bool) -> Iterator[Metric]:
         ctx = self.ctx
         lag = GaugeMetricFamily(
             "sluice_source_lag_seconds",
@@ -331,14 +340,15 @@ class SluiceCollector(Collector):
             try:
                 if not isinstance(cfg, D1SourceConfig):
                     # HTTP sources share streams: their lag is their own cursor's.
-                    if engine is not None:
-                        cursors = source_cursors(engine, name)
+                    if state_up:
+                        cursors = source_cursors(self.state, name)
                         if (behind := cursor_lag(now, cursors)) is not None:
                             lag.add_metric([name, stream.name], behind)
                 elif readable and stream.name not in newest:
                     newest[stream.name] = newest_record_time(ctx, engine, stream)
                 if isinstance(cfg, D1SourceConfig) and (t := newest.get(stream.name)) is not None:
-                    lag.add_metric([name, stream.name], (now - t).total_seconds())
+                    # Never negative: an event time in the future is not a negative lag.
+                    lag.add_metric([name, stream.name], max(0.0, (now - t).total_seconds()))
                 if readable and (c := last_commit(ctx, engine, stream, name)) is not None:
                     commit.add_metric([name], c.timestamp())
                 if (n := d1_unprocessed(cfg, stream)) is not None:

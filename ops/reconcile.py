@@ -29,12 +29,15 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 import psycopg2
 import psycopg2.extensions
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 from producers.d1_rest import MAX_BOUND_PARAMS
 from shared.d1_sink import d1_client
@@ -43,6 +46,7 @@ from shared.errors import ConfigError, D1Error, SinkError, SourceError
 from shared.records import Validator, record_key
 from shared.settings import D1SinkConfig, D1SourceConfig, KvSourceConfig, Settings
 from shared.sink import quote
+from shared.state import open_state
 from shared.streams import Column, ForeignKey, Stream
 
 Key = tuple[Any, ...]
@@ -91,6 +95,14 @@ def canon(col: Column, value: Any) -> Any:
         return int(value) if isinstance(value, bool | int) else value
     if kind == "float":
         return float(value) if isinstance(value, int | float) else value
+    if kind == "decimal":
+        # Exact from a source or PostgreSQL (NUMERIC); a double from SQLite or D1.
+        if isinstance(value, float):
+            return value
+        try:
+            return Decimal(str(value))
+        except InvalidOperation:
+            return value
     if kind == "timestamp":
         if isinstance(value, str):
             try:
@@ -113,6 +125,10 @@ def canon(col: Column, value: Any) -> Any:
 def same(col: Column, a: Any, b: Any) -> bool:
     if col.type == "float" and isinstance(a, float) and isinstance(b, float):
         return math.isclose(a, b, rel_tol=FLOAT_REL_TOL)
+    # A decimal read back from SQLite or D1 is a double.
+    numbers = isinstance(a, float | Decimal) and isinstance(b, float | Decimal)
+    if col.type == "decimal" and numbers and (isinstance(a, float) or isinstance(b, float)):
+        return math.isclose(float(a), float(b), rel_tol=FLOAT_REL_TOL)
     return bool(a == b)
 
 
@@ -430,25 +446,24 @@ def _listed(keys: Sequence[Key] | set[Key], limit: int) -> dict[str, Any]:
 
 def _dead_letters(settings: Settings, source: str) -> dict[tuple[str, str], set[str]]:
     """Pending dead letters of this source: (stream, sink) → record keys."""
+    store = open_state(settings)
     try:
-        conn = psycopg2.connect(libpq_dsn(postgres_url(settings)), connect_timeout=10)
-    except psycopg2.OperationalError as exc:
-        raise SinkError(f"state database: cannot connect: {exc}".strip()) from exc
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT stream, sink, record_key FROM failed_ingestions"
-                " WHERE source = %s AND status = 'pending'",
-                (source,),
-            )
-            out: dict[tuple[str, str], set[str]] = {}
-            for stream, sink, key in cur:
-                out.setdefault((stream, sink), set()).add(key)
-            return out
-    except psycopg2.Error as exc:
-        raise SinkError(f"state database: {str(exc).strip()}") from exc
+        with store.read() as conn:
+            found = conn.execute(
+                text(
+                    "SELECT stream, sink, record_key FROM failed_ingestions"
+                    " WHERE source = :s AND status = 'pending'"
+                ),
+                {"s": source},
+            ).all()
+    except SQLAlchemyError as exc:
+        raise SinkError(f"state store ({store.name}): {str(exc).strip().splitlines()[0]}") from exc
     finally:
-        conn.close()
+        store.dispose()
+    out: dict[tuple[str, str], set[str]] = {}
+    for stream, sink, key in found:
+        out.setdefault((stream, sink), set()).add(key)
+    return out
 
 
 def _feeders(settings: Settings) -> dict[str, list[str]]:

@@ -31,9 +31,10 @@ from prometheus_client.registry import CollectorRegistry
 from sqlalchemy.engine import Engine
 
 from ops.metrics import registry_for
-from ops.status import broker_kind, build_status, ops_engine, sqlite_reader
+from ops.status import broker_kind, build_status, ops_engine, sqlite_reader, uses_postgres
 from shared.context import Context
 from shared.database import libpq_dsn
+from shared.state import state_kind
 
 log = logging.getLogger("sluice.serve")
 
@@ -80,14 +81,15 @@ def check_sqlite(ctx: Context) -> None:
 
 
 def health_checks(ctx: Context) -> dict[str, Callable[[], None]]:
-    checks: dict[str, Callable[[], None]] = {
-        "broker": lambda: check_broker(ctx.broker_url),
-        "postgres": lambda: check_postgres(ctx.postgres_url),
-    }
+    checks: dict[str, Callable[[], None]] = {"broker": lambda: check_broker(ctx.broker_url)}
+    if uses_postgres(ctx.settings):
+        checks["postgres"] = lambda: check_postgres(ctx.postgres_url)
     tracking = ctx.settings.env.get("SLUICE_REDIS_URL")
     if tracking and tracking != ctx.broker_url:
         checks["redis"] = lambda: check_broker(tracking)
-    if any("sqlite" in s.sinks for s in ctx.settings.streams.values()):
+    if any("sqlite" in s.sinks for s in ctx.settings.streams.values()) or (
+        state_kind(ctx.settings) == "sqlite"
+    ):
         checks["sqlite"] = lambda: check_sqlite(ctx)
     return checks
 
@@ -130,7 +132,9 @@ class SluiceServer(ThreadingHTTPServer):
         self.ctx = ctx
         self.app = app
         self.inspect_timeout = inspect_timeout
-        self.engine = engine or ops_engine(ctx.postgres_url)
+        if engine is None and uses_postgres(ctx.settings):
+            engine = ops_engine(ctx.postgres_url)
+        self.engine = engine
         self.registry: CollectorRegistry = registry_for(ctx, self.engine)
         self.status_lock = threading.Lock()
 
@@ -143,7 +147,8 @@ class SluiceServer(ThreadingHTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
-        self.engine.dispose()
+        if self.engine is not None:
+            self.engine.dispose()
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -22,7 +22,7 @@ import sqlite3
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from shared.context import Context
 from shared.database import postgres_engine
 from shared.errors import SluiceError
 from shared.settings import AnySource, D1SourceConfig, KvSourceConfig, Settings
+from shared.state import StateStore, sqlite_engine, state_kind
 from shared.streams import Stream
 
 CONNECT_TIMEOUT = 5  # seconds; operator tools must answer even when a server is unreachable
@@ -155,10 +156,25 @@ def _as_utc(value: Any) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def dead_letters_pending(engine: Engine) -> list[dict[str, Any]]:
+def uses_postgres(settings: Settings) -> bool:
+    """Whether the deployment has PostgreSQL at all: a stream writes there, or the state store
+    is there. (A SQLite-only deployment must not start, nor wait for, a PostgreSQL.)"""
+    return "postgres" in settings.sinks_fed or state_kind(settings) == "postgres"
+
+
+def ops_state(settings: Settings, pg: Engine | None) -> StateStore:
+    """The state store for operator tools: over `pg` (its connect timeout) when it is in
+    PostgreSQL, else the SQLite file."""
+    if state_kind(settings) == "postgres":
+        assert pg is not None
+        return StateStore(pg)
+    return StateStore(sqlite_engine(settings.sqlite_path, CONNECT_TIMEOUT * 1000))
+
+
+def dead_letters_pending(store: StateStore) -> list[dict[str, Any]]:
     """Pending dead letters by stream, sink and error class (uses the (status, stream,
     error_class) index)."""
-    with engine.connect() as conn:
+    with store.read() as conn:
         rows = conn.execute(
             text(
                 "SELECT stream, sink, error_class, count(*), min(first_failed_at),"
@@ -263,12 +279,12 @@ def configured_sources(settings: Settings) -> dict[str, AnySource]:
     return dict(settings.all_sources)
 
 
-def source_cursors(engine: Engine, source: str) -> dict[str, datetime]:
+def source_cursors(store: StateStore, source: str) -> dict[str, datetime]:
     """An HTTP source's cursors by partition (`source_progress`): everything before a cursor has
     been committed by every sink."""
     from producers.cursors import CursorStore
 
-    return CursorStore(engine).get_all(source)
+    return CursorStore(store).get_all(source)
 
 
 def cursor_lag(now: datetime, cursors: dict[str, datetime] | None) -> float | None:
@@ -301,12 +317,12 @@ def d1_unprocessed(cfg: Any, stream: Stream) -> int | None:
         conn.close()
 
 
-def kv_migration(engine: Engine, source: str) -> dict[str, Any] | None:
+def kv_migration(store: StateStore, source: str) -> dict[str, Any] | None:
     """A one-time KV source's migration (`source_migrations`): state, what it saw, pages
     committed by every sink out of those enqueued. None before its first run."""
     from producers.kv_source import MigrationState
 
-    row = MigrationState(engine).get(source)
+    row = MigrationState(store).get(source)
     if row is None:
         return None
     return {
@@ -322,8 +338,9 @@ def kv_migration(engine: Engine, source: str) -> dict[str, Any] | None:
     }
 
 
-def last_run(engine: Engine, source: str) -> dict[str, Any] | None:
-    with engine.connect() as conn:
+def last_run(store: StateStore, source: str) -> dict[str, Any] | None:
+    day_ago = store.ts(datetime.now(UTC) - timedelta(hours=24))
+    with store.read() as conn:
         r = conn.execute(
             text(
                 "SELECT run_id, status, pages, records, started_at, finished_at, error"
@@ -334,9 +351,9 @@ def last_run(engine: Engine, source: str) -> dict[str, Any] | None:
         failed = conn.execute(
             text(
                 "SELECT count(*) FROM source_runs WHERE source = :s AND status = 'failed'"
-                " AND started_at > now() - interval '24 hours'"
+                " AND started_at > :since"
             ),
-            {"s": source},
+            {"s": source, "since": day_ago},
         ).scalar()
     if r is None:
         return None
@@ -372,13 +389,20 @@ def _part(errors: dict[str, str], name: str, fn: Callable[[], Any]) -> Any:
 
 
 def _seconds_since(now: datetime, then: datetime | None) -> float | None:
-    return round((now - then).total_seconds(), 1) if then else None
+    """Seconds from `then` to `now`, never negative: a time in the future (a source's clock
+    ahead, a wrong time zone) is reported by `future_times`, not as a negative lag."""
+    return round(max(0.0, (now - then).total_seconds()), 1) if then else None
 
 
-def sources_status(ctx: Context, pg: Engine | None, errors: dict[str, str]) -> dict[str, Any]:
-    """Each configured source, of every kind. `pg` is None when PostgreSQL is unreachable: what
-    lives there (runs, cursors, and lag/commit when the stream goes to PostgreSQL) is then
-    unknown (None).
+FUTURE_SLACK = timedelta(minutes=1)  # clocks of sources and sinks may differ this much
+
+
+def sources_status(
+    ctx: Context, pg: Engine | None, store: StateStore | None, errors: dict[str, str]
+) -> dict[str, Any]:
+    """Each configured source, of every kind. `pg` is None when PostgreSQL is unreachable (or
+    not used), `store` when the state store is: what lives there (runs, cursors, and lag/commit
+    when the stream goes to PostgreSQL) is then unknown (None).
 
     Lag: for a D1 source, now - the newest event time committed for its stream; for an HTTP
     source, now - the cursor of its partition furthest behind (`source_progress`), since several
@@ -411,18 +435,20 @@ def sources_status(ctx: Context, pg: Engine | None, errors: dict[str, str]) -> d
                 lag_seconds=_seconds_since(now, record_time),
                 newest_record=_iso(record_time),
             )
+            if record_time is not None and record_time > now + FUTURE_SLACK:
+                entry["future_times"] = f"newest event time {_iso(record_time)} is in the future"
         elif isinstance(cfg, KvSourceConfig):
             entry.update(
                 streams=cfg.streams,
                 mode=cfg.mode,
-                migration=_part(errors, f"migration:{name}", partial(kv_migration, pg, name))
-                if pg is not None
+                migration=_part(errors, f"migration:{name}", partial(kv_migration, store, name))
+                if store is not None
                 else None,
             )
         else:
             cursors = (
-                _part(errors, f"cursor:{name}", partial(source_cursors, pg, name))
-                if pg is not None
+                _part(errors, f"cursor:{name}", partial(source_cursors, store, name))
+                if store is not None
                 else None
             )
             entry.update(
@@ -442,8 +468,8 @@ def sources_status(ctx: Context, pg: Engine | None, errors: dict[str, str]) -> d
         entry.update(
             pages_in_flight=in_flight[0] if in_flight else None,
             oldest_in_flight_seconds=in_flight[1] if in_flight else None,
-            last_run=_part(errors, f"last_run:{name}", partial(last_run, pg, name))
-            if pg is not None
+            last_run=_part(errors, f"last_run:{name}", partial(last_run, store, name))
+            if store is not None
             else None,
         )
         out[name] = entry
@@ -508,7 +534,10 @@ def build_status(
 ) -> dict[str, Any]:
     errors: dict[str, str] = {}
     own_engine = engine is None
-    eng = engine or ops_engine(ctx.postgres_url)
+    eng = engine
+    if eng is None and uses_postgres(ctx.settings):
+        eng = ops_engine(ctx.postgres_url)
+    store = ops_state(ctx.settings, eng)
     try:
         with ThreadPoolExecutor(1) as pool:
             # The workers' broadcast waits `timeout`; read the databases meanwhile.
@@ -516,21 +545,30 @@ def build_status(
             doc: dict[str, Any] = {
                 "time": datetime.now(UTC).isoformat(timespec="seconds"),
                 "broker": broker_kind(ctx.broker_url),
+                "state": store.name,
                 "queues": _part(errors, "queues", lambda: broker_queue_depths(ctx)),
             }
-            _part(errors, "postgres", partial(_ping, eng))
-            pg = None if "postgres" in errors else eng
+            if eng is not None:
+                _part(errors, "postgres", partial(_ping, eng))
+            pg = None if eng is None or "postgres" in errors else eng
+            if store.dialect == "sqlite":
+                _part(errors, "state", partial(_ping, store.engine))
+            state_up = "state" not in errors and (store.dialect == "sqlite" or pg is not None)
             pending = (
-                _part(errors, "dead_letters", partial(dead_letters_pending, eng)) if pg else None
+                _part(errors, "dead_letters", partial(dead_letters_pending, store))
+                if state_up
+                else None
             )
             doc["dead_letters"] = {
                 "pending": sum(d["count"] for d in pending) if pending is not None else None,
                 "by_stream": pending,
             }
-            doc["sources"] = sources_status(ctx, pg, errors)
+            doc["sources"] = sources_status(ctx, pg, store if state_up else None, errors)
             doc["workers"] = _part(errors, "workers", workers_f.result)
     finally:
-        if own_engine:
+        if store.dialect == "sqlite":
+            store.dispose()
+        if own_engine and eng is not None:
             eng.dispose()
     doc["errors"] = errors
     return doc
@@ -599,6 +637,8 @@ def format_status(doc: dict[str, Any]) -> str:
                 run_text += f"; {run['failed_last_24h']} failed in 24h"
             if run["status"] != "skipped" and run["error"]:  # failed, or an anomaly
                 run_text += f" — {run['error'][:60]}"
+        if s.get("future_times"):
+            run_text += f"; {s['future_times']}"
         else:
             run_text = "never ran"
         if s.get("migration"):

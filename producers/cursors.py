@@ -1,5 +1,5 @@
 """Incremental cursors of HTTP sources, one per source and partition (symbol, pair, point),
-in the state database's `source_progress` table.
+in the state store's `source_progress` table (shared/state.py).
 
 A cursor is a UTC time ("2024-01-01T00:00:00Z", fixed width so text order is time order):
 everything before it has been committed by every sink. It only moves forward and only over a
@@ -14,7 +14,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import text
-from sqlalchemy.engine import Engine
+
+from shared.state import StateStore
 
 CURSOR_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -28,11 +29,11 @@ def parse_cursor(value: str) -> datetime:
 
 
 class CursorStore:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
 
     def get_all(self, source: str) -> dict[str, datetime]:
-        with self.engine.connect() as conn:
+        with self.store.read() as conn:
             rows = conn.execute(
                 text("SELECT partition, cursor FROM source_progress WHERE source = :s"),
                 {"s": source},
@@ -49,11 +50,12 @@ class CursorStore:
             "p": partition,
             "start": format_cursor(start),
             "end": format_cursor(end),
+            "now": self.store.now(),
         }
-        with self.engine.begin() as conn:
+        with self.store.write() as conn:
             moved = conn.execute(
                 text(
-                    "UPDATE source_progress SET cursor = :end, updated_at = now()"
+                    "UPDATE source_progress SET cursor = :end, updated_at = :now"
                     " WHERE source = :s AND partition = :p AND cursor >= :start"
                     " AND cursor < :end"
                 ),
@@ -63,8 +65,8 @@ class CursorStore:
                 return bool(moved)
             inserted = conn.execute(
                 text(
-                    "INSERT INTO source_progress (source, partition, cursor)"
-                    " VALUES (:s, :p, :end) ON CONFLICT (source, partition) DO NOTHING"
+                    "INSERT INTO source_progress (source, partition, cursor, updated_at)"
+                    " VALUES (:s, :p, :end, :now) ON CONFLICT (source, partition) DO NOTHING"
                 ),
                 params,
             ).rowcount
@@ -72,12 +74,12 @@ class CursorStore:
 
     def set(self, source: str, partition: str, cursor: datetime) -> None:
         """Operator override (tests, a reset): put the cursor exactly here."""
-        with self.engine.begin() as conn:
+        with self.store.write() as conn:
             conn.execute(
                 text(
-                    "INSERT INTO source_progress (source, partition, cursor) VALUES (:s, :p, :c)"
-                    " ON CONFLICT (source, partition) DO UPDATE SET cursor = excluded.cursor,"
-                    " updated_at = now()"
+                    "INSERT INTO source_progress (source, partition, cursor, updated_at)"
+                    " VALUES (:s, :p, :c, :now) ON CONFLICT (source, partition) DO UPDATE SET"
+                    " cursor = excluded.cursor, updated_at = excluded.updated_at"
                 ),
-                {"s": source, "p": partition, "c": format_cursor(cursor)},
+                {"s": source, "p": partition, "c": format_cursor(cursor), "now": self.store.now()},
             )

@@ -40,16 +40,16 @@ from functools import cached_property
 from typing import Any
 
 import redis
-from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from producers.cursors import CursorStore, format_cursor, parse_cursor
 from producers.http_client import HttpApi
 from producers.rate_limit import Budget, SharedRateLimiter
 from producers.source import SourcePage, SourceReject
-from shared.database import broker_url, postgres_engine, postgres_url
+from shared.database import broker_url
 from shared.errors import HttpSourceError, SourceError, TransientSourceError
 from shared.settings import HttpSourceConfig, Settings
+from shared.state import StateStore, open_state
 from shared.streams import Stream
 
 log = logging.getLogger("sluice.http_source")
@@ -233,8 +233,8 @@ class HttpSource:
         )
 
     @cached_property
-    def engine(self) -> Engine:
-        return postgres_engine(postgres_url(self.settings))
+    def engine(self) -> StateStore:
+        return open_state(self.settings)
 
     @cached_property
     def cursors(self) -> CursorStore:

@@ -40,23 +40,21 @@ from urllib.parse import quote
 import orjson
 import requests
 from sqlalchemy import text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from producers.d1_rest import CloudflareClient
 from producers.kv_mapping import MAPPERS, KvEntry, MapContext, MappingError, compile_pattern
-from producers.source import SourcePage
-from shared.database import postgres_engine, postgres_url
+from producers.source import SourcePage, SourceReject
 from shared.errors import KvError, SourceError, TransientSourceError
 from shared.settings import KvSourceConfig, Settings
+from shared.state import StateStore, open_state
 from shared.streams import Stream
 
 log = logging.getLogger("sluice.kv_source")
 
 BULK_GET_MAX = 100  # keys per bulk get (apis.md §3.4)
 KEY_NOT_FOUND = 10009
-DEAD_LETTER_SINK = "source"  # failed before any sink: the value itself is unusable
-MAX_EVIDENCE = 10_000  # characters of a bad value kept in its dead letter
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,14 @@ class KeyInfo:
 
 
 # A value as read: text, bytes that are not UTF-8 text, or None when the key is gone.
-RawValue = str | bytes | None
+@dataclass(frozen=True)
+class Unreadable:
+    """A listed key whose value cannot be read safely (it becomes a dead letter naming why)."""
+
+    reason: str
+
+
+RawValue = str | bytes | Unreadable | None
 
 
 class KvStore(Protocol):
@@ -299,8 +304,12 @@ class KvWranglerState:
             if row is None:
                 out[key] = None
                 continue
+            blob = self._blob_path(row[0])
+            if blob is None:
+                out[key] = Unreadable(f"blob id {row[0]!r} points outside the blobs folder")
+                continue
             try:
-                data = (self.blobs / row[0]).read_bytes()
+                data = blob.read_bytes()
             except FileNotFoundError:
                 out[key] = None
                 continue
@@ -309,6 +318,15 @@ class KvWranglerState:
             except UnicodeDecodeError:
                 out[key] = data
         return out
+
+    def _blob_path(self, blob_id: object) -> Path | None:
+        """The blob file of an entry, or None when its id would lead outside the blobs folder
+        (an absolute path, `..`): the index is data, not a place to read files from."""
+        if not isinstance(blob_id, str) or not blob_id:
+            return None
+        root = self.blobs.resolve()
+        path = (root / blob_id).resolve()
+        return path if path.parent == root else None
 
     def close(self) -> None:
         if "_conn" in self.__dict__:
@@ -319,20 +337,23 @@ class KvWranglerState:
 
 
 class MigrationState:
-    """The `source_migrations` row of a one-time source (state database)."""
+    """The `source_migrations` row of a one-time source, and the pages acknowledged so far
+    (`source_migration_pages`), in the state store."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
 
     def get(self, source: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
+        with self.store.read() as conn:
             row = (
                 conn.execute(
                     text(
-                        "SELECT source, attempt, status, keys_seen, keys_unmapped, records,"
-                        " dead_letters, pages_total, cardinality(pages_acked) AS pages_acked,"
-                        " started_at, enqueued_at, completed_at"
-                        " FROM source_migrations WHERE source = :s"
+                        "SELECT m.source, m.attempt, m.status, m.keys_seen, m.keys_unmapped,"
+                        " m.records, m.dead_letters, m.pages_total,"
+                        " (SELECT count(*) FROM source_migration_pages p WHERE p.source ="
+                        " m.source AND p.attempt = m.attempt) AS pages_acked,"
+                        " m.started_at, m.enqueued_at, m.completed_at"
+                        " FROM source_migrations m WHERE m.source = :s"
                     ),
                     {"s": source},
                 )
@@ -342,29 +363,30 @@ class MigrationState:
         return dict(row) if row else None
 
     def start(self, source: str, attempt: str) -> None:
-        with self.engine.begin() as conn:
+        with self.store.write() as conn:
             conn.execute(
                 text(
-                    "INSERT INTO source_migrations (source, attempt, status) VALUES"
-                    " (:s, :a, 'running') ON CONFLICT (source) DO UPDATE SET attempt = :a,"
+                    "INSERT INTO source_migrations (source, attempt, status, started_at) VALUES"
+                    " (:s, :a, 'running', :now) ON CONFLICT (source) DO UPDATE SET attempt = :a,"
                     " status = 'running', keys_seen = 0, keys_unmapped = 0, records = 0,"
-                    " dead_letters = 0, pages_total = NULL, pages_acked = '{}',"
-                    " started_at = now(), enqueued_at = NULL, completed_at = NULL"
+                    " dead_letters = 0, pages_total = NULL, started_at = :now,"
+                    " enqueued_at = NULL, completed_at = NULL"
                 ),
+                {"s": source, "a": attempt, "now": self.store.now()},
+            )
+            conn.execute(
+                text("DELETE FROM source_migration_pages WHERE source = :s AND attempt <> :a"),
                 {"s": source, "a": attempt},
             )
 
     def enqueued(self, source: str, attempt: str, counts: Counts, pages: int) -> None:
         """Every page is on its way; complete at once if they were all acknowledged already."""
-        with self.engine.begin() as conn:
+        with self.store.write() as conn:
             conn.execute(
                 text(
                     "UPDATE source_migrations SET pages_total = :p, keys_seen = :k,"
-                    " keys_unmapped = :u, records = :r, dead_letters = :d, enqueued_at = now(),"
-                    " status = CASE WHEN cardinality(pages_acked) >= :p THEN 'complete'"
-                    " ELSE 'enqueued' END,"
-                    " completed_at = CASE WHEN cardinality(pages_acked) >= :p THEN now() END"
-                    " WHERE source = :s AND attempt = :a"
+                    " keys_unmapped = :u, records = :r, dead_letters = :d, enqueued_at = :now,"
+                    " status = 'enqueued' WHERE source = :s AND attempt = :a"
                 ),
                 {
                     "s": source,
@@ -374,27 +396,35 @@ class MigrationState:
                     "u": counts.keys_unmapped,
                     "r": counts.records,
                     "d": counts.dead_letters,
+                    "now": self.store.now(),
                 },
             )
+            self._complete_if_done(conn, source, attempt)
 
     def acknowledge(self, source: str, attempt: str, page: int) -> None:
-        """Record that every sink committed `page`; twice is harmless (a set of page numbers)."""
-        with self.engine.begin() as conn:
+        """Record that every sink committed `page` (and its dead letters are stored); twice is
+        harmless (one row per page number)."""
+        with self.store.write() as conn:
             conn.execute(
                 text(
-                    "UPDATE source_migrations SET pages_acked = array_append(pages_acked, :p)"
-                    " WHERE source = :s AND attempt = :a AND NOT (:p = ANY(pages_acked))"
+                    "INSERT INTO source_migration_pages (source, attempt, page)"
+                    " SELECT source, attempt, :p FROM source_migrations"
+                    " WHERE source = :s AND attempt = :a ON CONFLICT DO NOTHING"
                 ),
                 {"s": source, "a": attempt, "p": page},
             )
-            conn.execute(
-                text(
-                    "UPDATE source_migrations SET status = 'complete', completed_at = now()"
-                    " WHERE source = :s AND attempt = :a AND status = 'enqueued'"
-                    " AND cardinality(pages_acked) >= pages_total"
-                ),
-                {"s": source, "a": attempt},
-            )
+            self._complete_if_done(conn, source, attempt)
+
+    def _complete_if_done(self, conn: Connection, source: str, attempt: str) -> None:
+        conn.execute(
+            text(
+                "UPDATE source_migrations SET status = 'complete', completed_at = :now"
+                " WHERE source = :s AND attempt = :a AND status = 'enqueued'"
+                " AND (SELECT count(*) FROM source_migration_pages p WHERE p.source = :s"
+                " AND p.attempt = :a) >= pages_total"
+            ),
+            {"s": source, "a": attempt, "now": self.store.now()},
+        )
 
 
 # -- the source ----------------------------------------------------------------------
@@ -445,12 +475,12 @@ class KvSource:
         return self._open_store()
 
     @cached_property
-    def engine(self) -> Engine:
-        return postgres_engine(postgres_url(self.settings))
+    def state_store(self) -> StateStore:
+        return open_state(self.settings)
 
     @cached_property
     def state(self) -> MigrationState:
-        return MigrationState(self.engine)
+        return MigrationState(self.state_store)
 
     # -- reading and mapping ------------------------------------------------------------------
 
@@ -506,6 +536,9 @@ class KvSource:
             if raw is None:
                 self.counts.keys_gone += 1  # deleted or expired between list and read
                 continue
+            if isinstance(raw, Unreadable):
+                on_problem(Problem(info.name, stream.name, raw.reason))
+                continue
             if isinstance(raw, bytes):
                 on_problem(Problem(info.name, stream.name, "value is not UTF-8 text", raw))
                 continue
@@ -554,27 +587,26 @@ class KvSource:
         self._state_call(self.state.start, self.name, attempt)
         self.counts = Counts()
         problems: list[Problem] = []
-
-        def on_problem(p: Problem) -> None:
-            problems.append(p)
-            if len(problems) >= 500:
-                self._dead_letter(problems, attempt)
-
         page_size = self.settings.pipeline.page_size
         pages = 0
         rows: list[list[Any]] = []
         current: Stream | None = None
-        for stream, row in self.records(int(time.time() * 1000), on_problem):
+        for stream, row in self.records(int(time.time() * 1000), problems.append):
             if current is not None and (stream is not current or len(rows) >= page_size):
                 yield self._page(current, rows, attempt, pages)
                 pages, rows = pages + 1, []
             current = stream
             rows.append(row)
             self.counts.records += 1
+            if len(problems) >= page_size:
+                yield self._letters(problems, attempt, pages)
+                pages += 1
         if current is not None and rows:
             yield self._page(current, rows, attempt, pages)
             pages += 1
-        self._dead_letter(problems, attempt)
+        if problems:
+            yield self._letters(problems, attempt, pages)
+            pages += 1
         if self.counts.keys_gone:
             self.anomalies.append(f"{self.counts.keys_gone} key(s) gone between list and read")
         self._state_call(self.state.enqueued, self.name, attempt, self.counts, pages)
@@ -592,13 +624,26 @@ class KvSource:
             rows=rows, ack={"attempt": attempt, "page": n}, last_key=n, stream=stream.name
         )
 
-    def _dead_letter(self, problems: list[Problem], attempt: str) -> None:
-        """Send the problems as dead letters (one message) and forget them."""
-        if not problems:
-            return
-        send_kv_dead_letters(self.name, attempt, problems)
+    def _letters(self, problems: list[Problem], attempt: str, n: int) -> SourcePage:
+        """A page of the migration holding only dead letters: the keys that cannot become
+        records, each with its whole value. It counts like any page: the migration is complete
+        only once they are stored. `dlq replay` skips them: the fix is in the KV data, then a
+        new migration run."""
+        rejected = [
+            SourceReject(
+                key=p.key,
+                item={"kv_key": p.key, "value": p.value},
+                error=f"key {p.key!r}: {p.message}",
+                error_class="KvMappingError",
+                stream=p.stream,
+            )
+            for p in problems
+        ]
         self.counts.dead_letters += len(problems)
         problems.clear()
+        return SourcePage(
+            rows=[], ack={"attempt": attempt, "page": n}, last_key=n, rejected=rejected
+        )
 
     def acknowledge(self, ack: Any) -> None:
         try:
@@ -613,40 +658,8 @@ class KvSource:
     def close(self) -> None:
         if "store" in self.__dict__:
             self.store.close()
-        if "engine" in self.__dict__:
-            self.engine.dispose()
-
-
-def _safe(text: str) -> str:
-    return text.replace("\x00", "\\0")  # PostgreSQL text cannot hold NUL
-
-
-def send_kv_dead_letters(source: str, attempt: str, problems: Sequence[Problem]) -> None:
-    """Publish the problems as dead letters, the way the consumers do. The payload holds the
-    key and (the start of) its value, and `_message`, so `dlq replay` skips them: the fix is in
-    the KV data, then a new migration run."""
-    from consumers.dead_letter import DeadLetter, send_dead_letters
-
-    letters = []
-    for p in problems:
-        value = p.value.decode("utf-8", "replace") if isinstance(p.value, bytes) else p.value
-        letters.append(
-            DeadLetter(
-                stream=p.stream,
-                sink=DEAD_LETTER_SINK,
-                record_key=_safe(p.key)[:500],
-                source=source,
-                page_id=f"kv-{attempt}",
-                payload={
-                    "_message": "KV value that could not be mapped",
-                    "kv_key": _safe(p.key),
-                    "value": _safe(value or "")[:MAX_EVIDENCE],
-                },
-                error_class="KvMappingError",
-                error_message=_safe(f"key {p.key!r}: {p.message}"),
-            )
-        )
-    send_dead_letters(letters)
+        if "state_store" in self.__dict__:
+            self.state_store.dispose()
 
 
 def open_kv_source(name: str, cfg: KvSourceConfig, settings: Settings) -> KvSource:

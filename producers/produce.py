@@ -7,7 +7,9 @@ published (shared/progress.py), so the next run continues after it instead of en
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -15,26 +17,37 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import msgpack
+import redis
+from kombu.exceptions import EncodeError
+from redis.exceptions import LockError
 from sqlalchemy import text
 
 from producers.registry import open_source
+from producers.source import SourceReject
 from shared.celery_app import app, send_page
 from shared.context import Context
-from shared.errors import SluiceError
+from shared.errors import SluiceError, SourceError
+from shared.letters import SOURCE_SINK, DeadLetter, record_of_item, send_dead_letters, text_field
 from shared.page import Page
+from shared.progress import letters_member
+from shared.records import record_key
 from shared.settings import KvSourceConfig
 from shared.streams import Stream
 
 log = logging.getLogger("sluice.produce")
 
-LOCK_SECONDS = 300  # extended after every page, so only a dead run's lock expires
+# The run's lock is a short lease renewed while the run is alive: a run killed mid-way frees its
+# source within LOCK_SECONDS, and a run that lives longer keeps it as long as it needs.
+LOCK_SECONDS = 30
+RENEW_EVERY = LOCK_SECONDS / 3
 
 
 @dataclass
 class RunSummary:
     source: str
     run_id: str
-    status: str  # ok | skipped | failed
+    status: str  # ok | partial (some partitions failed) | skipped | failed
     pages: int = 0
     records: int = 0
     seconds: float = 0.0
@@ -44,10 +57,48 @@ class RunSummary:
         return asdict(self)
 
 
+class SourceLock:
+    """One run of a source at a time, across every machine: a Redis lock held as a short lease
+    that a background thread renews while the run is alive."""
+
+    def __init__(self, client: redis.Redis, source: str) -> None:
+        self._lock = client.lock(f"sluice:lock:source:{source}", timeout=LOCK_SECONDS)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False  # the lease ran out (Redis restarted, the process stalled)
+
+    def acquire(self) -> bool:
+        if not self._lock.acquire(blocking=False):
+            return False
+        self._thread = threading.Thread(target=self._renew, name="sluice-lock", daemon=True)
+        self._thread.start()
+        return True
+
+    def _renew(self) -> None:
+        while not self._stop.wait(RENEW_EVERY):
+            try:
+                self._lock.extend(LOCK_SECONDS, replace_ttl=True)
+            except LockError:
+                self.lost = True
+                return
+            except redis.RedisError as exc:  # the next renewal may succeed within the lease
+                log.warning("could not renew the run lock: %s", exc)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with contextlib.suppress(LockError, redis.RedisError):
+            self._lock.release()
+
+
 def run_source(ctx: Context, name: str, max_batches: int | None = None) -> RunSummary:
+    if ctx.settings.source_config(name) is None:
+        known = ", ".join(sorted(ctx.settings.all_sources)) or "none configured"
+        raise SourceError(f"unknown source {name!r} (known: {known})", source=name)
     run_id = uuid.uuid4().hex
     t0 = time.perf_counter()
-    lock = ctx.redis.lock(f"sluice:lock:source:{name}", timeout=LOCK_SECONDS, blocking=False)
+    lock = SourceLock(ctx.redis, name)
     if not lock.acquire():
         return RunSummary(name, run_id, "skipped", error="another run of this source is active")
     summary = RunSummary(name, run_id, "ok")
@@ -57,7 +108,7 @@ def run_source(ctx: Context, name: str, max_batches: int | None = None) -> RunSu
         source = open_source(ctx.settings, name)
         stream = source.stream
         cfg = ctx.settings.source_config(name)
-        assert cfg is not None  # open_source found it
+        assert cfg is not None  # checked above
         # HTTP sources keep a cursor per partition: they need every window in flight, not the
         # single highest key a D1 table resumes after.
         if getattr(source, "resumes_per_partition", False):
@@ -67,16 +118,25 @@ def run_source(ctx: Context, name: str, max_batches: int | None = None) -> RunSu
         for sp in source.pages(after, max_batches or cfg.max_batches):
             # A source feeding several streams (KV) names each page's stream.
             page_stream = ctx.settings.stream(sp.stream) if sp.stream else stream
-            publish_page(ctx, page_stream, name, run_id, sp.rows, sp.ack, sp.last_key)
+            publish_page(ctx, page_stream, name, run_id, sp.rows, sp.ack, sp.last_key, sp.rejected)
             summary.pages += 1
             summary.records += len(sp.rows)
-            lock.extend(LOCK_SECONDS, replace_ttl=True)
+            if lock.lost:
+                raise SourceError("the run lost its lock (lease expired); stopped", source=name)
+        failures = list(getattr(source, "failures", []))
         anomalies = list(getattr(source, "anomalies", []))
-        if anomalies:  # worked around (the run succeeded); recorded for operators
+        if failures:  # some partitions failed for good; the others went on
+            summary.status = "partial"
+            summary.error = ("failed: " + "; ".join(failures))[:2000]
+        elif anomalies:  # worked around (the run succeeded); recorded for operators
             summary.error = "anomaly: " + "; ".join(anomalies)[:2000]
     except SluiceError as exc:
         summary.status, summary.error = "failed", str(exc)[:2000]
         log.error("source %s run %s failed: %s", name, run_id, exc)
+    except Exception as exc:  # a bug or an unforeseen answer: the run is still recorded
+        summary.status = "failed"
+        summary.error = f"internal error: {type(exc).__name__}: {exc}"[:2000]
+        log.exception("source %s run %s failed", name, run_id)
     finally:
         if source is not None:
             source.close()
@@ -94,13 +154,60 @@ def publish_page(
     rows: Sequence[Sequence[Any]],
     ack: Any,
     last_key: Any,
+    rejected: Sequence[SourceReject] = (),
 ) -> None:
     """Register a page as in flight (before it is visible to any worker, so the next run
-    continues after it), then put it on each of its stream's sink queues."""
-    page = Page(uuid.uuid4().hex, stream.name, "", source, run_id, list(stream.column_names), rows)
-    ctx.progress.register(source, page.id, stream.sinks, ack, last_key)
-    for sink in stream.sinks:
-        send_page(page.for_sink(sink))
+    continues after it), then put it on each of its stream's sink queues. Items the source could
+    not read go to the dead-letter queue, and the page waits for them to be stored."""
+    page_id = uuid.uuid4().hex
+    member = letters_member(SOURCE_SINK)
+    to_sinks = bool(rows) or not rejected
+    members = [*(stream.sinks if to_sinks else ()), *((member,) if rejected else ())]
+    seq = ctx.progress.register(source, page_id, members, ack, last_key, rows=len(rows))
+    page = Page(page_id, stream.name, "", source, run_id, list(stream.column_names), rows, seq)
+    if to_sinks:
+        try:
+            send_page(page.for_sink(stream.sinks[0]))
+        except EncodeError:
+            # A value the queue cannot carry (text with an unpaired surrogate, from a JSON
+            # "\ud800" escape): nothing of the page was sent. Its other rows go on, and those
+            # rows become dead letters, kept exactly.
+            ctx.progress.done(source, page_id)
+            good, bad = _split_unsendable(stream, rows)
+            publish_page(ctx, stream, source, run_id, good, ack, last_key, [*rejected, *bad])
+            return
+        for sink in stream.sinks[1:]:
+            send_page(page.for_sink(sink))
+    if rejected:
+        letters = [
+            DeadLetter(
+                stream=r.stream or stream.name,
+                sink=SOURCE_SINK,
+                source=source,
+                page_id=page_id,
+                record_key=r.key,
+                record=record_of_item(r.item),
+                error_class=r.error_class,
+                error_message=r.error,
+            )
+            for r in rejected
+        ]
+        send_dead_letters(letters, page_id, member)
+
+
+def _split_unsendable(
+    stream: Stream, rows: Sequence[Sequence[Any]]
+) -> tuple[list[Sequence[Any]], list[SourceReject]]:
+    good: list[Sequence[Any]] = []
+    bad: list[SourceReject] = []
+    for row in rows:
+        try:
+            msgpack.packb(list(row), use_bin_type=True)
+            good.append(row)
+        except (TypeError, ValueError, OverflowError) as exc:
+            key = record_key(stream, row)
+            bad.append(SourceReject(key, list(row), f"cannot be sent through the queue: {exc}"))
+    return good, bad
 
 
 def stream_name(ctx: Context, source: str) -> str:
@@ -111,23 +218,25 @@ def stream_name(ctx: Context, source: str) -> str:
 
 
 def _record_run(ctx: Context, s: RunSummary, started: datetime, stream: str) -> None:
+    state = ctx.state
     try:
-        with ctx.state.begin() as conn:
+        with state.write() as conn:
             conn.execute(
                 text(
                     "INSERT INTO source_runs (run_id, source, stream, started_at, finished_at,"
                     " status, pages, records, error) VALUES (:run_id, :source, :stream,"
-                    " :started, now(), :status, :pages, :records, :error)"
+                    " :started, :finished, :status, :pages, :records, :error)"
                 ),
                 {
                     "run_id": s.run_id,
                     "source": s.source,
                     "stream": stream,
-                    "started": started,
+                    "started": state.ts(started),
+                    "finished": state.now(),
                     "status": s.status,
                     "pages": s.pages,
                     "records": s.records,
-                    "error": s.error,
+                    "error": text_field(s.error, 2000) if s.error else None,
                 },
             )
     except Exception as exc:  # the run itself succeeded; its history row is best effort

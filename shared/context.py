@@ -12,7 +12,6 @@ from functools import cached_property
 from typing import Any
 
 import redis
-from sqlalchemy.engine import Engine
 
 from shared.database import broker_url, postgres_engine, postgres_url
 from shared.errors import SluiceError
@@ -20,6 +19,7 @@ from shared.progress import Progress
 from shared.records import Validator
 from shared.settings import Settings
 from shared.sink import Sink
+from shared.state import StateStore, open_state, state_kind
 from shared.streams import Stream
 
 
@@ -58,9 +58,11 @@ class Context:
         return Progress(self.redis, lease_seconds=self.settings.pipeline.inflight_lease)
 
     @cached_property
-    def state(self) -> Engine:
-        """The state database (source runs, dead letters): PostgreSQL."""
-        return postgres_engine(self.postgres_url)
+    def state(self) -> StateStore:
+        """The state store (runs, cursors, dead letters): PostgreSQL or the SQLite file."""
+        if state_kind(self.settings) == "postgres":
+            return StateStore(postgres_engine(self.postgres_url))
+        return open_state(self.settings)
 
     def sink(self, name: str) -> Sink:
         """The process's sink of that name. In a threads-pool worker the SQLite sink is shared by

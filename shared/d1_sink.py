@@ -10,8 +10,9 @@ A page's batch, in order:
 2. Count the page's keys already in the table, into `ingestion_runs.duplicates`.
 3. Multi-row `INSERT … VALUES (…),(…) ON CONFLICT …` (the SQLite sink's SQL), chunked so every
    statement keeps to 100 bound parameters and 100,000 bytes.
+   After each, `changes()` (rows it wrote, new or replacing) is added to `ingestion_runs.updated`.
 4. Count the page's keys present now, into `ingestion_runs.inserted`; the difference is exact.
-5. Finish the counts, then read them back.
+5. Finish the counts (updated = written - inserted), then read them back.
 
 Why count keys rather than read `meta.changes`: D1's `changes` counts rows updated by
 `ON CONFLICT DO UPDATE` as well as rows inserted, so under `update`/`newer` it cannot tell a new
@@ -42,8 +43,15 @@ from shared.errors import (
 )
 from shared.records import record_key
 from shared.settings import D1SinkConfig
-from shared.sink import PageMeta, WriteResult, quote
-from shared.sqlite_sink import COMMITTED_AT, RUN_INSERT, insert_sql, run_params, values_group
+from shared.sink import ORDER_COLUMN, PageMeta, WriteResult, quote, with_orders
+from shared.sqlite_sink import (
+    COMMITTED_AT,
+    RUN_INSERT,
+    delete_sql,
+    insert_sql,
+    run_params,
+    values_group,
+)
 from shared.streams import Stream
 
 log = logging.getLogger("sluice.d1_sink")
@@ -165,6 +173,7 @@ class D1Sink:
     ) -> list[Statement]:
         """The statements of one page's batch (see the module docstring). Raises
         RejectedBySinkError naming the key of a record that cannot be sent."""
+        rows = with_orders(stream, rows)
         run_key: list[Param] = [meta.page_id, SINK]
         run_values: list[Param] = [
             encode_param(v, i) for i, v in enumerate(run_params(SINK, stream, meta))
@@ -196,20 +205,37 @@ class D1Sink:
         for part in inserts:
             sql = insert_sql(stream, len(part))
             statements.append((sql, [p for item in part for p in item.params]))
+            # changes(): rows the INSERT just wrote, new or replacing; summed in `updated`.
+            statements.append(
+                (
+                    "UPDATE ingestion_runs SET updated = updated + changes()"
+                    " WHERE page_id = ? AND sink = ?",
+                    list(run_key),
+                )
+            )
         statements += self._key_counts(stream, records, "inserted", run_key)
         valid = meta.received - meta.invalid
+        # Right-hand sides see the old values: keys after - keys before = inserted; rows
+        # written - inserted = updated; the rest by policy (shared/sink.py page_counts).
+        rest: str
+        rest_params: list[Param]
+        if stream.conflict == "ignore":
+            rest, rest_params = "duplicates = ? - updated", [valid]
+        else:
+            rest = "duplicates = ? - ?, unchanged = ? - updated"
+            rest_params = [valid, len(rows), len(rows)]
         statements.append(
             (
-                # Right-hand sides see the old values: inserted = after - before.
                 "UPDATE ingestion_runs SET inserted = inserted - duplicates,"
-                " duplicates = ? - (inserted - duplicates),"
+                f" updated = updated - (inserted - duplicates), {rest},"
                 f" committed_at = {COMMITTED_AT} WHERE page_id = ? AND sink = ?",
-                [valid, *run_key],
+                [*rest_params, *run_key],
             )
         )
         statements.append(
             (
-                "SELECT inserted, duplicates FROM ingestion_runs WHERE page_id = ? AND sink = ?",
+                "SELECT inserted, duplicates, updated, unchanged FROM ingestion_runs"
+                " WHERE page_id = ? AND sink = ?",
                 list(run_key),
             )
         )
@@ -218,13 +244,14 @@ class D1Sink:
     @staticmethod
     def _encode_row(stream: Stream, row: Sequence[Any]) -> list[Param]:
         out: list[Param] = []
+        names = (*stream.column_names, ORDER_COLUMN)
         for i, value in enumerate(row):
             try:
                 out.append(encode_param(value, i))
             except D1Error as exc:
                 key = record_key(stream, row)
                 raise RejectedBySinkError(
-                    f"{stream.column_names[i]}: {exc.message}",
+                    f"{names[i]}: {exc.message}",
                     sink=SINK,
                     stream=stream.name,
                     key=key,
@@ -298,7 +325,56 @@ class D1Sink:
                 stream=stream.name,
                 page=meta.page_id,
             )
-        return WriteResult(int(counts[0]["inserted"]), int(counts[0]["duplicates"]))
+        c = counts[0]
+        return WriteResult(
+            int(c["inserted"]),
+            int(c["duplicates"]),
+            updated=int(c["updated"]),
+            unchanged=int(c["unchanged"]),
+        )
+
+    def delete(self, stream: Stream, keys: Sequence[Sequence[Any]], meta: PageMeta) -> WriteResult:
+        """One batch: the ingestion_runs row, a DELETE per key, the count of rows removed."""
+        run_key: list[Param] = [meta.page_id, SINK]
+        run_values: list[Param] = [
+            encode_param(v, i) for i, v in enumerate(run_params(SINK, stream, meta))
+        ]
+        statements: list[Statement] = [(RUN_INSERT, run_values)]
+        for k in keys:
+            *key, order = (encode_param(v, i) for i, v in enumerate(k))
+            statements.append((delete_sql(stream), [*key, order, order]))
+            statements.append(
+                (
+                    "UPDATE ingestion_runs SET deleted = deleted + changes()"
+                    " WHERE page_id = ? AND sink = ?",
+                    list(run_key),
+                )
+            )
+        statements.append(
+            (
+                "UPDATE ingestion_runs SET duplicates = ? - deleted,"
+                f" committed_at = {COMMITTED_AT} WHERE page_id = ? AND sink = ?",
+                [len(keys), *run_key],
+            )
+        )
+        statements.append(
+            (
+                "SELECT deleted FROM ingestion_runs WHERE page_id = ? AND sink = ?",
+                list(run_key),
+            )
+        )
+        try:
+            results = self.client().batch(statements)
+        except D1Error as exc:
+            if exc.transient:
+                raise TransientSinkError(
+                    exc.message, sink=SINK, stream=stream.name, status=exc.status, code=exc.code
+                ) from exc
+            if "ingestion_runs" in exc.message and self._committed(stream, meta):
+                return WriteResult(0, 0, already_committed=True)
+            raise classify(exc, stream.name) from exc
+        deleted = int(results[-1]["results"][0]["deleted"])
+        return WriteResult(0, len(keys) - deleted, deleted=deleted)
 
     def _committed(self, stream: Stream, meta: PageMeta) -> bool:
         """Whether the page's ingestion_runs row exists (a batch fails on it for a page that is

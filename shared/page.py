@@ -8,7 +8,7 @@ MessageError naming what was wrong, so a malformed message is dead-lettered, nev
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from shared.errors import MessageError
@@ -25,9 +25,20 @@ class Page:
     run: str
     columns: list[str]
     rows: Sequence[Sequence[Any]]
+    # Source order of the rows: row i is `seq + i` (a producer's page), or `orders[i]` (a replay
+    # keeps each record's own). None: unknown (a page sent before orders existed).
+    seq: int | None = None
+    orders: list[int | None] | None = None
+    # "upsert" writes the rows; "delete" removes the rows' keys (rows hold only the key columns).
+    op: str = "upsert"
+
+    def order(self, i: int) -> int | None:
+        if self.orders is not None:
+            return self.orders[i] if i < len(self.orders) else None
+        return None if self.seq is None else self.seq + i
 
     def encode(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "v": WIRE_VERSION,
             "id": self.id,
             "stream": self.stream,
@@ -37,9 +48,17 @@ class Page:
             "columns": self.columns,
             "rows": self.rows,
         }
+        # Written only when set, so pages of an older producer and of this one read alike.
+        if self.seq is not None:
+            body["seq"] = self.seq
+        if self.orders is not None:
+            body["orders"] = self.orders
+        if self.op != "upsert":
+            body["op"] = self.op
+        return body
 
     def for_sink(self, sink: str) -> Page:
-        return Page(self.id, self.stream, sink, self.source, self.run, self.columns, self.rows)
+        return replace(self, sink=sink)
 
 
 def decode(body: object) -> Page:
@@ -60,6 +79,16 @@ def decode(body: object) -> Page:
         )
         if not isinstance(body.get(name), kind)
     ]
+    seq, orders, op = body.get("seq"), body.get("orders"), body.get("op", "upsert")
+    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
+        problems.append("seq must be an integer")
+    if orders is not None and not (
+        isinstance(orders, list)
+        and all(o is None or (isinstance(o, int) and not isinstance(o, bool)) for o in orders)
+    ):
+        problems.append("orders must be a list of integers")
+    if op not in ("upsert", "delete"):
+        problems.append(f"op must be 'upsert' or 'delete', got {op!r}")
     if problems:
         raise MessageError("malformed page: " + "; ".join(problems), page=body.get("id"))
     return Page(
@@ -70,4 +99,7 @@ def decode(body: object) -> Page:
         body["run"],
         body["columns"],
         body["rows"],
+        seq,
+        orders,
+        op,
     )

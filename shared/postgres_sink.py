@@ -1,9 +1,11 @@
 """PostgreSQL sink: COPY the page into a temporary staging table, then one
-INSERT … SELECT … ON CONFLICT into the target (2.5 times faster than execute_values, limits.md 1c).
+INSERT … SELECT … ON CONFLICT into the target (COPY is the fastest way in; the conflict clause
+runs on the server, once for the page).
 
-The target-less `ON CONFLICT DO NOTHING` arbitrates every unique index, so a row whose `id` is
-already present is skipped like one whose idempotency key is (limits.md F3). Any error rolls the
-connection back before it is used again (F2).
+The conflict clause names the stream's key only (shared/sink.py): a row whose other unique column
+(`usage_events.id`) already exists with another key fails the page with a unique violation naming
+the constraint, and the consumer isolates that record as a dead letter. Any error rolls the
+connection back before it is used again.
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ from shared.errors import (
     SinkError,
     TransientSinkError,
 )
-from shared.sink import PageMeta, WriteResult, conflict_clause, quote
+from shared.sink import (
+    ORDER_COLUMN,
+    PageMeta,
+    WriteResult,
+    conflict_clause,
+    page_counts,
+    quote,
+    with_orders,
+)
 from shared.streams import Stream
 
 # SQLSTATE classes and codes worth retrying: the same page can succeed once they pass.
@@ -44,6 +54,16 @@ class _Null(float):
 
 
 _NULL = _Null(0.0)
+
+# Column types of the streams as PostgreSQL holds them (schema/postgres).
+PG_TYPES = {
+    "text": "text",
+    "int": "bigint",
+    "float": "double precision",
+    "decimal": "numeric",
+    "timestamp": "timestamptz",
+    "json": "jsonb",
+}
 
 
 def copy_csv(rows: Sequence[Sequence[Any]]) -> bytes:
@@ -116,7 +136,7 @@ class PostgresSink:
             return cached
         table = quote(stream.table)
         stage = quote(f"sluice_stage_{stream.table}")
-        cols = ", ".join(quote(c) for c in stream.column_names)
+        cols = ", ".join(quote(c) for c in (*stream.column_names, ORDER_COLUMN))
         key = ", ".join(quote(k) for k in stream.key)
         create = (
             f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
@@ -124,41 +144,61 @@ class PostgresSink:
         )
         copy = f"COPY {stage} ({cols}) FROM STDIN"
         copy_csv = f"COPY {stage} ({cols}) FROM STDIN WITH (FORMAT csv)"
+        # One round trip: the rows go in, and the server counts which were new (xmax = 0: no
+        # earlier version of the row) and which replaced another.
         insert = (
-            f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {stage} ORDER BY {key} "
-            + conflict_clause(stream)
+            f"WITH w AS (INSERT INTO {table} ({cols}) SELECT {cols} FROM {stage} ORDER BY {key} "
+            + conflict_clause(stream, "postgresql")
+            + " RETURNING (xmax = 0) AS new)"
+            " SELECT count(*) FILTER (WHERE new), count(*) FILTER (WHERE NOT new) FROM w"
         )
         self._sql[(stream.name, stream.conflict)] = (create, copy, copy_csv, insert)
         return create, copy, copy_csv, insert
 
+    def _begin_run(self, cur: Any, stream: Stream, meta: PageMeta) -> bool:
+        """Insert the page's ingestion_runs row; False when it is there already (a redelivery of
+        a committed page: the row commits with the page's records)."""
+        cur.execute(
+            "INSERT INTO ingestion_runs (page_id, sink, stream, source, run_id, received,"
+            " inserted, duplicates, invalid, attempts, started_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, 0, 0, %s, %s, %s)"
+            " ON CONFLICT (page_id, sink) DO NOTHING",
+            (
+                meta.page_id,
+                self.name,
+                stream.name,
+                meta.source,
+                meta.run_id,
+                meta.received,
+                meta.invalid,
+                meta.attempts,
+                meta.started_at,
+            ),
+        )
+        return bool(cur.rowcount == 1)
+
+    def _finish_run(self, cur: Any, meta: PageMeta, r: WriteResult) -> None:
+        cur.execute(
+            # clock_timestamp(): the end of the write (now() is the transaction start), so
+            # committed_at - started_at is the page's latency.
+            "UPDATE ingestion_runs SET inserted = %s, duplicates = %s, updated = %s,"
+            " unchanged = %s, deleted = %s, committed_at = clock_timestamp()"
+            " WHERE page_id = %s AND sink = %s",
+            (r.inserted, r.duplicates, r.updated, r.unchanged, r.deleted, meta.page_id, self.name),
+        )
+
     def write(self, stream: Stream, rows: Sequence[Sequence[Any]], meta: PageMeta) -> WriteResult:
+        rows = with_orders(stream, rows)
         create, copy, copy_as_csv, insert = self._statements(stream)
         conn = self._connection()
         created = False
         try:
             with conn.cursor() as cur:
-                cur.execute(
-                    "INSERT INTO ingestion_runs (page_id, sink, stream, source, run_id, received,"
-                    " inserted, duplicates, invalid, attempts, started_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, 0, 0, %s, %s, %s)"
-                    " ON CONFLICT (page_id, sink) DO NOTHING",
-                    (
-                        meta.page_id,
-                        self.name,
-                        stream.name,
-                        meta.source,
-                        meta.run_id,
-                        meta.received,
-                        meta.invalid,
-                        meta.attempts,
-                        meta.started_at,
-                    ),
-                )
-                first_delivery = cur.rowcount == 1
-                inserted = 0
-                # The row commits with the page's records: finding it means a redelivery of a
-                # page that is already in, so there is nothing more to write.
-                if first_delivery and rows:
+                if not self._begin_run(cur, stream, meta):
+                    conn.commit()
+                    return WriteResult(0, 0, already_committed=True)
+                inserted = updated = 0
+                if rows:
                     if stream.table not in self._staged:
                         cur.execute(create)
                         created = True
@@ -168,23 +208,47 @@ class PostgresSink:
                     else:
                         cur.copy_expert(copy_as_csv, io.BytesIO(copy_csv(rows)))
                     cur.execute(insert)
-                    inserted = cur.rowcount
-                duplicates = meta.received - meta.invalid - inserted if first_delivery else 0
-                if first_delivery:
-                    cur.execute(
-                        # clock_timestamp(): the end of the write (now() is the transaction
-                        # start), so committed_at - started_at is the page's latency.
-                        "UPDATE ingestion_runs SET inserted = %s, duplicates = %s,"
-                        " committed_at = clock_timestamp() WHERE page_id = %s AND sink = %s",
-                        (inserted, duplicates, meta.page_id, self.name),
-                    )
+                    inserted, updated = cur.fetchone()
+                result = page_counts(stream, meta, len(rows), inserted, updated)
+                self._finish_run(cur, meta, result)
             conn.commit()
         except psycopg2.Error as exc:
             self._reset(conn)
             raise classify(exc, stream.name) from exc
         if created:  # committed, so the table outlives this transaction
             self._staged.add(stream.table)
-        return WriteResult(inserted, duplicates, already_committed=not first_delivery)
+        return result
+
+    def delete(self, stream: Stream, keys: Sequence[Sequence[Any]], meta: PageMeta) -> WriteResult:
+        from psycopg2.extras import execute_values
+
+        names = [*stream.key, ORDER_COLUMN]
+        types = [*(PG_TYPES[stream.column(k).type] for k in stream.key), "bigint"]
+        values = ", ".join(f"d.{quote(n)}::{t}" for n, t in zip(names, types, strict=True))
+        table, o = quote(stream.table), quote(ORDER_COLUMN)
+        match = " AND ".join(f"t.{quote(k)} = v.{quote(k)}" for k in stream.key)
+        sql = (
+            f"DELETE FROM {table} t USING (SELECT {values} FROM (VALUES %s) AS d"
+            f" ({', '.join(quote(n) for n in names)})) v WHERE {match}"
+            f" AND (t.{o} IS NULL OR v.{o} IS NULL OR t.{o} < v.{o})"
+        )
+        conn = self._connection()
+        try:
+            with conn.cursor() as cur:
+                if not self._begin_run(cur, stream, meta):
+                    conn.commit()
+                    return WriteResult(0, 0, already_committed=True)
+                deleted = 0
+                if keys:
+                    execute_values(cur, sql, [list(k) for k in keys], page_size=len(keys))
+                    deleted = cur.rowcount
+                result = WriteResult(0, len(keys) - deleted, deleted=deleted)
+                self._finish_run(cur, meta, result)
+            conn.commit()
+        except psycopg2.Error as exc:
+            self._reset(conn)
+            raise classify(exc, stream.name) from exc
+        return result
 
     def _reset(self, conn: psycopg2.extensions.connection) -> None:
         try:

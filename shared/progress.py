@@ -20,12 +20,31 @@ import redis
 
 _PREFIX = "sluice"
 
-# Remove this sink from the page's pending set; return 1 when no sink is left.
+# Remove a member (a sink, or the page's dead letters) from the page's pending set, first adding
+# ARGV[2] when given (the dead letters a sink's commit left to store); 1 when nothing is left.
 _COMMITTED = """
+if ARGV[2] ~= '' and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('SADD', KEYS[1], ARGV[2])
+end
 redis.call('SREM', KEYS[1], ARGV[1])
 if redis.call('SCARD', KEYS[1]) == 0 then return 1 end
 return 0
 """
+
+# Reserve ARGV[1] consecutive source orders; returns the first. The counter never falls behind
+# the server's clock in microseconds, so orders keep growing even if Redis lost the counter.
+_RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if cur < now then redis.call('SET', KEYS[1], string.format('%d', now)) end
+return redis.call('INCRBY', KEYS[1], ARGV[1]) - tonumber(ARGV[1])
+"""
+
+
+def letters_member(sink: str) -> str:
+    """The pending-set member of a page's dead letters from `sink` (or "source")."""
+    return f"letters:{sink}"
 
 
 class Progress:
@@ -34,6 +53,7 @@ class Progress:
         self.lease_seconds = lease_seconds
         self.key_ttl = max(key_ttl, int(lease_seconds * 2))
         self._committed = client.register_script(_COMMITTED)
+        self._reserve = client.register_script(_RESERVE)
 
     @staticmethod
     def _pending(page_id: str) -> str:
@@ -52,20 +72,36 @@ class Progress:
         return f"{_PREFIX}:resume:{source}"
 
     def register(
-        self, source: str, page_id: str, sinks: Sequence[str], ack: Any, last_key: Any
-    ) -> None:
-        """Called before the page is published, so a fast consumer always finds it."""
+        self,
+        source: str,
+        page_id: str,
+        members: Sequence[str],
+        ack: Any,
+        last_key: Any,
+        rows: int = 0,
+    ) -> int | None:
+        """Called before the page is published, so a fast consumer always finds it. `members`:
+        the sinks, and `letters_member("source")` when the page carries dead letters.
+
+        Returns the first of `rows` source orders reserved for the page's rows (row i gets
+        first + i): increasing across every producer, so "the first read of a key" and "the
+        last" mean the same in every sink (None when the page has no rows)."""
         p = self.r.pipeline(transaction=True)
-        p.sadd(self._pending(page_id), *sinks)
+        p.sadd(self._pending(page_id), *members)
         p.expire(self._pending(page_id), self.key_ttl)
         p.set(self._ack(page_id), msgpack.packb([source, ack]), ex=self.key_ttl)
         p.zadd(self._inflight(source), {page_id: time.time()})
         p.hset(self._resume(source), page_id, msgpack.packb(last_key))
-        p.execute()
+        if rows:
+            self._reserve(keys=[f"{_PREFIX}:order"], args=[rows], client=p)
+        results = p.execute()
+        return int(results[-1]) if rows else None
 
-    def committed(self, page_id: str, sink: str) -> bool:
-        """Record that `sink` committed the page; True when every sink has."""
-        return bool(self._committed(keys=[self._pending(page_id)], args=[sink]))
+    def committed(self, page_id: str, member: str, hold: str | None = None) -> bool:
+        """Record that `member` (a sink, or a page's dead letters) is done with the page; True
+        when nothing is left. `hold` is added first: the dead letters a sink's commit left to
+        store, so the page is acknowledged only once they are."""
+        return bool(self._committed(keys=[self._pending(page_id)], args=[member, hold or ""]))
 
     def ack_data(self, page_id: str) -> tuple[str, Any] | None:
         raw = self.r.get(self._ack(page_id))

@@ -11,7 +11,9 @@ conflict policy and sorts by key, so concurrent writers take row locks in the sa
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +26,14 @@ from shared.streams import Column, Stream
 Row = list[Any]
 MAX_SAFE_INT = 2**53  # D1 passes numbers through JavaScript doubles
 MAX_KEY_TEXT = 500  # record_key as text; longer keys become a digest
+MAX_DECIMAL_TEXT = 100  # characters of a decimal number
+# A decimal number as JSON and SQL write it: digits, an optional fraction and exponent.
+DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+# A fraction of a second finer than microseconds that is not all zeros: PostgreSQL keeps
+# microseconds, so such a time cannot reach every sink as it was.
+SUB_MICROSECOND = re.compile(r"[.,]\d{6}0*[1-9]")
+# A JSON \u0000 escape (a NUL character): the backslash that starts it is not itself escaped.
+JSON_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 class InvalidValue(ValueError):
@@ -32,12 +42,14 @@ class InvalidValue(ValueError):
 
 @dataclass(frozen=True)
 class Rejected:
-    """A record that cannot be written, and why."""
+    """A record that cannot be written, and why. `index`: its place in the page's rows (None for
+    a record the sink refused, which the consumer finds by its source order)."""
 
     row: Sequence[Any]
     field: str | None
     rule: str
     error_class: str = "ValidationError"
+    index: int | None = None
 
 
 def record_key(stream: Stream, row: Sequence[Any]) -> str:
@@ -55,8 +67,11 @@ def record_key(stream: Stream, row: Sequence[Any]) -> str:
         # Dead letters are unique on it in PostgreSQL: no NUL, and short enough for a btree entry.
         if len(text) <= MAX_KEY_TEXT:
             return text
-    digest = hashlib.sha1(orjson.dumps(list(row), default=repr)).hexdigest()
-    return f"sha1:{digest}"
+    try:
+        data = orjson.dumps(list(row), default=repr)
+    except TypeError:  # text orjson cannot write (an unpaired surrogate)
+        data = repr(list(row)).encode("utf-8", "backslashreplace")
+    return f"sha1:{hashlib.sha1(data).hexdigest()}"
 
 
 def _text(col: Column) -> Callable[[Any], Any]:
@@ -105,11 +120,38 @@ def _float(col: Column) -> Callable[[Any], Any]:
     return check
 
 
+def _decimal(col: Column) -> Callable[[Any], Any]:
+    """A decimal number kept as the source wrote it: PostgreSQL stores it exactly (NUMERIC), SQLite
+    and D1 as a double. Numbers beyond a double's range are refused: SQLite would store them as
+    infinity."""
+
+    def check(v: Any) -> Any:
+        if isinstance(v, str):
+            if len(v) > MAX_DECIMAL_TEXT or not DECIMAL.fullmatch(v):
+                raise InvalidValue(f"{v[:40]!r} is not a decimal number")
+            if not math.isfinite(float(v)):
+                raise InvalidValue(f"{v[:40]!r} is beyond the range SQLite and D1 can store")
+            return v
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise InvalidValue(f"expected a decimal number, got {type(v).__name__}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise InvalidValue(f"{v!r} is not a finite number")
+        if isinstance(v, int) and abs(v) > MAX_SAFE_INT:
+            return str(v)  # exact in PostgreSQL; SQLite rounds it like any double
+        return v
+
+    return check
+
+
 def _timestamp(col: Column) -> Callable[[Any], Any]:
     def check(v: Any) -> Any:
         if isinstance(v, str):
             if len(v) > 64 or "\x00" in v:
                 raise InvalidValue("is not an ISO-8601 timestamp")
+            if SUB_MICROSECOND.search(v):
+                raise InvalidValue(
+                    f"{v[:40]!r} is finer than a microsecond (PostgreSQL keeps microseconds)"
+                )
             try:
                 dt = datetime.fromisoformat(v)
             except ValueError:
@@ -134,6 +176,47 @@ def _timestamp(col: Column) -> Callable[[Any], Any]:
     return check
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _has_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return any("\ud800" <= ch <= "\udfff" for ch in value)
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(map(_has_surrogate, value))
+    return False
+
+
+def _string_keys(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _string_keys(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(map(_string_keys, value))
+    return True
+
+
+def check_json_text(text: str) -> None:
+    """Raise InvalidValue unless `text` is JSON that every sink stores as it is (PostgreSQL's
+    jsonb refuses a NUL character and an unpaired surrogate escape, and keeps numbers beyond a
+    double, such as 1e400, exactly)."""
+    if "\x00" in text or ("\\u0000" in text and JSON_NUL_ESCAPE.search(text)):
+        raise InvalidValue("contains a NUL character (PostgreSQL jsonb rejects it)")
+    try:
+        orjson.loads(text)
+        return
+    except orjson.JSONDecodeError:
+        pass  # orjson also refuses valid JSON: numbers beyond a double, lone surrogates
+    try:
+        parsed = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise InvalidValue(f"is not valid JSON: {exc}") from None
+    if _has_surrogate(parsed):
+        raise InvalidValue("contains an unpaired surrogate escape (PostgreSQL jsonb rejects it)")
+
+
 def _json(col: Column) -> Callable[[Any], Any]:
     limit = col.limit
 
@@ -141,22 +224,24 @@ def _json(col: Column) -> Callable[[Any], Any]:
         if isinstance(v, str):
             if len(v) > limit:
                 raise InvalidValue(f"JSON longer than {limit} characters ({len(v)})")
-            try:
-                orjson.loads(v)
-            except orjson.JSONDecodeError as exc:
-                raise InvalidValue(f"is not valid JSON: {exc}") from None
             text = v
         elif isinstance(v, dict | list):
             try:
                 text = orjson.dumps(v).decode()
             except TypeError as exc:
-                raise InvalidValue(f"cannot be encoded as JSON: {exc}") from None
+                # Integers beyond 64 bits, which orjson cannot write, are still JSON; keys
+                # that are not strings are not (json.dumps would turn them into strings).
+                if not _string_keys(v):
+                    raise InvalidValue(f"cannot be encoded as JSON: {exc}") from None
+                try:
+                    text = json.dumps(v, allow_nan=False, ensure_ascii=False)
+                except (TypeError, ValueError) as exc2:
+                    raise InvalidValue(f"cannot be encoded as JSON: {exc2}") from None
             if len(text) > limit:
                 raise InvalidValue(f"JSON longer than {limit} characters ({len(text)})")
         else:
             raise InvalidValue(f"expected JSON text or an object, got {type(v).__name__}")
-        if "\x00" in text or "\\u0000" in text:
-            raise InvalidValue("contains a NUL character (PostgreSQL jsonb rejects it)")
+        check_json_text(text)
         return text
 
     return check
@@ -166,6 +251,7 @@ _CHECKERS: dict[str, Callable[[Column], Callable[[Any], Any]]] = {
     "text": _text,
     "int": _int,
     "float": _float,
+    "decimal": _decimal,
     "timestamp": _timestamp,
     "json": _json,
 }
@@ -179,15 +265,23 @@ class Validator:
         self._checks = [(c, _CHECKERS[c.type](c)) for c in stream.columns]
 
     def validate(
-        self, columns: Sequence[str], rows: Sequence[Any]
+        self,
+        columns: Sequence[str],
+        rows: Sequence[Any],
+        orders: Sequence[int | None] | None = None,
     ) -> tuple[list[Row], list[Rejected]]:
+        """The page's valid rows (normalised, in the stream's column order) and its rejected
+        ones (each with its index in `rows`). With `orders` (one per row), each valid row ends
+        with its source order, which the sinks store beside the columns."""
         if tuple(columns) == self.stream.column_names:
-            fast = self._all_plain(rows)
+            fast = self._all_plain(rows, orders)
             if fast is not None:
                 return fast, []
-        return self._each(columns, rows)
+        return self._each(columns, rows, orders)
 
-    def _all_plain(self, rows: Sequence[Any]) -> list[Row] | None:
+    def _all_plain(
+        self, rows: Sequence[Any], orders: Sequence[int | None] | None = None
+    ) -> list[Row] | None:
         """The whole page column by column, with C-level passes (map, join, set), when every
         value is plain; None as soon as one is not, and `_each` then redoes the page value by
         value, naming each rejected record. Same output as `_each` on pages it accepts, at
@@ -207,23 +301,29 @@ class Validator:
             return None
         if any(o is None for o in out):
             return None
+        if orders is not None:
+            out.append(orders)
         return list(map(list, zip(*out, strict=True)))
 
     def _each(
-        self, columns: Sequence[str], rows: Sequence[Any]
+        self,
+        columns: Sequence[str],
+        rows: Sequence[Any],
+        orders: Sequence[int | None] | None = None,
     ) -> tuple[list[Row], list[Rejected]]:
         order = self._order(columns)
         width = len(columns)
         good: list[Row] = []
         bad: list[Rejected] = []
         checks = self._checks
-        for raw in rows:
+        for index, raw in enumerate(rows):
             if not isinstance(raw, list | tuple) or len(raw) != width:
                 bad.append(
                     Rejected(
                         raw if isinstance(raw, list | tuple) else [raw],
                         None,
                         f"record must be a list of {width} values",
+                        index=index,
                     )
                 )
                 continue
@@ -232,16 +332,18 @@ class Validator:
             for (col, check), value in zip(checks, row, strict=True):
                 if value is None:
                     if col.required:
-                        bad.append(Rejected(row, col.name, "is required"))
+                        bad.append(Rejected(row, col.name, "is required", index=index))
                         break
                     out.append(None)
                     continue
                 try:
                     out.append(check(value))
                 except InvalidValue as exc:
-                    bad.append(Rejected(row, col.name, str(exc)))
+                    bad.append(Rejected(row, col.name, str(exc), index=index))
                     break
             else:
+                if orders is not None:
+                    out.append(orders[index])
                 good.append(out)
         return good, bad
 
@@ -265,7 +367,7 @@ def _plain_column(
         if col.required:
             return None
         return [None if v is None else check(v) for v in values]
-    if col.type in ("text", "json", "timestamp") and types == {str}:
+    if col.type in ("text", "json", "timestamp", "decimal") and types == {str}:
         joined = "".join(values)
         if "\x00" in joined:
             return None
@@ -280,7 +382,9 @@ def _plain_column(
             for _ in map(orjson.loads, values):  # raises on the first invalid document
                 pass
             return values
-        if longest > 64:
+        if col.type == "decimal":
+            return values if all(map(check, values)) else None
+        if longest > 64 or SUB_MICROSECOND.search(joined):
             return None
         parsed = list(map(datetime.fromisoformat, values))
         zones = set(d.tzinfo for d in parsed)

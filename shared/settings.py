@@ -364,6 +364,9 @@ class PipelineConfig(_Model):
     # The SQLite sink's page cache, per writer process: most of its memory, and what keeps the
     # indexes' random inserts off the disk. Raise it for tables far beyond a few million rows.
     sqlite_cache_mib: Annotated[int, Field(ge=2, le=65_536)] = 64
+    # Where runs, cursors and dead letters are kept (shared/state.py): "auto" is PostgreSQL when
+    # a stream writes there, else the SQLite sink's file.
+    state: Literal["auto", "postgres", "sqlite"] = "auto"
 
 
 class FileConfig(_Model):
@@ -394,6 +397,15 @@ class Settings:
     def sinks_used(self) -> tuple[str, ...]:
         """Sinks at least one stream writes to, in SINK_NAMES order."""
         used = {s for st in self.streams.values() for s in st.sinks}
+        return tuple(s for s in SINK_NAMES if s in used)
+
+    @property
+    def sinks_fed(self) -> tuple[str, ...]:
+        """Sinks the configured sources' streams write to (every stream's when no source is
+        configured), in SINK_NAMES order."""
+        names = {n for cfg in self.all_sources.values() for n in source_streams(cfg)}
+        streams = [self.streams[n] for n in names if n in self.streams] or self.streams.values()
+        used = {s for st in streams for s in st.sinks}
         return tuple(s for s in SINK_NAMES if s in used)
 
     def source_config(self, name: str) -> AnySource | None:
@@ -471,6 +483,11 @@ class Settings:
 
     def secret(self, variable: str) -> str | None:
         return self.env.get(variable) or None
+
+
+def source_streams(cfg: AnySource) -> list[str]:
+    """The streams a source feeds (a KV namespace feeds several)."""
+    return cfg.streams if isinstance(cfg, KvSourceConfig) else [cfg.stream]
 
 
 def _resolve_paths(src: D1SourceConfig | KvSourceConfig, base: Path) -> dict[str, Any]:

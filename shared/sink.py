@@ -1,7 +1,8 @@
 """The Sink interface: write one page's records in one transaction, idempotently.
 
-Implementations: shared/postgres_sink.py and shared/sqlite_sink.py. A sink also records the page
-in its `ingestion_runs` table inside the same transaction, so the counts are exact.
+Implementations: shared/postgres_sink.py, shared/sqlite_sink.py and shared/d1_sink.py. A sink
+also records the page in its `ingestion_runs` table inside the same transaction, so the counts
+are exact.
 """
 
 from __future__ import annotations
@@ -29,21 +30,68 @@ class PageMeta:
 
 @dataclass(frozen=True)
 class WriteResult:
+    """What a page did to a sink. Of its valid records: `inserted` (a new key), `updated` (the
+    key held another version, replaced), `unchanged` (re-fetched equal to what the table holds,
+    `update`/`newer` streams), `duplicates` (the rest: repeats of a key within the page, and
+    under `ignore` keys the table already held); `deleted`: keys a deletion page removed."""
+
     inserted: int
     duplicates: int
     already_committed: bool = False  # the page had been committed by an earlier delivery
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+
+    def __add__(self, other: WriteResult) -> WriteResult:
+        return WriteResult(
+            self.inserted + other.inserted,
+            self.duplicates + other.duplicates,
+            self.already_committed and other.already_committed,
+            self.updated + other.updated,
+            self.unchanged + other.unchanged,
+            self.deleted + other.deleted,
+        )
+
+
+def page_counts(
+    stream: Stream, meta: PageMeta, rows: int, inserted: int, updated: int
+) -> WriteResult:
+    """The page's WriteResult from what the sink counted: `rows` written (deduped), of which
+    `inserted` were new keys and `updated` replaced a row."""
+    valid = meta.received - meta.invalid
+    if stream.conflict == "ignore":
+        return WriteResult(inserted, valid - inserted - updated, updated=updated)
+    return WriteResult(inserted, valid - rows, updated=updated, unchanged=rows - inserted - updated)
 
 
 class Sink(Protocol):
     name: str
 
     def write(self, stream: Stream, rows: Sequence[Sequence[Any]], meta: PageMeta) -> WriteResult:
-        """Insert rows (deduped, sorted by key) per the stream's conflict policy, in one
-        transaction with the page's ingestion_runs row. Raises TransientSinkError (retry),
-        RejectedBySinkError (the data was refused) or SinkError."""
+        """Insert rows (deduped, sorted by key; each row is the stream's columns followed by its
+        source order) per the stream's conflict policy, in one transaction with the page's
+        ingestion_runs row. Raises TransientSinkError (retry), RejectedBySinkError (the data
+        was refused: a constraint, or a unique column other than the stream's key) or
+        SinkError."""
+        ...
+
+    def delete(self, stream: Stream, keys: Sequence[Sequence[Any]], meta: PageMeta) -> WriteResult:
+        """Remove the rows of these keys (each key followed by its source order: a row written
+        from a later read of the key stays), in one transaction with the ingestion_runs row."""
         ...
 
     def close(self) -> None: ...
+
+
+ORDER_COLUMN = "sluice_order"
+
+
+def with_orders(stream: Stream, rows: Sequence[Sequence[Any]]) -> Sequence[Sequence[Any]]:
+    """The rows as a sink writes them: the stream's columns followed by the source order, which
+    is NULL (the oldest) for rows that come without one."""
+    if rows and len(rows[0]) == len(stream.column_names):
+        return [[*r, None] for r in rows]
+    return rows
 
 
 def quote(name: str) -> str:
@@ -51,20 +99,31 @@ def quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def conflict_clause(stream: Stream) -> str:
-    """The ON CONFLICT clause for the stream's policy; the same text in both dialects.
+def conflict_clause(stream: Stream, dialect: str = "sqlite") -> str:
+    """The ON CONFLICT clause for the stream's policy, on the stream's key only: a conflict on
+    any other unique column is the database refusing the record, not a duplicate.
 
-    `ignore` has no target, so it arbitrates every unique index (limits.md F3); `update` and
-    `newer` name the key, which must then be the table's only unique key besides it."""
-    if stream.conflict == "ignore":
-        return "ON CONFLICT DO NOTHING"
+    Rows carry their source order (`sluice_order`), so when two reads of a key race to a sink,
+    every sink keeps the same one whatever the arrival order:
+    - `ignore`: the first read (an earlier read arriving later replaces the later one);
+    - `update`: the last read, and only when a value differs (an equal row is `unchanged`);
+    - `newer`: the higher version column.
+    A row written before orders existed (NULL) counts as the oldest."""
+    t, o = quote(stream.table), quote(ORDER_COLUMN)
     key = ", ".join(quote(k) for k in stream.key)
-    updates = ", ".join(
-        f"{quote(c)} = excluded.{quote(c)}" for c in stream.column_names if c not in stream.key
-    )
-    clause = f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
-    if stream.conflict == "newer":
-        assert stream.version_column is not None
-        t, v = quote(stream.table), quote(stream.version_column)
-        clause += f" WHERE {t}.{v} IS NULL OR excluded.{v} > {t}.{v}"
-    return clause
+    values = [quote(c) for c in stream.column_names if c not in stream.key]
+    sets = ", ".join(f"{c} = excluded.{c}" for c in [*values, o])
+    clause = f"ON CONFLICT ({key}) DO UPDATE SET {sets} WHERE "
+    if stream.conflict == "ignore":
+        return clause + f"excluded.{o} < {t}.{o}"
+    if stream.conflict == "update":
+        later = f"({t}.{o} IS NULL OR excluded.{o} IS NULL OR excluded.{o} > {t}.{o})"
+        if not values:
+            return clause + later
+        mine = ", ".join(f"{t}.{c}" for c in values)
+        theirs = ", ".join(f"excluded.{c}" for c in values)
+        differs = "IS DISTINCT FROM" if dialect == "postgresql" else "IS NOT"
+        return clause + f"{later} AND ({mine}) {differs} ({theirs})"
+    assert stream.version_column is not None
+    v = quote(stream.version_column)
+    return clause + f"{t}.{v} IS NULL OR excluded.{v} > {t}.{v}"

@@ -4,8 +4,9 @@ Its SQL (insert_sql, RUN_INSERT) is shared with the remote D1 sink, shared/d1_si
 
 BEGIN IMMEDIATE takes the write lock up front, so two writers never deadlock on a lock upgrade;
 the busy timeout makes the second one wait, and if the wait runs out the page is retried
-(TransientSinkError), never dropped. `ON CONFLICT DO NOTHING` (not INSERT OR IGNORE) skips only
-key conflicts: NOT NULL and CHECK violations still fail, so bad data is never silently dropped.
+(TransientSinkError), never dropped. The conflict clause names the stream's key only (not INSERT
+OR IGNORE): NOT NULL, CHECK and other UNIQUE violations still fail, so bad data is never silently
+dropped.
 
 Group commit: pages written at the same time by threads of one process (the SQLite writer runs
 a threads pool) share one transaction, each inside its own SAVEPOINT. With random keys a
@@ -25,6 +26,7 @@ import sqlite3
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,15 @@ from shared.errors import (
     SinkError,
     TransientSinkError,
 )
-from shared.sink import PageMeta, WriteResult, conflict_clause, quote
+from shared.sink import (
+    ORDER_COLUMN,
+    PageMeta,
+    WriteResult,
+    conflict_clause,
+    page_counts,
+    quote,
+    with_orders,
+)
 from shared.streams import Stream
 
 # The page's row in ingestion_runs, written in the page's transaction (counts filled in last).
@@ -58,22 +68,43 @@ def run_params(sink: str, stream: Stream, meta: PageMeta) -> tuple[Any, ...]:
         meta.received,
         meta.invalid,
         meta.attempts,
-        meta.started_at.isoformat(),
+        # The same text form as committed_at, so the two compare and subtract alike.
+        meta.started_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
     )
 
 
 def values_group(stream: Stream) -> str:
-    """One row's placeholders: `(?, ?, …)`."""
-    return "(" + ", ".join("?" for _ in stream.column_names) + ")"
+    """One row's placeholders: `(?, ?, …)`, the stream's columns and the source order."""
+    return "(" + ", ".join("?" for _ in range(len(stream.column_names) + 1)) + ")"
 
 
 def insert_sql(stream: Stream, rows: int = 1) -> str:
     """`INSERT … VALUES (…)[, (…)…] ON CONFLICT …` for `rows` rows, in SQLite (D1) dialect.
 
     The remote D1 sink (shared/d1_sink.py) sends the multi-row form, sized to D1's limits."""
-    cols = ", ".join(quote(c) for c in stream.column_names)
+    cols = ", ".join(quote(c) for c in (*stream.column_names, ORDER_COLUMN))
     groups = ", ".join([values_group(stream)] * rows)
     return f"INSERT INTO {quote(stream.table)} ({cols}) VALUES {groups} " + conflict_clause(stream)
+
+
+def delete_sql(stream: Stream) -> str:
+    """Delete one key's row unless a later read of the key wrote it (SQLite/D1 dialect); the
+    parameters are the key's values, then its source order twice."""
+    o = quote(ORDER_COLUMN)
+    match = " AND ".join(f"{quote(k)} = ?" for k in stream.key)
+    return (
+        f"DELETE FROM {quote(stream.table)} WHERE {match} AND ({o} IS NULL OR ? IS NULL OR {o} < ?)"
+    )
+
+
+RUN_FINISH = (
+    "UPDATE ingestion_runs SET inserted = ?, duplicates = ?, updated = ?, unchanged = ?,"
+    f" deleted = ?, committed_at = {COMMITTED_AT} WHERE page_id = ? AND sink = ?"
+)
+
+
+def finish_params(sink: str, meta: PageMeta, r: WriteResult) -> tuple[Any, ...]:
+    return (r.inserted, r.duplicates, r.updated, r.unchanged, r.deleted, meta.page_id, sink)
 
 
 # Threads of the SQLite writer (`sluice worker --queues ingest.sqlite --pool threads
@@ -108,6 +139,7 @@ class _Write:
     stream: Stream
     rows: Sequence[Sequence[Any]]
     meta: PageMeta
+    delete: bool = False  # rows are keys (with their source order) to remove
     result: WriteResult | None = None
     error: BaseException | None = None
     done: bool = False
@@ -138,7 +170,7 @@ class SqliteSink:
         the GIL for every row, and with other threads of the writer busy each retake can wait
         for the interpreter's switch interval (5 ms); one statement per chunk hands the GIL over
         once while SQLite works, so the other threads validate the next pages meanwhile."""
-        width = len(stream.column_names)
+        width = len(stream.column_names) + 1
         per = max(
             1, min(STATEMENT_ROWS, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width)
         )
@@ -160,7 +192,12 @@ class SqliteSink:
 
         The first waiting thread commits everything queued by then (up to MAX_GROUP_PAGES pages),
         its own page among them; the others wait for it, and one of them leads the next group."""
-        mine = _Write(stream, rows, meta)
+        return self._queue(_Write(stream, with_orders(stream, rows), meta))
+
+    def delete(self, stream: Stream, keys: Sequence[Sequence[Any]], meta: PageMeta) -> WriteResult:
+        return self._queue(_Write(stream, keys, meta, delete=True))
+
+    def _queue(self, mine: _Write) -> WriteResult:
         with self._group:
             self._waiting.append(mine)
             while not mine.done:
@@ -235,16 +272,27 @@ class SqliteSink:
         # that is already in, so there is nothing more to write.
         if cur.rowcount != 1:
             return WriteResult(0, 0, already_committed=True)
-        before = conn.total_changes
-        self._insert_rows(conn, stream, w.rows)
-        inserted = conn.total_changes - before
-        duplicates = meta.received - meta.invalid - inserted
-        conn.execute(
-            "UPDATE ingestion_runs SET inserted = ?, duplicates = ?,"
-            f" committed_at = {COMMITTED_AT} WHERE page_id = ? AND sink = ?",
-            (inserted, duplicates, meta.page_id, self.name),
-        )
-        return WriteResult(inserted, duplicates)
+        if w.delete:
+            sql = delete_sql(stream)
+            deleted = 0
+            for k in w.rows:
+                *key, order = k
+                deleted += conn.execute(sql, [*key, order, order]).rowcount
+            result = WriteResult(0, len(w.rows) - deleted, deleted=deleted)
+        else:
+            # New rows take rowids above the table's highest, updates keep theirs: counting the
+            # rows above it afterwards tells inserted from updated (changes counts both).
+            table = quote(stream.table)
+            top = conn.execute(f"SELECT max(rowid) FROM {table}").fetchone()[0] or 0
+            before = conn.total_changes
+            self._insert_rows(conn, stream, w.rows)
+            written = conn.total_changes - before
+            inserted = conn.execute(
+                f"SELECT count(*) FROM {table} WHERE rowid > ?", (top,)
+            ).fetchone()[0]
+            result = page_counts(stream, meta, len(w.rows), inserted, written - inserted)
+        conn.execute(RUN_FINISH, finish_params(self.name, meta, result))
+        return result
 
     def close(self) -> None:
         with self._group:

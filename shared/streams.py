@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-ColumnType = Literal["text", "int", "float", "timestamp", "json"]
+ColumnType = Literal["text", "int", "float", "decimal", "timestamp", "json"]
 ConflictPolicy = Literal["ignore", "update", "newer"]
 CONFLICT_POLICIES: tuple[ConflictPolicy, ...] = ("ignore", "update", "newer")
 
@@ -60,6 +60,9 @@ class Stream:
         object.__setattr__(self, "column_names", names)
         object.__setattr__(self, "key_indexes", tuple(names.index(k) for k in self.key))
 
+    def column(self, name: str) -> Column:
+        return self.columns[self.column_names.index(name)]
+
     def with_settings(self, *, sinks: tuple[str, ...], conflict: ConflictPolicy) -> Stream:
         return replace(self, sinks=sinks, conflict=conflict)
 
@@ -85,7 +88,8 @@ USAGE_EVENTS = Stream(
 # Candles and price points from the market-data APIs (seed 004). One row per source, symbol,
 # resolution and period start. `update`: a re-fetched period (the lookback buffer) replaces what an
 # earlier fetch stored, so late corrections land. CoinGecko has prices without OHLC: open/high/low
-# and the volumes are optional.
+# and the volumes are optional. Prices and volumes are `decimal`: the APIs send decimal strings
+# ("819993474.31887912") that a double would round; PostgreSQL keeps them exactly (NUMERIC).
 HISTORICAL_PRICES = Stream(
     name="historical_prices",
     table="historical_prices",
@@ -94,13 +98,13 @@ HISTORICAL_PRICES = Stream(
         Column("symbol", "text", max_length=64),
         Column("resolution", "text", max_length=16),
         Column("timestamp", "timestamp"),
-        Column("open", "float", required=False),
-        Column("high", "float", required=False),
-        Column("low", "float", required=False),
-        Column("close", "float"),
-        Column("volume", "float", required=False),
-        Column("quote_volume", "float", required=False),
-        Column("market_cap", "float", required=False),
+        Column("open", "decimal", required=False),
+        Column("high", "decimal", required=False),
+        Column("low", "decimal", required=False),
+        Column("close", "decimal"),
+        Column("volume", "decimal", required=False),
+        Column("quote_volume", "decimal", required=False),
+        Column("market_cap", "decimal", required=False),
         Column("trades", "int", required=False),
     ),
     key=("source", "symbol", "resolution", "timestamp"),

@@ -35,6 +35,7 @@ from shared.database import libpq_dsn, postgres_engine
 from shared.errors import ApiBannedError, HttpSourceError
 from shared.migrations import migrate_sqlite
 from shared.settings import Settings
+from shared.state import StateStore
 from tests.conftest import Env
 from tests.fakes.market_server import FakeMarket, Seen, price
 from tests.test_cli import sluice
@@ -368,7 +369,7 @@ def test_backfill_every_adapter_lands_every_point_once(
     fake.missing.add(int((FROM + DAY + 4 * HOUR + 5 * p).timestamp()))  # absent: not stored
     fake.duplicate.add(int((FROM + 2 * DAY + 7 * p).timestamp()))  # sent twice: stored once
     ctx = use(env, fake)
-    cursors = CursorStore(postgres_engine(env.pg_url))
+    cursors = CursorStore(StateStore(postgres_engine(env.pg_url)))
     cursors.set(src, case.partitions[0], LIVE)  # a live cursor well after the range
     expected = case.expected(fake)
     plan = {
@@ -491,7 +492,7 @@ def test_ace_stuck_cursor_stops_the_backfill_and_a_rerun_resumes_at_the_cut(
     assert len(fake.requests) == 2  # never loops on the repeated cursor
     # Complete up to the newest sample seen: the last of page 2 (samples 100..199).
     cut = FROM + (2 * ACE_PAGE // len(ACE_POINTS) - 1) * FIVE_MINUTES
-    book = CursorStore(postgres_engine(env.pg_url))
+    book = CursorStore(StateStore(postgres_engine(env.pg_url)))
     assert book.get_all("backfill:ace") == {progress_key("demo_site", FROM, TO): cut}
     assert first.records == len(ACE_POINTS) * ((cut - FROM) // FIVE_MINUTES)
 
@@ -518,7 +519,7 @@ def test_binance_ban_stops_the_backfill_and_keeps_its_progress(env: Env, fake: F
         run_backfill(ctx, "bn", FROM, TO)
     assert "ETHUSDT" in str(err.value)  # the window it was fetching
     assert len(fake.requests) == 2  # not retried into the ban
-    book = CursorStore(postgres_engine(env.pg_url)).get_all("backfill:bn")
+    book = CursorStore(StateStore(postgres_engine(env.pg_url))).get_all("backfill:bn")
     assert book == {progress_key("BTCUSDT", FROM, TO): FROM + DAY}
     # While banned a rerun fails at once, without a request.
     with pytest.raises(ApiBannedError):

@@ -81,8 +81,8 @@ def test_migrate_twice(env: Env) -> None:
 def test_unknown_source_is_a_clear_error(env: Env) -> None:
     env.write_config("")
     r = sluice("produce", "nope", env=env.vars)
-    assert r.returncode == 1
-    assert "unknown source 'nope'" in r.stdout
+    assert r.returncode == 2
+    assert r.stderr.startswith("sluice: unknown source 'nope'")
 
 
 def test_beat_runs_a_scheduled_source_through_workers(env: Env) -> None:

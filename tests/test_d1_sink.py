@@ -210,9 +210,10 @@ def test_statements_are_chunked_by_bytes_as_well_as_parameters(
     result = sink.write(USAGE_EVENTS, rows, meta("big", len(rows)))
     assert result.inserted == len(rows)
     inserts = [s for s in batches(migrated)[0] if s["sql"].startswith('INSERT INTO "usage')]
-    # 9 columns: 11 rows fit 100 parameters, but only 3 rows of 30 KB fit 100 KB.
-    assert max(len(s["params"]) for s in inserts) == 3 * 9
-    assert sum(len(s["params"]) for s in inserts) == 9 * len(rows)
+    # 9 columns and the source order: 10 rows fit 100 parameters, but only 3 rows of 30 KB
+    # fit 100 KB.
+    assert max(len(s["params"]) for s in inserts) == 3 * 10
+    assert sum(len(s["params"]) for s in inserts) == 10 * len(rows)
     assert_within_d1_limits(migrated)
     assert remote_scalar(remote, "SELECT count(*) FROM usage_events") == len(rows)
 
@@ -245,8 +246,8 @@ def test_update_policy_counts_new_keys_not_updates(migrated: FakeD1, remote: Pat
     fresh = dedupe(stream, valid_rows(20, seed=99))
     page = dedupe(stream, [*changed, *fresh])
     result = sink.write(stream, page, meta("u2", len(page)))
-    # D1's meta.changes would count the 50 updates as changes too.
-    assert (result.inserted, result.duplicates) == (len(fresh), 50)
+    # D1's meta.changes counts the 50 updates as changes too: they are `updated`.
+    assert (result.inserted, result.updated, result.duplicates) == (len(fresh), 50, 0)
     q = "SELECT count(*) FROM usage_events WHERE metric_value = 12345.0"
     assert remote_scalar(remote, q) == 50
     sink.close()
@@ -324,7 +325,9 @@ def test_composite_keys_are_counted(migrated: FakeD1, remote: Path) -> None:
     first = sink.write(stream, rows, meta("h1", len(rows)))
     assert (first.inserted, first.duplicates) == (len(rows), 0)
     second = sink.write(stream, rows[:100], meta("h2", 100))
-    assert (second.inserted, second.duplicates) == (0, 100)
+    # Re-fetched, equal to what the table holds: unchanged, neither inserted nor duplicates.
+    assert (second.inserted, second.updated, second.unchanged) == (0, 0, 100)
+    assert second.duplicates == 0
     assert remote_scalar(remote, "SELECT count(*) FROM historical_prices") == len(rows)
     assert_within_d1_limits(migrated)
 

@@ -18,6 +18,7 @@ from shared.celery_app import app
 from shared.database import postgres_engine
 from shared.migrations import migrate_sqlite
 from shared.settings import Settings
+from shared.state import StateStore
 from tests.conftest import Env
 from tests.fakes.market_server import FakeMarket
 from tests.helpers import drain, pg_scalar
@@ -83,7 +84,7 @@ def test_binance_sends_exact_params_and_moves_cursor_only_on_ack(
         }
         assert "X-MBX-TIME-UNIT" not in fake.requests[0].headers
         assert pages[0].rows[0][:4] == ["binance", "BTCUSDT", "1h", "2024-03-01T00:00:00Z"]
-        cursors = CursorStore(postgres_engine(env.pg_url))
+        cursors = CursorStore(StateStore(postgres_engine(env.pg_url)))
         assert cursors.get_all("bn") == {}  # nothing committed yet
         source.acknowledge(pages[1].ack)
         source.acknowledge(pages[0].ack)
@@ -110,7 +111,7 @@ def test_out_of_order_ack_never_skips_a_lost_window(env: Env, fake: FakeMarket) 
         assert len(pages) == 3
         source.acknowledge(pages[0].ack)
         source.acknowledge(pages[2].ack)  # page 1 was lost
-        cursors = CursorStore(postgres_engine(env.pg_url))
+        cursors = CursorStore(StateStore(postgres_engine(env.pg_url)))
         assert cursors.get_all("bn")["BTCUSDT"] == datetime(2024, 3, 1, 4, tzinfo=UTC)
         # A later run (nothing in flight) fetches from there again.
         fake.requests.clear()

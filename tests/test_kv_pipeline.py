@@ -21,6 +21,7 @@ from shared.context import Context
 from shared.database import libpq_dsn, postgres_engine
 from shared.migrations import migrate_sqlite
 from shared.settings import Settings
+from shared.state import StateStore
 from tests.conftest import OWNER_KEY, Env
 from tests.fakes.kv_server import FakeKV
 from tests.helpers import drain
@@ -173,7 +174,7 @@ def test_kv_migration_end_to_end_complete_validated_and_once(env: Env, fake: Fak
     engine = postgres_engine(env.pg_url)
     try:
         errors: dict[str, str] = {}
-        status = sources_status(ctx, engine, errors)
+        status = sources_status(ctx, engine, StateStore(engine), errors)
     finally:
         engine.dispose()
     assert not errors

@@ -173,6 +173,8 @@ def test_p3_schema_applies_twice_with_the_same_result(tmp_path: Path, pg_url: st
     once = sqlite_schema(path)
     conn = sqlite3.connect(path)
     for file in sorted((SCHEMA_DIR / "sqlite").glob("*.sql")):
+        if "-- sluice: applies once" in file.read_text():
+            continue  # it alters tables: recorded as applied, never run again
         for statement in split_statements(file.read_text()):
             conn.execute(statement)  # every file again, by hand, as wrangler would
     conn.commit()

@@ -16,6 +16,7 @@ from producers.produce import run_source
 from shared.celery_app import app
 from shared.database import postgres_engine
 from shared.settings import Settings
+from shared.state import StateStore
 from tests.conftest import Env
 from tests.fakes.market_server import FakeMarket
 from tests.helpers import d1_config
@@ -54,7 +55,7 @@ def test_status_metrics_and_config_check_show_http_sources(env: Env) -> None:
         engine = postgres_engine(env.pg_url)
         try:
             errors: dict[str, str] = {}
-            before = sources_status(ctx, engine, errors)
+            before = sources_status(ctx, engine, StateStore(engine), errors)
             assert errors == {}
             assert before["bn"]["kind"] == "binance"
             assert before["bn"]["lag_seconds"] is None and before["bn"]["cursors"] == {}
@@ -64,11 +65,11 @@ def test_status_metrics_and_config_check_show_http_sources(env: Env) -> None:
 
             assert run_source(ctx, "bn").pages == 2  # one window per symbol, not yet committed
             behind = datetime.now(UTC) - timedelta(hours=3)
-            cursors = CursorStore(engine)
+            cursors = CursorStore(StateStore(engine))
             cursors.set("bn", "BTCUSDT", behind)
             cursors.set("bn", "ETHUSDT", behind + timedelta(hours=2))
 
-            after = sources_status(ctx, engine, errors)
+            after = sources_status(ctx, engine, StateStore(engine), errors)
             assert errors == {}
             bn = after["bn"]
             assert bn["pages_in_flight"] == 2
