@@ -13,6 +13,17 @@ The live cursor never moves backwards: the pages' acknowledgements are never a p
 "first" window, and a cursor only moves forward over a window that starts at or before it
 (producers/cursors.py). Their in-flight keys are `backfill:<partition>`, which the live runs'
 resume points ignore, so a backfill never makes a live run start over from its windows.
+
+A window is read as a live run reads it (`read_window`): items of the answer that are not records
+travel in its page as dead letters, and a window of nothing else is still published (its letters
+are stored, then its acknowledgement moves the cursor). A permanent error in one partition (an
+unknown symbol, times in another unit, an oversized answer) stops that partition only: it is
+listed in the summary's `failed`, its progress stays where it was, and the other partitions go
+on. Transient errors and bans end the backfill; its progress is kept for the rerun.
+
+One backfill of a source runs at a time: a Redis lock held as a short lease and renewed by a
+background thread (producers.produce.SourceLock), so a killed backfill frees its source within
+seconds.
 """
 
 from __future__ import annotations
@@ -26,12 +37,10 @@ from typing import Any
 
 from producers.cursors import CursorStore, format_cursor
 from producers.http_source import HttpSource
-from producers.produce import publish_page
+from producers.produce import SourceLock, publish_page
 from producers.registry import open_source
 from shared.context import Context
-from shared.errors import SluiceError
-
-LOCK_SECONDS = 300
+from shared.errors import SluiceError, SourceError
 
 
 @dataclass
@@ -39,14 +48,20 @@ class BackfillSummary:
     source: str
     start: str
     end: str
-    status: str  # complete | stopped | skipped
+    # complete | stopped (--max-windows, or `incomplete`) | partial (some partitions `failed`,
+    # the others went on) | failed (every partition failed, no window went through) | skipped
+    status: str
     windows_total: int = 0
     windows_done: int = 0  # including the ones done by earlier, interrupted runs
     windows_this_run: int = 0
     pages: int = 0
     records: int = 0
+    rejected: int = 0  # items of the answers that are not records: sent as dead letters
     seconds: float = 0.0
     incomplete: list[str] = field(default_factory=list)  # partitions the API cut short
+    # Partitions stopped by a permanent error: {"partition": ..., "error": ...}. Their progress
+    # stays at the window that failed; the next run of the same backfill tries it again.
+    failed: list[dict[str, str]] = field(default_factory=list)
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -71,12 +86,13 @@ def run_backfill(
     max_windows: int | None = None,
 ) -> BackfillSummary:
     """Enqueue every window of [start, end) not yet enqueued by an earlier run of the same
-    backfill; stop after `max_windows` windows (None: all)."""
+    backfill; stop after `max_windows` windows (None: all). Raises on a transient error or a
+    ban (progress kept); a permanent error only stops its partition (`failed`)."""
     t0 = time.perf_counter()
     summary = BackfillSummary(source, format_cursor(start), format_cursor(end), "complete")
     if end <= start:
         raise SluiceError("backfill: --to must be after --from", source=source)
-    lock = ctx.redis.lock(f"sluice:lock:backfill:{source}", timeout=LOCK_SECONDS, blocking=False)
+    lock = SourceLock(ctx.redis, f"backfill:{source}")
     if not lock.acquire():
         summary.status, summary.error = "skipped", "another backfill of this source is active"
         return summary
@@ -102,7 +118,7 @@ def _backfill(
     say: Callable[[str], None],
     max_windows: int | None,
     summary: BackfillSummary,
-    lock: Any,
+    lock: SourceLock,
 ) -> None:
     name, stream = src.name, src.stream
     store = CursorStore(ctx.state)
@@ -121,21 +137,30 @@ def _backfill(
     if summary.windows_done:
         say(f"{name}: resuming: {summary.windows_done}/{summary.windows_total} window(s) done")
     run_id = uuid.uuid4().hex
-    while plans:
+    stopped = False
+    while plans and not stopped:
         for p in list(plans):
             w = next(plans[p], None)
             if w is None:
                 del plans[p]
                 continue
             if max_windows is not None and summary.windows_this_run >= max_windows:
-                summary.status = "stopped"  # this window is fetched by the next run
-                return
+                stopped = True  # this window is fetched by the next run
+                break
             w_start, w_end, _ = w
-            rows, complete_until = src.fetch_window(p, w_start, w_end)
-            if complete_until < w_end:
+            try:
+                got = src.read_window(p, w_start, w_end)
+            except SourceError as exc:
+                if exc.transient:
+                    raise  # a rerun continues from the progress stored so far
+                del plans[p]  # its progress stays; the other partitions go on
+                summary.failed.append({"partition": p, "error": str(exc)})
+                say(f"{name}: {p} failed (the other partitions go on): {exc}")
+                continue
+            if got.complete_until < w_end:
                 del plans[p]  # later windows would leave a gap: this partition stops here
                 summary.incomplete.append(p)
-                w_end = complete_until
+                w_end = got.complete_until
             if w_end > w_start:
                 ack = {
                     "partition": p,
@@ -143,23 +168,40 @@ def _backfill(
                     "end": format_cursor(w_end),
                     "first": False,  # never creates a live cursor, only moves it forward
                 }
-                if rows:
+                if got.rows or got.rejected:
                     # Ignored by live resume points: a backfill never makes a live run restart.
+                    # Rejected items become dead letters; the acknowledgement waits for them.
                     last_key = [f"backfill:{p}", ack["end"]]
-                    publish_page(ctx, stream, name, run_id, rows, ack, last_key)
+                    publish_page(ctx, stream, name, run_id, got.rows, ack, last_key, got.rejected)
                     summary.pages += 1
-                    summary.records += len(rows)
+                    summary.records += len(got.rows)
+                    summary.rejected += len(got.rejected)
                 else:
                     src.acknowledge(ack)  # nothing to commit
                 store.set(book, progress_key(p, start, end), w_end)
             summary.windows_done += 1
             summary.windows_this_run += 1
-            lock.extend(LOCK_SECONDS, replace_ttl=True)
+            if lock.lost:
+                raise SluiceError(
+                    "the backfill lost its lock (lease expired); stopped: run it again to continue",
+                    source=name,
+                )
+            letters = f", {summary.rejected} dead letter(s)" if summary.rejected else ""
             say(
                 f"{name}: window {summary.windows_done}/{summary.windows_total} "
                 f"({p} {format_cursor(w_start)}..{format_cursor(w_end)}), "
-                f"{summary.pages} page(s), {summary.records} record(s) enqueued"
+                f"{summary.pages} page(s), {summary.records} record(s){letters} enqueued"
             )
-    if summary.incomplete:
+    problems = []
+    if summary.failed:
+        every = {f["partition"] for f in summary.failed} >= set(src.partitions())
+        summary.status = "failed" if every and not summary.windows_this_run else "partial"
+        problems.append(
+            "failed: " + "; ".join(f"{f['partition']}: {f['error']}" for f in summary.failed)
+        )
+    elif summary.incomplete or stopped:
         summary.status = "stopped"
-        summary.error = "the API stopped paging part-way for: " + ", ".join(summary.incomplete)
+    if summary.incomplete:
+        problems.append("the API stopped paging part-way for: " + ", ".join(summary.incomplete))
+    if problems:
+        summary.error = "; ".join(problems)

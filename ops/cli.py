@@ -203,10 +203,15 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         print(
             f"{r.source} {r.start}..{r.end}: {r.status}, {r.windows_done}/{r.windows_total}"
             f" window(s) done ({r.windows_this_run} this run), {r.pages} page(s),"
-            f" {r.records} record(s) enqueued in {r.seconds}s"
+            f" {r.records} record(s)"
+            + (f", {r.rejected} dead letter(s)" if r.rejected else "")
+            + f" enqueued in {r.seconds}s"
             + (f" — {r.error}" if r.error else "")
         )
-    return 0 if r.status in ("complete", "stopped") and not r.incomplete else 1
+    # Non-zero when part of the range could not be fetched: a partition failed (`partial`,
+    # `failed`) or was cut short (`incomplete`), or another backfill holds the source.
+    ok = r.status in ("complete", "stopped") and not r.incomplete and not r.failed
+    return 0 if ok else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:

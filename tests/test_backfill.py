@@ -29,10 +29,11 @@ from ops.status import total_depth
 from ops.workers import WorkerPool
 from producers.cursors import CursorStore
 from producers.http_source import floor_time, iso_utc
+from producers.produce import LOCK_SECONDS
 from shared.celery_app import app
 from shared.context import Context
 from shared.database import libpq_dsn, postgres_engine
-from shared.errors import ApiBannedError, HttpSourceError
+from shared.errors import ApiBannedError
 from shared.migrations import migrate_sqlite
 from shared.settings import Settings
 from shared.state import StateStore
@@ -60,6 +61,13 @@ kind = "binance"
 base_url = "{base}"
 api_key_env = "TEST_BN_KEY"
 symbols = ["BTCUSDT", "ETHUSDT"]
+interval = "1h"
+limit = 24
+
+[sources.bnx]
+kind = "binance"
+base_url = "{base}"
+symbols = ["BTCUSDT", "NOSUCHCOIN", "ETHUSDT"]
 interval = "1h"
 limit = 24
 
@@ -210,6 +218,13 @@ def _ace_windows(site: str, _fake: FakeMarket) -> list[dict[str, str]]:
 
 def _close(t: int) -> str:
     return f"{price(t) + 0.5:.1f}"
+
+
+def kline(t: datetime) -> list[object]:
+    """A kline as the fake (and Binance) sends it for the bar opening at t."""
+    p, at = price(int(t.timestamp())), int(ms(t))
+    bar = [f"{p:.8f}", f"{p + 1:.8f}", f"{p - 1:.8f}", f"{p + 0.5:.8f}", "10.5"]
+    return [at, *bar, at + 3_599_999, "1050.0", 7, "5.0", "500.0", "0"]
 
 
 CASES = {
@@ -542,27 +557,144 @@ def test_binance_weight_header_near_the_limit_pauses_the_api(env: Env, fake: Fak
     assert ctx.redis.pttl(pause_key) > 0
 
 
-def test_permanent_errors_stop_the_backfill_unretried(env: Env, fake: FakeMarket) -> None:
+def test_permanent_errors_fail_their_partition_unretried(env: Env, fake: FakeMarket) -> None:
     ctx = use(env, fake)
-    # CryptoCompare: an error inside HTTP 200 (not the rate-limit type) is permanent.
+    book = CursorStore(StateStore(postgres_engine(env.pg_url)))
+    # CryptoCompare: an error inside HTTP 200 (not the rate-limit type) is permanent. It stops
+    # ETH/USD (the second request), BTC/USD goes on to the end of the range.
     fake.fail_at(
         1,
         "body",
         body='{"Response":"Error","Message":"toTs param is not valid.","HasWarning":false,'
         '"Type":2,"RateLimit":{},"Data":{},"ParamWithError":"toTs"}',
     )
-    with pytest.raises(HttpSourceError) as err:
-        run_backfill(ctx, "cch", FROM, TO)
-    assert "inside HTTP 200: toTs param is not valid" in str(err.value)
-    assert "ETH/USD" in str(err.value) and not err.value.transient
-    assert len(fake.requests) == 2
-    # CoinGecko's Demo plan: history older than 365 days is a permanent 401/10012.
+    summary = run_backfill(ctx, "cch", FROM, TO)
+    assert summary.status == "partial"
+    assert [f["partition"] for f in summary.failed] == ["ETH/USD"]
+    assert "inside HTTP 200: toTs param is not valid" in summary.failed[0]["error"]
+    assert summary.error is not None and "ETH/USD" in summary.error
+    assert summary.windows_done == summary.windows_this_run == summary.windows_total - 3
+    eth = [r for r in fake.requests if r.query.get("fsym") == "ETH"]
+    assert len(eth) == 1  # not retried, not asked again for its later windows
+    assert book.get_all("backfill:cch") == {progress_key("BTC/USD", FROM, TO): TO}
+    # CoinGecko's Demo plan: history older than 365 days is a permanent 401/10012, for every
+    # coin: the backfill failed, each coin asked once.
     fake.requests.clear()
     old = floor_time(datetime.now(UTC), DAY) - timedelta(days=400)
-    with pytest.raises(HttpSourceError) as err:
-        run_backfill(ctx, "cg", old, old + DAY)
-    assert err.value.status == 401 and "10012" in str(err.value)
-    assert len(fake.requests) == 1
+    summary = run_backfill(ctx, "cg", old, old + DAY)
+    assert (summary.status, summary.windows_this_run, summary.pages) == ("failed", 0, 0)
+    assert [f["partition"] for f in summary.failed] == ["bitcoin", "ethereum"]
+    assert all("status=401" in f["error"] and "10012" in f["error"] for f in summary.failed)
+    assert len(fake.requests) == 2
+    assert book.get_all("backfill:cg") == {}
+
+
+def test_a_bad_symbol_fails_alone_and_the_command_says_so(env: Env, fake: FakeMarket) -> None:
+    """One partition's permanent error (an unknown symbol's 400) does not stop the others: they
+    complete, the summary names it, the command exits non-zero, and a rerun fetches only what
+    the failed partition still lacks."""
+    use(env, fake)
+    fake.unknown = {"NOSUCHCOIN"}
+    args = ["backfill", "bnx", "--from", iso_utc(FROM), "--to", iso_utc(TO), "--json"]
+    r = sluice(*args, env=env.vars, timeout=120)
+    assert r.returncode == 1, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["status"] == "partial"
+    assert [f["partition"] for f in doc["failed"]] == ["NOSUCHCOIN"]
+    assert 'HTTP 400: {"code": -1121, "msg": "Invalid symbol."}' in doc["failed"][0]["error"]
+    assert "NOSUCHCOIN" in doc["error"]
+    assert (doc["windows_total"], doc["windows_done"]) == (9, 6)
+    assert doc["records"] == 2 * 72  # BTCUSDT and ETHUSDT: every hour of the three days
+    assert "bnx: NOSUCHCOIN failed (the other partitions go on)" in r.stderr
+    asked = Counter(q.query["symbol"] for q in fake.requests)
+    assert asked == {"BTCUSDT": 3, "ETHUSDT": 3, "NOSUCHCOIN": 1}  # the 400 was not retried
+    book = CursorStore(StateStore(postgres_engine(env.pg_url)))
+    assert book.get_all("backfill:bnx") == {
+        progress_key("BTCUSDT", FROM, TO): TO,
+        progress_key("ETHUSDT", FROM, TO): TO,
+    }
+    # The symbol is fixed (listed now): the rerun asks only for its windows, and completes.
+    fake.unknown = set()
+    fake.requests.clear()
+    r = sluice(*args[:-1], env=env.vars, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "complete, 9/9 window(s) done (3 this run)" in r.stdout
+    assert {q.query["symbol"] for q in fake.requests} == {"NOSUCHCOIN"}
+
+
+def test_a_rejected_kline_becomes_a_dead_letter_and_the_rest_is_stored(
+    env: Env, fake: FakeMarket
+) -> None:
+    """A window whose answer holds items that are not klines is published with them: they land
+    in failed_ingestions, its klines in both sinks. A window of nothing else is still a page
+    (its letters are stored before its acknowledgement), not a window done without them."""
+    ctx = use(env, fake)
+    end = FROM + DAY
+    hours = [FROM + i * HOUR for i in range(24)]
+    klines: list[object] = [kline(t) for t in hours]
+    klines[5] = {"openTime": int(ms(hours[5]))}  # not an array: a dead letter
+    fake.fail_at(0, "body", body=json.dumps(klines))  # BTCUSDT's window
+    fake.fail_at(1, "body", body=json.dumps([{"what": "not a kline"}]))  # all of ETHUSDT's
+    pool = WorkerPool(env.vars, env.dir / "logs")
+    try:
+        pool.start("pg", PG_QUEUES, 1)
+        pool.start_sqlite_writer()
+        summary = run_backfill(ctx, "bn", FROM, end)
+        wait_committed(ctx, "bn")
+    finally:
+        pool.stop()
+    assert summary.status == "complete", summary.error
+    assert (summary.pages, summary.records, summary.rejected) == (2, 23, 2)
+    assert summary.failed == []
+    conn = psycopg2.connect(libpq_dsn(env.pg_url))
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT stream, sink, source, payload, error_message FROM failed_ingestions"
+            )
+            letters = cur.fetchall()
+    finally:
+        conn.close()
+    assert [row[:3] for row in letters] == [("historical_prices", "source", "bn")] * 2
+    # Each letter holds the item as read, and names its kline and symbol.
+    by_item = {json.dumps(row[3]["_item"], sort_keys=True): row[4] for row in letters}
+    btc = by_item[json.dumps({"openTime": int(ms(hours[5]))})]
+    eth = by_item[json.dumps({"what": "not a kline"})]
+    assert "binance kline #5 of the answer" in btc and "of BTCUSDT" in btc
+    assert "binance kline #0 of the answer" in eth and "of ETHUSDT" in eth
+    assert all("kline is a JSON dict, not an array" in m for m in (btc, eth))
+    # The rest of BTCUSDT's window, in both sinks; nothing of ETHUSDT's.
+    want = sorted(("BTCUSDT", iso_utc(t), _close(int(t.timestamp()))) for t in hours)
+    del want[5]
+    for rows in stored(env, CASES["binance"]):
+        assert sorted(rows) == want
+    # Both windows are done: the backfill's progress moved over them (the rejects are kept).
+    book = CursorStore(StateStore(postgres_engine(env.pg_url)))
+    assert book.get_all("backfill:bn") == {
+        progress_key("BTCUSDT", FROM, end): end,
+        progress_key("ETHUSDT", FROM, end): end,
+    }
+    assert book.get_all("bn") == {}  # no live cursor created
+
+
+def test_a_running_backfill_holds_a_short_lease(env: Env, fake: FakeMarket) -> None:
+    """One backfill of a source at a time, on a lease of seconds that the running backfill
+    renews: a killed one frees its source quickly (it used to hold it for five minutes)."""
+    ctx = use(env, fake)
+    pattern = "sluice:lock:*backfill:bn"
+    seen: list[tuple[list[int], str]] = []
+
+    def say(message: str) -> None:
+        if not seen:  # mid-run: the lease is held, short, and a second backfill is refused
+            other = run_backfill(ctx, "bn", FROM, TO)
+            seen.append(([ctx.redis.pttl(k) for k in ctx.redis.keys(pattern)], other.status))
+
+    summary = run_backfill(ctx, "bn", FROM, TO, say, max_windows=2)
+    assert summary.status == "stopped"
+    (ttls, other), *_ = seen
+    assert len(ttls) == 1 and 0 < ttls[0] <= LOCK_SECONDS * 1000 <= 30_000
+    assert other == "skipped"
+    assert ctx.redis.keys(pattern) == []  # released at the end
 
 
 def test_backfill_cli_json_and_progress(env: Env, fake: FakeMarket) -> None:

@@ -33,7 +33,6 @@ from producers.registry import open_source
 from shared.celery_app import app
 from shared.context import Context
 from shared.database import libpq_dsn, postgres_engine
-from shared.errors import HttpSourceError
 from shared.migrations import migrate_sqlite
 from shared.settings import Settings
 from shared.state import StateStore
@@ -155,19 +154,21 @@ def test_times_in_another_unit_fail_the_window_and_keep_the_cursor(
     assert len(again) == 1
 
 
-def test_a_backfill_stops_on_times_in_another_unit_instead_of_completing(
+def test_a_backfill_fails_the_partition_with_times_in_another_unit_instead_of_completing(
     env: Env, fake: FakeMarket
 ) -> None:
     start = recent() - timedelta(days=2)
     end = recent()
     ctx = context(env, config(fake.base_url, start.isoformat()))
     fake.fail_at(0, "time_unit", unit="s")
-    with pytest.raises(HttpSourceError) as err:
-        run_backfill(ctx, "bn", start, end)
-    assert "BTCUSDT" in str(err.value) and "outside the span asked for" in str(err.value)
-    assert not err.value.transient
+    summary = run_backfill(ctx, "bn", start, end)
+    # A permanent error of that partition: listed, not raised; the other one went on.
+    assert summary.status == "partial"
+    assert [f["partition"] for f in summary.failed] == ["BTCUSDT"]
+    assert "outside the span asked for" in summary.failed[0]["error"]
     book = cursors(env).get_all("backfill:bn")
     assert progress_key("BTCUSDT", start, end) not in book  # nothing counted as done
+    assert book == {progress_key("ETHUSDT", start, end): end}
     assert cursors(env).get_all("bn") == {}
 
 
@@ -302,17 +303,22 @@ lookback_seconds = 0
     assert "sample is a JSON str, not an object" in page.rejected[2].error
 
 
-def test_a_backfill_refuses_a_window_with_items_it_cannot_keep(env: Env, fake: FakeMarket) -> None:
-    """ops/backfill.py reads windows through `fetch_window`, which has no room for rejected
-    items: the window is refused, not stored without them."""
+def test_a_backfill_keeps_the_items_it_cannot_place(env: Env, fake: FakeMarket) -> None:
+    """ops/backfill.py reads windows as a run does: the items that are not records travel in
+    the window's page as dead letters, the window is not refused (tests/test_backfill.py follows
+    them into failed_ingestions)."""
     start = recent() - timedelta(days=1)
+    end = start + timedelta(days=1)
     ctx = context(env, config(fake.base_url, start.isoformat()))
     fake.fail_next("body", body=json.dumps([kline(start), {"not": "a kline"}]))
-    with pytest.raises(HttpSourceError) as err:
-        run_backfill(ctx, "bn", start, start + timedelta(days=1))
-    assert "1 item(s) of the answer are not records" in str(err.value)
-    assert "kline is a JSON dict, not an array" in str(err.value)
-    assert cursors(env).get_all("backfill:bn") == {}
+    summary = run_backfill(ctx, "bn", start, end)
+    assert summary.status == "complete" and summary.failed == []
+    assert (summary.pages, summary.rejected) == (2, 1)  # BTCUSDT's page carries the reject
+    assert summary.records == 1 + 24  # its one kline, and ETHUSDT's window
+    assert cursors(env).get_all("backfill:bn") == {
+        progress_key("BTCUSDT", start, end): end,
+        progress_key("ETHUSDT", start, end): end,
+    }
 
 
 # -- 3. CryptoCompare nulls are not zeros ------------------------------------------------------
