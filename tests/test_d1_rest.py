@@ -19,7 +19,8 @@ from producers.d1_rest import D1Client, iter_row_chunks, rows_per_statement
 from shared.errors import D1Error
 from tests.fakes.d1_server import TRANSACTION_MESSAGE, FakeD1
 
-FIXTURE = Path("/work/shared/reference/fixtures/cloudflare/d1-query-select-1row-deos-showboat.json")
+# A /query answer in the real envelope (tests/fixtures/README.md); db_path holds its row.
+FIXTURE = Path(__file__).parent / "fixtures" / "cloudflare" / "d1-query-select-1row.json"
 DB_ID = "11111111-2222-3333-4444-555555555555"
 
 pytestmark = pytest.mark.timeout(30)
@@ -38,8 +39,8 @@ def db_path(tmp_path: Path) -> Path:
                 classification TEXT NOT NULL,
                 received_at TEXT NOT NULL
             );
-            INSERT INTO deliveries VALUES ('e76fc6cd-b193-4ef0-b956-5d982e993104', 'relevant',
-                                           '2026-08-11T16:08:23.958000+00:00');
+            INSERT INTO deliveries VALUES ('9d41c2b7-5e08-4f6a-a3c1-7b2e90d4f615', 'irrelevant',
+                                           '2025-03-14T09:26:53.589000+00:00');
             CREATE TABLE prices (symbol TEXT NOT NULL, ts INTEGER NOT NULL, close REAL,
                                  PRIMARY KEY (symbol, ts));
             """
@@ -116,7 +117,7 @@ def assert_token_hidden(exc: BaseException, token: str) -> None:
 # -- happy paths ------------------------------------------------------------------------------
 
 
-def test_query_returns_rows_like_the_real_fixture(fake: FakeD1, client: D1Client) -> None:
+def test_query_returns_rows_like_the_fixture(fake: FakeD1, client: D1Client) -> None:
     real = json.loads(FIXTURE.read_text())
     sql = "SELECT delivery_id, classification, received_at FROM deliveries WHERE delivery_id = ?"
     delivery_id = real["result"][0]["results"][0]["delivery_id"]
@@ -131,7 +132,7 @@ def test_query_returns_rows_like_the_real_fixture(fake: FakeD1, client: D1Client
     assert sent.body == {"sql": sql, "params": [delivery_id]}
     assert fake.token not in json.dumps(sent.headers)
 
-    # The fake's whole envelope has the same keys and value types as the captured response.
+    # The fake's whole envelope has the same keys and value types as the real API's (fixture).
     response = requests.post(
         fake.query_url(DB_ID),
         json={"sql": sql, "params": [delivery_id]},

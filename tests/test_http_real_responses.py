@@ -7,7 +7,8 @@
 - CryptoCompare's null close stays null, its zero-filled candles are still dropped;
 - a permanent error (an unknown symbol) fails its partition only;
 - a run is bounded in calls and in time, empty windows included;
-- decimals keep the APIs' exact text, from the real captured bodies too; CoinGecko's market caps;
+- decimals keep the APIs' exact text, from fixture bodies in the APIs' shapes too (CryptoCompare,
+  CoinGecko's market caps, ACE's pages);
 - CryptoCompare's used-up daily quota bans the API until it resets instead of retrying.
 """
 
@@ -40,7 +41,7 @@ from tests.conftest import Env
 from tests.fakes.market_server import FakeMarket
 from tests.helpers import drain
 
-FIXTURES = Path("/work/shared/reference/fixtures")
+FIXTURES = Path(__file__).parent / "fixtures"  # bodies shaped as the APIs send them
 PG_QUEUES = ["ingest.postgres", "dead_letter", "progress"]
 HOUR = timedelta(hours=1)
 NOW = datetime(2024, 3, 1, 12, 30, 15, tzinfo=UTC)  # for sources read without run_source
@@ -468,49 +469,51 @@ def test_a_run_stops_at_its_time_bound(env: Env, fake: FakeMarket) -> None:
     assert "BTCUSDT" in cursors(env).get_all("bn1m")  # the empty windows read are done
 
 
-# -- 7. exact decimals, from the real captured bodies --------------------------------------------
+# -- 7. exact decimals, from bodies shaped as the APIs send them (tests/fixtures) ----------------
 
 
 def fixture(path: str) -> str:
-    f = FIXTURES / path
-    if not f.exists():
-        pytest.skip(f"captured body not found: {f}")
-    return f.read_text()
+    return (FIXTURES / path).read_text()
 
 
 def literal_numbers(text: str) -> Any:
     return json.loads(text, parse_float=str)
 
 
-def test_cryptocompare_real_histohour_keeps_every_number_as_sent(
-    env: Env, fake: FakeMarket
-) -> None:
-    raw = fixture("cryptocompare/histohour-btc-usd-limit1000-twily.json")
+def test_cryptocompare_histohour_keeps_every_number_as_sent(env: Env, fake: FakeMarket) -> None:
+    raw = fixture("cryptocompare/histohour-ena-usd-limit23.json")
     data = literal_numbers(raw)["Data"]
     start = datetime.fromtimestamp(data["TimeFrom"], UTC)
     end = datetime.fromtimestamp(data["TimeTo"], UTC) + HOUR
-    env.write_config(config(fake.base_url, start.isoformat()).replace("limit = 23", "limit = 1000"))
+    env.write_config(config(fake.base_url, start.isoformat()))  # limit = 23: 24 candles a call
     fake.fail_next("body", body=raw)
     source = opened(env, "cc", now=end + timedelta(minutes=5))
     try:
-        rows = source.fetch("BTC/USD", start, end)
+        rows = source.fetch("ENA/USD", start, end)
     finally:
         source.close()
-    assert fake.requests[0].query["toTs"] == str(data["TimeTo"])
-    assert fake.requests[0].query["limit"] == "1000"
+    asked = fake.requests[0].query
+    assert (asked["fsym"], asked["tsym"]) == ("ENA", "USD")
+    assert asked["toTs"] == str(data["TimeTo"])
+    assert asked["limit"] == "23"
+    prices = ("open", "high", "low", "close")
+    listed = [c for c in data["Data"] if any(c[f] != 0 for f in prices)]
     want = [
         [iso_utc(datetime.fromtimestamp(c["time"], UTC))]
-        + [c[f] for f in ("open", "high", "low", "close", "volumefrom", "volumeto")]
-        for c in data["Data"]
+        + [c[f] for f in (*prices, "volumefrom", "volumeto")]
+        for c in listed
     ]
     assert [[r[3], *r[4:10]] for r in rows] == want
-    assert len(rows) == 1001 and all(r[10] is None for r in rows)
+    # The 8 zero-filled candles (before the pair was listed) are dropped, every other is kept.
+    assert len(data["Data"]) == 24 and len(rows) == 24 - 8 == len(listed)
+    assert all(r[10] is None for r in rows)
+    assert rows[1][8] == "2875401.6600000001" and rows[2][5] == 1  # as sent, not as a double
 
 
-def test_coingecko_real_market_chart_keeps_prices_and_market_caps_as_sent(
+def test_coingecko_market_chart_keeps_prices_and_market_caps_as_sent(
     env: Env, fake: FakeMarket
 ) -> None:
-    raw = fixture("coingecko/market-chart-maga-hat-eur-2d-hourly-calvindd2f.json")
+    raw = fixture("coingecko/market-chart-range-pepe-eur-hourly.json")
     body = literal_numbers(raw)
     first = datetime.fromtimestamp(body["prices"][0][0] / 1000, UTC)
     start = floor_time(first, HOUR)
@@ -521,7 +524,7 @@ def test_coingecko_real_market_chart_keeps_prices_and_market_caps_as_sent(
     fake.fail_next("body", body=raw)
     source = opened(env, "cg", now=end + timedelta(minutes=5))
     try:
-        rows = source.fetch("maga-hat", start, end)
+        rows = source.fetch("pepe", start, end)
     finally:
         source.close()
     # Per hour, the first point's price and the market cap given at the same time.
@@ -531,8 +534,52 @@ def test_coingecko_real_market_chart_keeps_prices_and_market_caps_as_sent(
         hour = iso_utc(floor_time(datetime.fromtimestamp(t / 1000, UTC), HOUR))
         want.setdefault(hour, (price, caps[t]))
     assert {r[3]: (r[7], r[10]) for r in rows} == want
-    assert rows[0][7] == "7.669183276485923e-05" and rows[0][10] == "0.0"  # as sent
+    assert rows[0][7] == "9.03357654956749e-06" and rows[0][10] == "0.0"  # as sent
     assert all(r[4] is None and r[8] is None for r in rows)  # no OHLC, no period volume
+
+
+def test_ace_pages_keep_values_and_times_as_sent(env: Env, fake: FakeMarket) -> None:
+    """Two pages of `/timeseries/paginated`: the second asked for with the first's cursor; string
+    values (and a null) kept as sent, naive, microsecond and `Z` times all read as UTC."""
+    env.vars["TEST_ACE_KEY"] = fake.ace_key
+    env.write_config(
+        f"""
+[sources.ace]
+kind = "aceiot"
+base_url = "{fake.base_url}"
+api_key_env = "TEST_ACE_KEY"
+site = "acme_hq"
+window_seconds = 3600
+page_size = 10
+start = "2025-06-03T10:00:00Z"
+lookback_seconds = 0
+"""
+    )
+    pages = [fixture(f"aceiot/timeseries-paginated-page{n}.json") for n in (1, 2)]
+    for raw in pages:
+        fake.fail_next("body", body=raw)
+    source = opened(env, "ace", now=datetime(2025, 6, 3, 11, 5, tzinfo=UTC))
+    try:
+        page = next(iter(source.pages(None, 1)))
+    finally:
+        source.close()
+    first, second = fake.requests
+    assert first.path == second.path == "/sites/acme_hq/timeseries/paginated"
+    assert "cursor" not in first.query
+    assert second.query["cursor"] == json.loads(pages[0])["next_cursor"]
+    samples = [s for raw in pages for s in json.loads(raw)["point_samples"]]
+    want = [
+        ["acme_hq", s["name"], iso_utc(datetime.fromisoformat(s["time"]).replace(tzinfo=UTC)),
+         s["value"]]
+        for s in samples
+    ]  # fmt: skip
+    assert sorted(page.rows, key=str) == sorted(want, key=str)
+    assert page.rejected == [] and len(page.rows) == 14
+    temp = "acme/acme_hq/10.20.1.7/n4/AHU2/Supply_Air_Temp"
+    by_key = {(r[1], r[2]): r[3] for r in page.rows}
+    assert by_key[(temp, "2025-06-03T10:00:00Z")] == "55.400001525878906"
+    assert by_key[(temp, "2025-06-03T10:15:00.627593Z")] == "54.29999923706055"
+    assert by_key[(temp, "2025-06-03T10:25:00Z")] is None
 
 
 def test_coingecko_missing_market_cap_and_null_price(env: Env, fake: FakeMarket) -> None:
