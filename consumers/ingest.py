@@ -42,7 +42,7 @@ from shared.errors import (
 from shared.letters import DeadLetter, encode_record, record_of_row, send_dead_letters
 from shared.page import Page, decode
 from shared.progress import letters_member
-from shared.records import Rejected, dedupe, record_key
+from shared.records import Rejected, Validator, dedupe, record_key
 from shared.sink import PageMeta, Sink, WriteResult
 from shared.streams import Stream
 
@@ -67,8 +67,7 @@ def ingest(self: Task, body: object) -> dict[str, Any]:
         return {"status": "malformed", "error": str(exc)}
 
     if page.op == "delete":
-        good, rejected = _keys_with_orders(stream, page)
-        rows = good
+        rows, rejected = _keys_with_orders(ctx.validator(stream), page)
     else:
         good, rejected = ctx.validator(stream).validate(page.columns, page.rows, _orders(page))
         rows = dedupe(stream, good)
@@ -152,16 +151,21 @@ def _orders(page: Page) -> Sequence[int | None]:
     return [None] * n
 
 
-def _keys_with_orders(stream: Stream, page: Page) -> tuple[list[list[Any]], list[Rejected]]:
-    """A deletion page's keys, each followed by its source order."""
+def _keys_with_orders(validator: Validator, page: Page) -> tuple[list[list[Any]], list[Rejected]]:
+    """A deletion page's keys, normalised as the sinks hold them, each followed by its source
+    order."""
     good: list[list[Any]] = []
     bad: list[Rejected] = []
-    width = len(stream.key)
+    width = len(validator.stream.key)
     for i, key in enumerate(page.rows):
         if not isinstance(key, list | tuple) or len(key) != width:
             bad.append(Rejected([key], None, f"a key must be a list of {width} values", index=i))
             continue
-        good.append([*key, page.order(i)])
+        values, field, rule = validator.check_key(key)
+        if field is not None:
+            bad.append(Rejected(list(key), field, str(rule), index=i))
+            continue
+        good.append([*values, page.order(i)])
     return good, bad
 
 

@@ -27,7 +27,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(f"{where}: OK — {len(sources)} source(s), {len(s.streams)} stream(s)")
     for name, src in sources.items():
         sched = src.schedule.model_dump(exclude_none=True) if src.schedule else "manual"
-        kind = f"{src.kind} {src.mode}" if isinstance(src, D1SourceConfig) else src.kind
+        kind = (
+            f"{src.kind} {src.mode}, {src.capture}" if isinstance(src, D1SourceConfig) else src.kind
+        )
         target = ", ".join(src.streams) if isinstance(src, KvSourceConfig) else src.stream
         print(f"  source {name}: {kind} → {target} (schedule: {sched})")
     if s.d1_sink is not None:
@@ -36,7 +38,28 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             f"  sink d1: database {s.d1_sink.database_id} at {s.d1_sink.base_url}"
             f" (token in ${s.d1_sink.api_token_env}: {token})"
         )
-    return 0
+    return check_online(s) if args.online else 0
+
+
+def check_online(s: Settings) -> int:
+    """Open each D1 source and check its configured columns against its table."""
+    from producers.d1_source import open_d1_source
+
+    failed = 0
+    for name, src in s.all_sources.items():
+        if not isinstance(src, D1SourceConfig):
+            continue
+        try:
+            source = open_d1_source(name, src, s)
+            try:
+                problems = source.check()
+            finally:
+                source.close()
+        except SluiceError as exc:
+            problems = [str(exc)]
+        failed += bool(problems)
+        print(f"  source {name}: " + ("table OK" if not problems else "; ".join(problems)))
+    return 1 if failed else 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -468,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     cfg_sub = cfg.add_subparsers(dest="action", required=True)
     check = cfg_sub.add_parser("check", help="validate the config file and name each mistake")
     check.add_argument("file", nargs="?")
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also open each D1 source and check its columns against the table",
+    )
     check.set_defaults(func=cmd_config_check)
 
     mig = sub.add_parser("migrate", help="apply pending schema migrations")

@@ -562,6 +562,10 @@ def reconcile(
 
     letters = _dead_letters(settings, source_name)
     feeders = _feeders(settings)
+    capture = cfg.capture if isinstance(cfg, D1SourceConfig) else "kv"
+    keeps_deleted = capture == "watermark" or (
+        isinstance(cfg, D1SourceConfig) and capture == "snapshot" and not cfg.deletes
+    )
     readers = open_readers(settings, sinks_needed)
     ok = True
     streams_doc: dict[str, Any] = {}
@@ -645,6 +649,12 @@ def reconcile(
                         or None,
                     },
                 }
+                if extra and keeps_deleted:
+                    # Watermark, and snapshot without deletes, never remove a row: a key the
+                    # table no longer holds is expected in the sinks.
+                    sink_doc["deleted_at_source"] = _listed(extra, limit)
+                    sink_doc["extra"] = _listed(set(), limit)
+                    extra = set()
                 sink_doc["ok"] = not (missing or extra or differ or orphan_total)
                 ok = ok and bool(sink_doc["ok"])
                 doc["sinks"][sink] = sink_doc
@@ -655,6 +665,7 @@ def reconcile(
     return {
         "source": source_name,
         "kind": cfg.kind,
+        "capture": capture,
         "ok": ok,
         "sample": sample,
         "seed": seed,
@@ -677,7 +688,7 @@ def _key(k: Sequence[Any]) -> str:
 def format_report(doc: dict[str, Any]) -> str:
     verdict = "OK" if doc["ok"] else "MISMATCH"
     lines = [
-        f"reconcile {doc['source']} ({doc['kind']}): {verdict}"
+        f"reconcile {doc['source']} ({doc['kind']}, {doc['capture']}): {verdict}"
         f" — sample {doc['sample']} per stream, seed {doc['seed']};"
         f" source read in {doc['seconds']['source']}s, total {doc['seconds']['total']}s",
         "",
@@ -712,6 +723,13 @@ def format_report(doc: dict[str, Any]) -> str:
                 details.append(
                     f"extra {where} ({d['extra']['total']}): "
                     + ", ".join(_key(k) for k in d["extra"]["keys"])
+                )
+            if d.get("deleted_at_source", {}).get("total"):
+                gone = d["deleted_at_source"]
+                notes.append(
+                    f"{name}: kept in {sink} though gone from the table ({doc['capture']} capture"
+                    f" never deletes) ({gone['total']}): "
+                    + ", ".join(_key(k) for k in gone["keys"])
                 )
             for diff in d["sample"]["differences"]:
                 details.append(

@@ -1,9 +1,17 @@
-"""D1 source: rows of a D1 table with `processed_at IS NULL`, in arrival (rowid) or key order.
+"""D1 source: the rows of a D1 table, in pages, by one of three capture modes.
 
-Seed 000's rule, kept across the queue: a row is marked processed only after every sink has
-committed it (producers/ack.py calls `acknowledge`). Two modes share the same SQL:
-- local: a D1 SQLite file, given directly or found in wrangler's state folder (apis.md §2.5);
+- mark (the default): rows with `processed_at IS NULL`, in arrival (rowid) or key order; a row
+  is marked processed only after every sink has committed it (producers/ack.py calls
+  `acknowledge`).
+- watermark and snapshot: read-only (producers/d1_changes.py).
+
+Two kinds of database share the same SQL:
+- local: a D1 SQLite file, given directly or found in wrangler's state folder;
 - remote: the D1 REST `/query` API (producers/d1_rest.py), keeping to 100 bound parameters.
+
+Every configured column is checked against the table when the source opens: SQLite reads an
+unknown double-quoted name as a string literal, so a typo in `key_column` would otherwise match
+every row, and a missing column would come back as its own name.
 """
 
 from __future__ import annotations
@@ -14,16 +22,18 @@ import hmac
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
 from producers.d1_rest import D1Client
 from producers.source import SourcePage
 from shared.database import sqlite_connect
-from shared.errors import SourceError, TransientSourceError
+from shared.errors import D1Error, SourceError, TransientSourceError
 from shared.settings import D1SourceConfig, Settings
+from shared.state import StateStore, open_state
 from shared.streams import Stream
 
 MAX_PARAMS = 100
@@ -32,7 +42,7 @@ log = logging.getLogger("sluice.d1_source")
 
 
 def miniflare_object_filename(name: str, unique_key: str = "miniflare-D1DatabaseObject") -> str:
-    """The file name wrangler/miniflare gives a local D1 database (apis.md §2.5)."""
+    """The file name wrangler/miniflare gives a local D1 database: an HMAC of its id."""
     key = hashlib.sha256(unique_key.encode()).digest()
     name_hmac = hmac.new(key, name.encode(), hashlib.sha256).digest()[:16]
     mac = hmac.new(key, name_hmac, hashlib.sha256).digest()[:16]
@@ -49,16 +59,45 @@ def wrangler_d1_path(state_dir: Path, database_id: str) -> Path:
     )
 
 
+class OverreachError(SourceError):
+    """A statement changed more rows than allowed: its transaction was rolled back."""
+
+
 class D1Database(Protocol):
     def query(self, sql: str, params: Sequence[object] = ()) -> list[dict[str, Any]]: ...
 
-    def batch(self, statements: Sequence[tuple[str, Sequence[object]]]) -> Any: ...
+    def batch(
+        self,
+        statements: Sequence[tuple[str, Sequence[object]]],
+        max_changes: Sequence[int] | None = None,
+    ) -> None:
+        """Run the statements in one transaction. With `max_changes` (one per statement), a
+        statement changing more rows than its number rolls the whole batch back and raises
+        OverreachError."""
+        ...
 
     def close(self) -> None: ...
 
 
+def _lenient_text(data: bytes) -> str | bytes:
+    """A TEXT value as str, or as its bytes when they are not UTF-8 (SQLite stores whatever
+    bytes it is given as text): the record is then read, and dead-lettered, not stuck."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data
+
+
+def _not_utf8(exc: sqlite3.OperationalError) -> bool:
+    return "decode to UTF-8" in str(exc)
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 class LocalD1:
-    """A local D1 file through sqlite3, with the same two calls as the REST client.
+    """A local D1 file through sqlite3, with the same calls as the REST client.
 
     One connection per process, shared by the threads of a threads-pool worker, which
     acknowledge pages side by side: a lock keeps one thread's transaction from taking in
@@ -70,13 +109,13 @@ class LocalD1:
         self._path = path
         self._busy_timeout_ms = busy_timeout_ms
         self._lock = threading.Lock()
+        self.lenient_reads = 0  # reads that met text that is not UTF-8 (and kept its bytes)
         self._open()
 
     def _open(self) -> None:
         self._inode = self._path.stat().st_ino
         # Read and marked in arrival order (the default), a page touches few table pages, each
-        # once: a small cache does. The SQLite writer keeps this connection for its marks, and
-        # 16 MiB cost it 13 MB of its 250 (4 MiB: same speed in alternating runs).
+        # once: a small cache does, and it is part of the SQLite writer's memory.
         self._conn = sqlite_connect(self._path, self._busy_timeout_ms, cache_mib=4)
         self._conn.row_factory = sqlite3.Row
 
@@ -91,49 +130,75 @@ class LocalD1:
             self._conn.close()
             self._open()
 
-    def query(self, sql: str, params: Sequence[object] = ()) -> list[dict[str, Any]]:
+    def _read(self, fetch: Callable[[], Any]) -> Any:
+        """Run a read; when a TEXT value is not UTF-8, read again keeping such values as bytes
+        (the fast path decodes in C and fails on the first one)."""
         try:
             with self._lock:
-                return [dict(r) for r in self._conn.execute(sql, tuple(params))]
+                try:
+                    return fetch()
+                except sqlite3.OperationalError as exc:
+                    if not _not_utf8(exc):
+                        raise
+                    self.lenient_reads += 1
+                    self._conn.text_factory = _lenient_text
+                    try:
+                        return fetch()
+                    finally:
+                        self._conn.text_factory = str
         except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
+            if _busy(exc):
                 raise TransientSourceError(str(exc)) from exc
             raise SourceError(str(exc)) from exc
+
+    def query(self, sql: str, params: Sequence[object] = ()) -> list[dict[str, Any]]:
+        return list(self._read(lambda: [dict(r) for r in self._conn.execute(sql, tuple(params))]))
 
     def values(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         """Rows as plain tuples in the select order: a page read this way costs about half of
         building a dict per row (the producer's main cost)."""
-        try:
-            # The cursor is taken under the lock too: another thread's batch may reopen the file.
-            with self._lock, contextlib.closing(self._conn.cursor()) as cur:
+
+        def fetch() -> list[tuple[Any, ...]]:
+            # The cursor is taken under the lock: another thread's batch may reopen the file.
+            with contextlib.closing(self._conn.cursor()) as cur:
                 cur.row_factory = None
                 return cur.execute(sql, tuple(params)).fetchall()
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise TransientSourceError(str(exc)) from exc
-            raise SourceError(str(exc)) from exc
 
-    def batch(self, statements: Sequence[tuple[str, Sequence[object]]]) -> None:
+        return list(self._read(fetch))
+
+    def batch(
+        self,
+        statements: Sequence[tuple[str, Sequence[object]]],
+        max_changes: Sequence[int] | None = None,
+    ) -> None:
         try:
             with self._lock:
                 self._reopen_if_replaced()
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
-                    for sql, params in statements:
-                        self._conn.execute(sql, tuple(params))
+                    for i, (sql, params) in enumerate(statements):
+                        changed = self._conn.execute(sql, tuple(params)).rowcount
+                        if max_changes is not None and changed > max_changes[i]:
+                            raise OverreachError(
+                                f"statement {i} changed {changed} rows, more than the"
+                                f" {max_changes[i]} it names"
+                            )
                     self._conn.execute("COMMIT")
                 except BaseException:
                     if self._conn.in_transaction:
                         self._conn.execute("ROLLBACK")
                     raise
         except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
+            if _busy(exc):
                 raise TransientSourceError(str(exc)) from exc
             raise SourceError(str(exc)) from exc
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+_OVERREACH = "sluice: too many rows changed"
 
 
 class RemoteD1:
@@ -143,8 +208,30 @@ class RemoteD1:
     def query(self, sql: str, params: Sequence[object] = ()) -> list[dict[str, Any]]:
         return self._client.query(sql, params)
 
-    def batch(self, statements: Sequence[tuple[str, Sequence[object]]]) -> Any:
-        return self._client.batch(statements)
+    def batch(
+        self,
+        statements: Sequence[tuple[str, Sequence[object]]],
+        max_changes: Sequence[int] | None = None,
+    ) -> None:
+        if max_changes is None:
+            self._client.batch(statements)
+            return
+        # A D1 batch is one transaction: after each statement, one that fails (json() of text
+        # that is not JSON) when the statement changed too many rows rolls it all back.
+        guarded: list[tuple[str, Sequence[object]]] = []
+        for (sql, params), most in zip(statements, max_changes, strict=True):
+            guarded.append((sql, params))
+            guarded.append(
+                (f"SELECT CASE WHEN changes() > ? THEN json('{_OVERREACH}') END", [most])
+            )
+        try:
+            self._client.batch(guarded)
+        except D1Error as exc:
+            if "malformed JSON" in exc.message or _OVERREACH in exc.message:
+                raise OverreachError(
+                    "a statement changed more rows than it names; the batch was rolled back"
+                ) from exc
+            raise
 
     def close(self) -> None:
         pass
@@ -158,20 +245,154 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+class ReadRows:
+    """One page as read: the rows in the stream's column order, and per row its rowid (None for
+    a table without rowids), the value of the source's key column and of an extra column."""
+
+    def __init__(
+        self,
+        rows: list[Sequence[Any]],
+        rowids: list[Any],
+        keys: list[Any],
+        extras: list[Any] | None = None,
+    ) -> None:
+        self.rows = rows
+        self.rowids = rowids
+        self.keys = keys
+        self.extras = extras or []
+
+
 class D1Source:
-    def __init__(self, name: str, cfg: D1SourceConfig, stream: Stream, db: D1Database) -> None:
+    def __init__(
+        self,
+        name: str,
+        cfg: D1SourceConfig,
+        stream: Stream,
+        db: D1Database,
+        settings: Settings | None = None,
+    ) -> None:
         self.name = name
         self.stream = stream
         self.cfg = cfg
         self.db = db
+        self.settings = settings
         self.table = _quote(cfg.table or stream.table)
         self.key = _quote(cfg.key_column)
         self._cols = ", ".join(_quote(c) for c in stream.column_names)
-        self._select_cols = f"{self.key} AS sluice_key, {self._cols}"
         # A local page is read as tuples; the key is read once when it is a stream column.
         names = stream.column_names
         self._key_at = names.index(cfg.key_column) if cfg.key_column in names else None
         self._order: str | None = None if cfg.order == "auto" else cfg.order
+        self.anomalies: list[str] = []
+        self._checked = False
+
+    # -- the table ------------------------------------------------------------------------------
+
+    @cached_property
+    def columns(self) -> set[str]:
+        """The table's column names ("PRAGMA table_info"); empty when there is no such table."""
+        found = self.db.query(f"PRAGMA table_info({self.table})")
+        return {str(r["name"]) for r in found}
+
+    @cached_property
+    def has_rowid(self) -> bool:
+        try:
+            self.db.query(f"SELECT rowid FROM {self.table} LIMIT 0")
+        except TransientSourceError:
+            raise
+        except SourceError as exc:
+            if getattr(exc, "transient", False):
+                raise
+            return False  # a WITHOUT ROWID table
+        return True
+
+    def check(self) -> list[str]:
+        """What is wrong between the configuration and the table (empty when nothing is)."""
+        table = self.cfg.table or self.stream.table
+        columns = self.columns
+        if not columns:
+            return [f"table {table!r} not found in the D1 database"]
+        problems = []
+        wanted = {
+            "key_column": [self.cfg.key_column],
+            f"stream {self.stream.name}": list(self.stream.column_names),
+        }
+        if self.cfg.capture == "mark":
+            wanted["mark capture"] = ["processed_at"]
+        if self.cfg.capture == "watermark":
+            wanted["watermark_column"] = [self.cfg.watermark_column]
+        for what, names in wanted.items():
+            for column in names:
+                if column == "rowid" and self.has_rowid and what != f"stream {self.stream.name}":
+                    continue
+                if column not in columns:
+                    problems.append(
+                        f"{what}: column {column!r} is not in table {table!r}"
+                        f" (it has: {', '.join(sorted(columns))})"
+                    )
+        return problems
+
+    def ensure_checked(self) -> None:
+        if self._checked:
+            return
+        problems = self.check()
+        if problems:
+            raise SourceError("; ".join(problems), source=self.name)
+        self._checked = True
+
+    def read(
+        self,
+        where: str,
+        params: list[object],
+        order_by: str,
+        limit: int,
+        extra: str | None = None,
+    ) -> ReadRows:
+        """One page: `SELECT … WHERE <where> ORDER BY <order_by> LIMIT <limit>`, with the rowid
+        (when the table has one), the key column and `extra` (an SQL expression) beside it."""
+        lead = ["rowid"] if self.has_rowid else []
+        if self._key_at is None:
+            lead.append(self.key)
+        if extra is not None:
+            lead.append(extra)
+        key_pos = len(lead) - (2 if extra is not None else 1)  # when the key is a lead column
+        sql = "SELECT {} FROM " + f"{self.table} WHERE {where} ORDER BY {order_by} LIMIT ?"
+        if isinstance(self.db, LocalD1):
+            before = self.db.lenient_reads
+            values = self.db.values(sql.format(", ".join([*lead, self._cols])), [*params, limit])
+            lenient = self.db.lenient_reads != before
+        else:
+            # Remote rows are objects: every column gets a position alias.
+            aliases = [*lead, *(_quote(c) for c in self.stream.column_names)]
+            select = ", ".join(f"{c} AS c{i}" for i, c in enumerate(aliases))
+            found = self.db.query(sql.format(select), [*params, limit])
+            values = [tuple(r[f"c{i}"] for i in range(len(aliases))) for r in found]
+            lenient = False
+        skip = len(lead)
+        rows: list[Sequence[Any]] = [r[skip:] for r in values] if skip else list(values)
+        rowids = [r[0] for r in values] if self.has_rowid else [None] * len(values)
+        if self._key_at is None:
+            keys = [r[key_pos] for r in values]
+        else:
+            keys = [r[self._key_at] for r in rows]
+        extras = [r[skip - 1] for r in values] if extra is not None else None
+        read = ReadRows(rows, rowids, keys, extras)
+        if lenient:
+            self._report_bytes(read)
+        return read
+
+    def _report_bytes(self, read: ReadRows) -> None:
+        """Values that are not UTF-8 travel as bytes (validation dead-letters their record);
+        the run names each such row, by key and rowid."""
+        names = self.stream.column_names
+        for row, rowid, key in zip(read.rows, read.rowids, read.keys, strict=True):
+            bad = [names[i] for i, v in enumerate(row) if isinstance(v, bytes)]
+            if bad:
+                self.anomalies.append(
+                    f"row rowid={rowid} key={key!r}: {', '.join(bad)} not UTF-8 (dead-lettered)"
+                )
+
+    # -- capture --------------------------------------------------------------------------------
 
     @property
     def order(self) -> str:
@@ -182,19 +403,22 @@ class D1Source:
 
     def _pick_order(self) -> str:
         # Arrival (rowid) order keeps a page's rows on neighbouring table pages: reading and
-        # marking them then touches a few pages instead of one per row (random ids), about 4x
-        # less work (README "Performance"). It needs the planner to walk `processed_at IS NULL`
-        # in rowid order: an index on processed_at alone does, no index does (rowid range);
-        # an index on (processed_at, id) would make it sort every unprocessed row per page.
+        # marking them then touches a few pages instead of one per row (random ids). It needs the
+        # planner to walk `processed_at IS NULL` in rowid order: an index on processed_at alone
+        # does, no index does (rowid range); an index on (processed_at, id) would make it sort
+        # every unprocessed row per page.
+        if not self.has_rowid:
+            log.warning("source %s reads in key order: the table has no rowid", self.name)
+            return "key"
         probe = (
             f"EXPLAIN QUERY PLAN SELECT rowid FROM {self.table} WHERE processed_at IS NULL"
             " AND rowid > ? ORDER BY rowid LIMIT ?"
         )
         try:
             plan = " ".join(str(r.get("detail", "")) for r in self.db.query(probe, [0, 1]))
-        except TransientSourceError:
-            raise
-        except SourceError as exc:  # e.g. a WITHOUT ROWID table
+        except SourceError as exc:
+            if exc.transient:
+                raise  # a D1 hiccup is not a property of the table: the run fails, retried
             log.warning("source %s reads in key order: no rowid order (%s)", self.name, exc)
             return "key"
         if "TEMP B-TREE" in plan:
@@ -207,7 +431,27 @@ class D1Source:
             return "key"
         return "rowid"
 
+    @cached_property
+    def state(self) -> StateStore:
+        assert self.settings is not None, "the read-only modes keep their progress in the state"
+        return open_state(self.settings)
+
+    @cached_property
+    def changes(self) -> Any:
+        """The read-only capture (watermark or snapshot) of this source."""
+        from producers.d1_changes import SnapshotCapture, WatermarkCapture
+
+        kind = WatermarkCapture if self.cfg.capture == "watermark" else SnapshotCapture
+        return kind(self)
+
     def pages(self, after: Any | None, max_pages: int) -> Iterator[SourcePage]:
+        self.ensure_checked()
+        if self.cfg.capture == "mark":
+            yield from self._unprocessed(after, max_pages)
+        else:
+            yield from self.changes.pages(after, max_pages)
+
+    def _unprocessed(self, after: Any | None, max_pages: int) -> Iterator[SourcePage]:
         size = self.cfg.batch_size
         by_rowid = self.order == "rowid"
         position = "rowid" if by_rowid else self.key
@@ -220,89 +464,68 @@ class D1Source:
             after = None
         for _ in range(max_pages):
             where = "processed_at IS NULL" + ("" if after is None else f" AND {position} > ?")
-            params: list[object] = ([] if after is None else [after]) + [size]
-            rowids, keys, rows = self._read(where, position, params)
-            if not rows:
+            read = self.read(where, [] if after is None else [after], position, size)
+            if not read.rows:
                 return
-            after = rowids[-1] if by_rowid else keys[-1]
-            ack: Any = {"rowid": rowids, "key": keys} if by_rowid else keys
-            yield SourcePage(rows=rows, ack=ack, last_key=["rowid", after] if by_rowid else after)
-            if len(rows) < size:
+            after = read.rowids[-1] if by_rowid else read.keys[-1]
+            yield SourcePage(
+                rows=read.rows,
+                ack=self._ack_of(read, by_rowid),
+                last_key=["rowid", after] if by_rowid else after,
+            )
+            if len(read.rows) < size:
                 return
 
-    def _read(
-        self, where: str, position: str, params: list[object]
-    ) -> tuple[list[Any], list[Any], list[Sequence[Any]]]:
-        """One page: (rowids or [], keys, rows in the stream's column order, as tuples: msgpack
-        sends them as it sends lists, without a copy of every row)."""
-        by_rowid = position == "rowid"
-        if isinstance(self.db, LocalD1):
-            lead = ["rowid"] if by_rowid else []
-            if self._key_at is None:
-                lead.append(self.key)
-            select = ", ".join([*lead, self._cols])
-            sql = f"SELECT {select} FROM {self.table} WHERE {where} ORDER BY {position} LIMIT ?"
-            values = self.db.values(sql, params)
-            skip = len(lead)
-            rowids = [r[0] for r in values] if by_rowid else []
-            rows: list[Sequence[Any]] = [r[skip:] for r in values] if skip else list(values)
-            if self._key_at is None:
-                keys = [r[skip - 1] for r in values]
-            else:
-                keys = [r[self._key_at] for r in rows]
-            return rowids, keys, rows
-        select = ("rowid AS sluice_rowid, " if by_rowid else "") + self._select_cols
-        sql = f"SELECT {select} FROM {self.table} WHERE {where} ORDER BY {position} LIMIT ?"
-        found = self.db.query(sql, params)
-        names = self.stream.column_names
-        rowids = [r["sluice_rowid"] for r in found] if by_rowid else []
-        return rowids, [r["sluice_key"] for r in found], [[r[c] for c in names] for r in found]
+    def _ack_of(self, read: ReadRows, by_rowid: bool) -> Any:
+        """What marks the page's rows: rowids with their keys, or (read in key order, and every
+        key a plain value) the keys alone."""
+        plain = all(k is not None and not isinstance(k, bytes) for k in read.keys)
+        if not self.has_rowid or (not by_rowid and plain):
+            return read.keys
+        return {"rowid": read.rowids, "key": read.keys}
 
     def snapshot(self) -> Iterator[tuple[str, list[Any]]]:
         """(stream, row) for every row of the source table, processed or not, in the stream's
-        column order; read-only (`sluice reconcile`). Keyset pages on the key column, so a
-        remote D1 is read a page per request with two bound parameters."""
-        size = self.cfg.batch_size
-        names = self.stream.column_names
+        column order; read-only (`sluice reconcile`). Keyset pages on the rowid (or the key of a
+        table without one), so a remote D1 is read a page per request with two parameters."""
+        self.ensure_checked()
+        position = "rowid" if self.has_rowid else self.key
         after: Any = None
         while True:
-            if after is None:
-                sql = f"SELECT {self._select_cols} FROM {self.table} ORDER BY {self.key} LIMIT ?"
-                params: list[object] = [size]
-            else:
-                sql = (
-                    f"SELECT {self._select_cols} FROM {self.table} WHERE {self.key} > ?"
-                    f" ORDER BY {self.key} LIMIT ?"
-                )
-                params = [after, size]
-            found = self.db.query(sql, params)
-            for r in found:
-                yield self.stream.name, [r[c] for c in names]
-            if len(found) < size:
+            where = "1" if after is None else f"{position} > ?"
+            read = self.read(where, [] if after is None else [after], position, self.cfg.batch_size)
+            for row in read.rows:
+                yield self.stream.name, list(row)
+            if len(read.rows) < self.cfg.batch_size:
                 return
-            after = found[-1]["sluice_key"]
+            after = read.rowids[-1] if self.has_rowid else read.keys[-1]
 
     def acknowledge(self, ack: Any) -> None:
+        if isinstance(ack, dict) and "capture" in ack:
+            self.changes.acknowledge(ack)
+        else:
+            self._mark(ack)
+
+    def _mark(self, ack: Any) -> None:
         """Mark the page's rows processed; rows already marked keep their first time.
 
-        A rowid page is marked by rowid *and* key: the rowid finds the row without an index
-        lookup, the key makes sure it is still the row that was read (a VACUUM may renumber
-        rowids of tables without an INTEGER PRIMARY KEY; a row it moved stays unmarked and is
-        read again, never marked unread)."""
+        A page read with rowids is marked by rowid *and* key: the rowid finds the row without an
+        index lookup, the key makes sure it is still the row that was read (a VACUUM may
+        renumber rowids of tables without an INTEGER PRIMARY KEY; a row it moved stays unmarked
+        and is read again, never marked unread). A NULL key (`IS NULL`) and a key that is not
+        UTF-8 text (compared as text) are matched row by row. No statement may mark more rows
+        than it names: a key column that is not unique would mark rows never read, so the
+        transaction is rolled back instead."""
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-        statements = []
+        statements: list[tuple[str, list[object]]] = []
+        limits: list[int] = []
         if isinstance(ack, dict):
-            rowids, keys = list(ack["rowid"]), list(ack["key"])
+            pairs = list(zip(ack["rowid"], ack["key"], strict=True))
             per = (MAX_PARAMS - 1) // 2  # one parameter is the timestamp
-            for i in range(0, len(keys), per):
-                r, k = rowids[i : i + per], keys[i : i + per]
-                statements.append(
-                    (
-                        f"UPDATE {self.table} SET processed_at = ? WHERE rowid IN ({_marks(r)})"
-                        f" AND {self.key} IN ({_marks(k)}) AND processed_at IS NULL",
-                        [now, *r, *k],
-                    )
-                )
+            for i in range(0, len(pairs), per):
+                chunk = pairs[i : i + per]
+                statements.append(self._mark_pairs(chunk, now))
+                limits.append(len(chunk))
         else:
             keys = list(ack)
             per = MAX_PARAMS - 1
@@ -315,11 +538,47 @@ class D1Source:
                         [now, *chunk],
                     )
                 )
-        if statements:
-            self.db.batch(statements)
+                limits.append(len(chunk))
+        if not statements:
+            return
+        try:
+            self.db.batch(statements, limits)
+        except OverreachError as exc:
+            raise SourceError(
+                f"marking a page would change more rows than it read ({exc.message}): is"
+                f" {self.cfg.key_column!r} unique in the table? Nothing was marked",
+                source=self.name,
+            ) from exc
+
+    def _mark_pairs(self, pairs: list[tuple[Any, Any]], now: str) -> tuple[str, list[object]]:
+        if all(k is not None and not isinstance(k, bytes) for _, k in pairs):
+            rowids = [r for r, _ in pairs]
+            keys = [k for _, k in pairs]
+            return (
+                f"UPDATE {self.table} SET processed_at = ? WHERE rowid IN ({_marks(rowids)})"
+                f" AND {self.key} IN ({_marks(keys)}) AND processed_at IS NULL",
+                [now, *rowids, *keys],
+            )
+        terms = []
+        params: list[object] = [now]
+        for rowid, key in pairs:
+            if key is None:
+                terms.append(f"(rowid = ? AND {self.key} IS NULL)")
+                params.append(rowid)
+            else:
+                value = "CAST(? AS TEXT)" if isinstance(key, bytes) else "?"
+                terms.append(f"(rowid = ? AND {self.key} = {value})")
+                params += [rowid, key]
+        return (
+            f"UPDATE {self.table} SET processed_at = ? WHERE processed_at IS NULL"
+            f" AND ({' OR '.join(terms)})",
+            params,
+        )
 
     def close(self) -> None:
         self.db.close()
+        if "state" in self.__dict__:
+            self.state.dispose()
 
 
 def open_d1_source(name: str, cfg: D1SourceConfig, settings: Settings) -> D1Source:
@@ -345,4 +604,4 @@ def open_d1_source(name: str, cfg: D1SourceConfig, settings: Settings) -> D1Sour
                 base_url=cfg.base_url,
             )
         )
-    return D1Source(name, cfg, stream, db)
+    return D1Source(name, cfg, stream, db, settings)

@@ -118,7 +118,9 @@ def run_source(ctx: Context, name: str, max_batches: int | None = None) -> RunSu
         for sp in source.pages(after, max_batches or cfg.max_batches):
             # A source feeding several streams (KV) names each page's stream.
             page_stream = ctx.settings.stream(sp.stream) if sp.stream else stream
-            publish_page(ctx, page_stream, name, run_id, sp.rows, sp.ack, sp.last_key, sp.rejected)
+            publish_page(
+                ctx, page_stream, name, run_id, sp.rows, sp.ack, sp.last_key, sp.rejected, sp.op
+            )
             summary.pages += 1
             summary.records += len(sp.rows)
             if lock.lost:
@@ -155,16 +157,19 @@ def publish_page(
     ack: Any,
     last_key: Any,
     rejected: Sequence[SourceReject] = (),
+    op: str = "upsert",
 ) -> None:
     """Register a page as in flight (before it is visible to any worker, so the next run
     continues after it), then put it on each of its stream's sink queues. Items the source could
-    not read go to the dead-letter queue, and the page waits for them to be stored."""
+    not read go to the dead-letter queue, and the page waits for them to be stored. `op`
+    "delete": the rows are keys to remove from every sink."""
     page_id = uuid.uuid4().hex
     member = letters_member(SOURCE_SINK)
     to_sinks = bool(rows) or not rejected
     members = [*(stream.sinks if to_sinks else ()), *((member,) if rejected else ())]
     seq = ctx.progress.register(source, page_id, members, ack, last_key, rows=len(rows))
-    page = Page(page_id, stream.name, "", source, run_id, list(stream.column_names), rows, seq)
+    columns = list(stream.column_names if op == "upsert" else stream.key)
+    page = Page(page_id, stream.name, "", source, run_id, columns, rows, seq, op=op)
     if to_sinks:
         try:
             send_page(page.for_sink(stream.sinks[0]))
@@ -174,7 +179,7 @@ def publish_page(
             # rows become dead letters, kept exactly.
             ctx.progress.done(source, page_id)
             good, bad = _split_unsendable(stream, rows)
-            publish_page(ctx, stream, source, run_id, good, ack, last_key, [*rejected, *bad])
+            publish_page(ctx, stream, source, run_id, good, ack, last_key, [*rejected, *bad], op)
             return
         for sink in stream.sinks[1:]:
             send_page(page.for_sink(sink))

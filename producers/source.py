@@ -43,6 +43,8 @@ class SourcePage:
     stream: str | None = None
     # Items of this page that are not records: dead letters, stored before the acknowledgement.
     rejected: list[SourceReject] = field(default_factory=list)
+    # "delete": the rows are keys (the stream's key columns) to remove from every sink.
+    op: str = "upsert"
 
 
 class Source(Protocol):

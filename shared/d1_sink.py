@@ -7,12 +7,13 @@ A page's batch, in order:
 1. `INSERT INTO ingestion_runs …` with no ON CONFLICT: a page already committed (a redelivery, or
    a retry after a timeout that D1 had in fact committed) fails here on the primary key, the batch
    rolls back, and a lookup confirms it: nothing is written twice, even under the `update` policy.
-2. Count the page's keys already in the table, into `ingestion_runs.duplicates`.
+2. Count the page's keys already in the table, into `ingestion_runs.duplicates`; under
+   `update`/`newer`, also its rows equal to what the table holds, into `unchanged`.
 3. Multi-row `INSERT … VALUES (…),(…) ON CONFLICT …` (the SQLite sink's SQL), chunked so every
    statement keeps to 100 bound parameters and 100,000 bytes.
    After each, `changes()` (rows it wrote, new or replacing) is added to `ingestion_runs.updated`.
 4. Count the page's keys present now, into `ingestion_runs.inserted`; the difference is exact.
-5. Finish the counts (updated = written - inserted), then read them back.
+5. Finish the counts (inserted, updated, unchanged, duplicates), then read them back.
 
 Why count keys rather than read `meta.changes`: D1's `changes` counts rows updated by
 `ON CONFLICT DO UPDATE` as well as rows inserted, so under `update`/`newer` it cannot tell a new
@@ -43,7 +44,14 @@ from shared.errors import (
 )
 from shared.records import record_key
 from shared.settings import D1SinkConfig
-from shared.sink import ORDER_COLUMN, PageMeta, WriteResult, quote, with_orders
+from shared.sink import (
+    ORDER_COLUMN,
+    PageMeta,
+    WriteResult,
+    equal_rows_sql,
+    quote,
+    with_orders,
+)
 from shared.sqlite_sink import (
     COMMITTED_AT,
     RUN_INSERT,
@@ -202,6 +210,8 @@ class D1Sink:
         statements: list[Statement] = [(RUN_INSERT, run_values)]
         counts_before = self._key_counts(stream, records, "duplicates", run_key)
         statements += counts_before
+        if stream.conflict != "ignore":
+            statements += self._equal_counts(stream, records, run_key)
         for part in inserts:
             sql = insert_sql(stream, len(part))
             statements.append((sql, [p for item in part for p in item.params]))
@@ -215,21 +225,16 @@ class D1Sink:
             )
         statements += self._key_counts(stream, records, "inserted", run_key)
         valid = meta.received - meta.invalid
-        # Right-hand sides see the old values: keys after - keys before = inserted; rows
-        # written - inserted = updated; the rest by policy (shared/sink.py page_counts).
-        rest: str
-        rest_params: list[Param]
-        if stream.conflict == "ignore":
-            rest, rest_params = "duplicates = ? - updated", [valid]
-        else:
-            rest = "duplicates = ? - ?, unchanged = ? - updated"
-            rest_params = [valid, len(rows), len(rows)]
+        # Right-hand sides see the old values: keys after - keys before = inserted; rows written
+        # - inserted - equal rows still written (scratch in `deleted`) = updated; equal rows =
+        # unchanged; the rest of the valid records are duplicates (shared/sink.py page_counts).
         statements.append(
             (
                 "UPDATE ingestion_runs SET inserted = inserted - duplicates,"
-                f" updated = updated - (inserted - duplicates), {rest},"
+                " updated = updated - (inserted - duplicates) - deleted,"
+                " duplicates = ? - updated + deleted - unchanged, deleted = 0,"
                 f" committed_at = {COMMITTED_AT} WHERE page_id = ? AND sink = ?",
-                [*rest_params, *run_key],
+                [valid, *run_key],
             )
         )
         statements.append(
@@ -297,6 +302,46 @@ class D1Sink:
         return [
             (
                 sql(", ".join([mark] * len(part))),
+                [*(v for item in part for v in item.params), *run_key],
+            )
+            for part in parts
+        ]
+
+    @staticmethod
+    def _equal_counts(
+        stream: Stream, records: list[list[Param]], run_key: list[Param]
+    ) -> list[Statement]:
+        """Statements adding to ingestion_runs.unchanged the page's rows equal to what the
+        table holds, and to `deleted` (a scratch count, reset by the batch's last UPDATE) how
+        many of those the update policy still writes; chunked like the inserts."""
+        names = [*stream.column_names, ORDER_COLUMN]
+        match = " AND ".join(f"t.{quote(k)} = v.{quote(k)}" for k in stream.key)
+        count = equal_rows_sql(stream, "t", "v", "sqlite").format(
+            source=f"FROM v JOIN {quote(stream.table)} t ON {match}"
+        )
+        group = values_group(stream)
+
+        def sql(groups: str) -> str:
+            return (
+                "UPDATE ingestion_runs SET (unchanged, deleted) = (SELECT"
+                " ingestion_runs.unchanged + q.n, ingestion_runs.deleted + q.w FROM (WITH"
+                f" v({', '.join(quote(n) for n in names)}) AS (VALUES {groups}) {count}) q)"
+                " WHERE page_id = ? AND sink = ?"
+            )
+
+        items = [_Item(r, len(group) + 2, sum(_json_size(p) for p in r)) for r in records]
+        fixed = len(sql("").encode("utf-8")) + sum(_json_size(v) for v in run_key)
+        parts, too_big = chunk(items, fixed_params=len(run_key), fixed_bytes=fixed)
+        if too_big is not None:  # cannot happen for a row that fitted its INSERT; kept exact
+            raise RejectedBySinkError(
+                "record too large for a D1 statement",
+                sink=SINK,
+                stream=stream.name,
+                key=record_key(stream, records[too_big]),
+            )
+        return [
+            (
+                sql(", ".join([group] * len(part))),
                 [*(v for item in part for v in item.params), *run_key],
             )
             for part in parts

@@ -31,6 +31,7 @@ from shared.sink import (
     PageMeta,
     WriteResult,
     conflict_clause,
+    equal_rows_sql,
     page_counts,
     quote,
     with_orders,
@@ -114,7 +115,7 @@ class PostgresSink:
     def __init__(self, url: str) -> None:
         self._dsn = libpq_dsn(url)
         self._conn: psycopg2.extensions.connection | None = None
-        self._sql: dict[tuple[str, str], tuple[str, str, str, str]] = {}
+        self._sql: dict[tuple[str, str], tuple[str, str, str, str, str | None]] = {}
         # Staging tables known to exist in this session (CREATE … IF NOT EXISTS per page sent a
         # NOTICE and a catalog lookup every time); emptied with each new connection.
         self._staged: set[str] = set()
@@ -130,7 +131,7 @@ class PostgresSink:
                 raise TransientSinkError(f"cannot connect: {exc}".strip(), sink=self.name) from exc
         return self._conn
 
-    def _statements(self, stream: Stream) -> tuple[str, str, str, str]:
+    def _statements(self, stream: Stream) -> tuple[str, str, str, str, str | None]:
         cached = self._sql.get((stream.name, stream.conflict))
         if cached:
             return cached
@@ -148,12 +149,22 @@ class PostgresSink:
         # earlier version of the row) and which replaced another.
         insert = (
             f"WITH w AS (INSERT INTO {table} ({cols}) SELECT {cols} FROM {stage} ORDER BY {key} "
-            + conflict_clause(stream, "postgresql")
+            + conflict_clause(stream)
             + " RETURNING (xmax = 0) AS new)"
-            " SELECT count(*) FILTER (WHERE new), count(*) FILTER (WHERE NOT new) FROM w"
+            " SELECT count(*), count(*) FILTER (WHERE new) FROM w"
         )
-        self._sql[(stream.name, stream.conflict)] = (create, copy, copy_csv, insert)
-        return create, copy, copy_csv, insert
+        # Under update/newer: the page's rows equal to what the table holds, read first.
+        match = " AND ".join(f"t.{quote(k)} = s.{quote(k)}" for k in stream.key)
+        equal = (
+            None
+            if stream.conflict == "ignore"
+            else equal_rows_sql(stream, "t", "s", "postgresql").format(
+                source=f"FROM {stage} s JOIN {table} t ON {match}"
+            )
+        )
+        statements = (create, copy, copy_csv, insert, equal)
+        self._sql[(stream.name, stream.conflict)] = statements
+        return statements
 
     def _begin_run(self, cur: Any, stream: Stream, meta: PageMeta) -> bool:
         """Insert the page's ingestion_runs row; False when it is there already (a redelivery of
@@ -189,7 +200,7 @@ class PostgresSink:
 
     def write(self, stream: Stream, rows: Sequence[Sequence[Any]], meta: PageMeta) -> WriteResult:
         rows = with_orders(stream, rows)
-        create, copy, copy_as_csv, insert = self._statements(stream)
+        create, copy, copy_as_csv, insert, equal_sql = self._statements(stream)
         conn = self._connection()
         created = False
         try:
@@ -197,7 +208,7 @@ class PostgresSink:
                 if not self._begin_run(cur, stream, meta):
                     conn.commit()
                     return WriteResult(0, 0, already_committed=True)
-                inserted = updated = 0
+                written = inserted = equal = equal_written = 0
                 if rows:
                     if stream.table not in self._staged:
                         cur.execute(create)
@@ -207,9 +218,12 @@ class PostgresSink:
                         cur.copy_expert(copy, io.BytesIO(data))
                     else:
                         cur.copy_expert(copy_as_csv, io.BytesIO(copy_csv(rows)))
+                    if equal_sql is not None:
+                        cur.execute(equal_sql)
+                        equal, equal_written = cur.fetchone()
                     cur.execute(insert)
-                    inserted, updated = cur.fetchone()
-                result = page_counts(stream, meta, len(rows), inserted, updated)
+                    written, inserted = cur.fetchone()
+                result = page_counts(stream, meta, written, inserted, equal, equal_written)
                 self._finish_run(cur, meta, result)
             conn.commit()
         except psycopg2.Error as exc:

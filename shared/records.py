@@ -347,6 +347,20 @@ class Validator:
                 good.append(out)
         return good, bad
 
+    def check_key(self, key: Sequence[Any]) -> tuple[list[Any], str | None, str | None]:
+        """A key (the stream's key columns, in order) normalised as its columns are, or the
+        column and rule it breaks: (values, None, None) or ([], column, rule)."""
+        out = []
+        for name, value in zip(self.stream.key, key, strict=True):
+            _, check = self._checks[self.stream.column_names.index(name)]
+            if value is None:
+                return [], name, "is required"
+            try:
+                out.append(check(value))
+            except InvalidValue as exc:
+                return [], name, str(exc)
+        return out, None, None
+
     def _order(self, columns: Sequence[str]) -> list[int] | None:
         """None when the page's columns are the stream's; else where to find each stream column."""
         names = self.stream.column_names

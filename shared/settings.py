@@ -49,14 +49,27 @@ class Schedule(_Model):
 
 
 class D1SourceConfig(_Model):
-    """A D1 table's unprocessed rows, in pages: local (a SQLite file or wrangler's state) or
-    remote (REST). `order`: "rowid" reads in arrival order (cheap on random ids, needs an index on
-    `processed_at` alone), "key" in key order (index on `(processed_at, key)`), "auto" picks rowid
-    when the table's indexes serve it without a sort."""
+    """A D1 table, in pages: local (a SQLite file or wrangler's state) or remote (REST).
+
+    `capture` is how changes are found:
+    - "mark": rows with `processed_at IS NULL`, marked processed once every sink has them (needs
+      write access and that column). `order`: "rowid" reads in arrival order (needs an index on
+      `processed_at` alone), "key" in key order (index on `(processed_at, key)`), "auto" picks
+      rowid when the table's indexes serve it without a sort.
+    - "watermark": read-only; rows after a cursor on an increasing column (`watermark_column`:
+      "rowid", an integer id, or a timestamp, with `lookback_seconds` for late times), ties
+      broken by `key_column`. Catches inserts and INSERT OR REPLACE (a new rowid).
+    - "snapshot": read-only, for small tables; every run reads the whole table and sends only
+      the rows whose content changed since the last run, and with `deletes` the keys that are
+      gone, deleted from every sink."""
 
     kind: Literal["d1"]
     stream: str
     mode: Literal["local", "remote"] = "local"
+    capture: Literal["mark", "watermark", "snapshot"] = "mark"
+    watermark_column: str = "rowid"
+    lookback_seconds: Annotated[float, Field(ge=0)] = 0.0
+    deletes: bool = False
     path: str | None = None
     wrangler_state: str | None = None
     database_id: str | None = None
@@ -365,7 +378,7 @@ class PipelineConfig(_Model):
     # indexes' random inserts off the disk. Raise it for tables far beyond a few million rows.
     sqlite_cache_mib: Annotated[int, Field(ge=2, le=65_536)] = 64
     # Where runs, cursors and dead letters are kept (shared/state.py): "auto" is PostgreSQL when
-    # a stream writes there, else the SQLite sink's file.
+    # one is configured or a stream writes there, else the SQLite sink's file.
     state: Literal["auto", "postgres", "sqlite"] = "auto"
 
 

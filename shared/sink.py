@@ -54,14 +54,25 @@ class WriteResult:
 
 
 def page_counts(
-    stream: Stream, meta: PageMeta, rows: int, inserted: int, updated: int
+    stream: Stream,
+    meta: PageMeta,
+    written: int,
+    inserted: int,
+    equal: int = 0,
+    equal_written: int = 0,
 ) -> WriteResult:
-    """The page's WriteResult from what the sink counted: `rows` written (deduped), of which
-    `inserted` were new keys and `updated` replaced a row."""
+    """The page's WriteResult from what the sink counted: `written` rows the statement wrote
+    (inserted or replacing), `inserted` of them new keys; and, measured before the write,
+    `equal` rows identical to what the table held, `equal_written` of which were still written
+    (a later read of the same values: only its source order moves)."""
     valid = meta.received - meta.invalid
-    if stream.conflict == "ignore":
-        return WriteResult(inserted, valid - inserted - updated, updated=updated)
-    return WriteResult(inserted, valid - rows, updated=updated, unchanged=rows - inserted - updated)
+    updated = written - inserted - equal_written
+    return WriteResult(
+        inserted,
+        valid - inserted - updated - equal,
+        updated=updated,
+        unchanged=equal,
+    )
 
 
 class Sink(Protocol):
@@ -99,14 +110,16 @@ def quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def conflict_clause(stream: Stream, dialect: str = "sqlite") -> str:
-    """The ON CONFLICT clause for the stream's policy, on the stream's key only: a conflict on
-    any other unique column is the database refusing the record, not a duplicate.
+def conflict_clause(stream: Stream) -> str:
+    """The ON CONFLICT clause for the stream's policy (the same text in both dialects), on the
+    stream's key only: a conflict on any other unique column is the database refusing the
+    record, not a duplicate.
 
     Rows carry their source order (`sluice_order`), so when two reads of a key race to a sink,
     every sink keeps the same one whatever the arrival order:
     - `ignore`: the first read (an earlier read arriving later replaces the later one);
-    - `update`: the last read, and only when a value differs (an equal row is `unchanged`);
+    - `update`: the last read (a later read equal to the row held still moves its order, so
+      an older read arriving after it cannot win);
     - `newer`: the higher version column.
     A row written before orders existed (NULL) counts as the oldest."""
     t, o = quote(stream.table), quote(ORDER_COLUMN)
@@ -117,13 +130,29 @@ def conflict_clause(stream: Stream, dialect: str = "sqlite") -> str:
     if stream.conflict == "ignore":
         return clause + f"excluded.{o} < {t}.{o}"
     if stream.conflict == "update":
-        later = f"({t}.{o} IS NULL OR excluded.{o} IS NULL OR excluded.{o} > {t}.{o})"
-        if not values:
-            return clause + later
-        mine = ", ".join(f"{t}.{c}" for c in values)
-        theirs = ", ".join(f"excluded.{c}" for c in values)
-        differs = "IS DISTINCT FROM" if dialect == "postgresql" else "IS NOT"
-        return clause + f"{later} AND ({mine}) {differs} ({theirs})"
+        return clause + later(f"excluded.{o}", f"{t}.{o}")
     assert stream.version_column is not None
     v = quote(stream.version_column)
     return clause + f"{t}.{v} IS NULL OR excluded.{v} > {t}.{v}"
+
+
+def later(arriving: str, held: str) -> str:
+    """SQL: the arriving row's source order is after the held row's (NULL: unknown, which
+    counts as the oldest held, and as later when arriving)."""
+    return f"({held} IS NULL OR {arriving} IS NULL OR {arriving} > {held})"
+
+
+def equal_rows_sql(stream: Stream, held: str, arriving: str, dialect: str) -> str:
+    """SQL counting the arriving rows equal, column by column, to the row the table holds for
+    their key, and how many of those the update policy will still write (a later order):
+    `SELECT count(*), <written> FROM … WHERE …`, completed by the caller's FROM/JOIN."""
+    same = "IS NOT DISTINCT FROM" if dialect == "postgresql" else "IS"
+    values = [quote(c) for c in stream.column_names if c not in stream.key]
+    equal = " AND ".join(f"{held}.{c} {same} {arriving}.{c}" for c in values) or "1 = 1"
+    o = quote(ORDER_COLUMN)
+    written = (
+        f"sum(CASE WHEN {later(f'{arriving}.{o}', f'{held}.{o}')} THEN 1 ELSE 0 END)"
+        if stream.conflict == "update"
+        else "0"
+    )
+    return f"SELECT count(*) AS n, coalesce({written}, 0) AS w {{source}} WHERE {equal}"

@@ -42,6 +42,7 @@ from shared.sink import (
     PageMeta,
     WriteResult,
     conflict_clause,
+    equal_rows_sql,
     page_counts,
     quote,
     with_orders,
@@ -180,6 +181,31 @@ class SqliteSink:
             conn.execute(self._insert(stream, size), list(itertools.chain.from_iterable(chunk)))
             i += size
 
+    def _equal_rows(
+        self, conn: sqlite3.Connection, stream: Stream, rows: Sequence[Sequence[Any]]
+    ) -> tuple[int, int]:
+        """Rows of the page equal to what the table holds, and how many of those will still be
+        written (shared/sink.py equal_rows_sql), counted before the page's INSERTs."""
+        names = [*stream.column_names, ORDER_COLUMN]
+        width = len(names)
+        per = max(1, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width)
+        match = " AND ".join(f"t.{quote(k)} = v.{quote(k)}" for k in stream.key)
+        count = equal_rows_sql(stream, "t", "v", "sqlite").format(
+            source=f"FROM v JOIN {quote(stream.table)} t ON {match}"
+        )
+        equal = written = 0
+        for i in range(0, len(rows), per):
+            chunk = rows[i : i + per]
+            cte = f"WITH v({', '.join(quote(n) for n in names)}) AS (VALUES " + ", ".join(
+                [values_group(stream)] * len(chunk)
+            )
+            found = conn.execute(
+                cte + ") " + count, list(itertools.chain.from_iterable(chunk))
+            ).fetchone()
+            equal += found[0]
+            written += found[1]
+        return equal, written
+
     def _insert(self, stream: Stream, rows: int) -> str:
         key = (stream.name, stream.conflict, rows)
         sql = self._sql.get(key)
@@ -280,6 +306,9 @@ class SqliteSink:
                 deleted += conn.execute(sql, [*key, order, order]).rowcount
             result = WriteResult(0, len(w.rows) - deleted, deleted=deleted)
         else:
+            equal = equal_written = 0
+            if stream.conflict != "ignore":
+                equal, equal_written = self._equal_rows(conn, stream, w.rows)
             # New rows take rowids above the table's highest, updates keep theirs: counting the
             # rows above it afterwards tells inserted from updated (changes counts both).
             table = quote(stream.table)
@@ -290,7 +319,7 @@ class SqliteSink:
             inserted = conn.execute(
                 f"SELECT count(*) FROM {table} WHERE rowid > ?", (top,)
             ).fetchone()[0]
-            result = page_counts(stream, meta, len(w.rows), inserted, written - inserted)
+            result = page_counts(stream, meta, written, inserted, equal, equal_written)
         conn.execute(RUN_FINISH, finish_params(self.name, meta, result))
         return result
 

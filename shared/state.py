@@ -7,7 +7,8 @@ the few SQL differences between the two dialects are answered here, so the modul
 table (producers/produce.py, producers/cursors.py, shared/letters.py, …) write one query.
 
 `[pipeline] state` chooses the store: "postgres", "sqlite", or "auto" (the default): PostgreSQL
-when a stream writes there, else the SQLite file, so a SQLite-only deployment needs no PostgreSQL.
+when one is configured or a stream writes there, else the SQLite file, so a SQLite-only
+deployment needs no PostgreSQL.
 """
 
 from __future__ import annotations
@@ -79,12 +80,14 @@ class StateStore:
 
 
 def state_kind(settings: Settings) -> Literal["postgres", "sqlite"]:
-    """Where the state lives: the configured store, or for "auto" PostgreSQL when a stream of
-    the configured sources writes there, else the SQLite file."""
+    """Where the state lives: the configured store; for "auto", PostgreSQL when one is
+    configured (SLUICE_POSTGRES_URL) or a stream of the configured sources writes there, else
+    the SQLite file."""
     chosen = settings.pipeline.state
     if chosen != "auto":
         return chosen
-    return "postgres" if "postgres" in settings.sinks_fed else "sqlite"
+    has_postgres = settings.postgres_url or "postgres" in settings.sinks_fed
+    return "postgres" if has_postgres else "sqlite"
 
 
 def sqlite_engine(path: Path, busy_timeout_ms: int) -> Engine:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import random
 import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import msgpack
 import psycopg2
 
 from ops.status import total_depth
@@ -112,3 +116,29 @@ def d1_processed(path: Path) -> tuple[int, int]:
         return int(total), int(done)
     finally:
         conn.close()
+
+
+TASK_QUEUES = ("ingest.postgres", "ingest.sqlite", "dead_letter", "progress")
+
+
+def run_queued_tasks(ctx: Context, shuffle: random.Random | None = None) -> int:
+    """Run every task waiting on the pipeline's queues in this process, as workers would, until
+    none is left (tasks queue more: dead letters, acknowledgements). With `shuffle`, messages
+    are taken from the queues in a random order: pages then reach the sinks out of order, as
+    they do with many workers. Returns the number of tasks run."""
+    from shared.celery_app import app
+
+    app.loader.import_default_modules()  # the task modules, as a worker loads them
+    ran = 0
+    while True:
+        waiting = [q for q in TASK_QUEUES if ctx.redis.llen(q)]
+        if not waiting:
+            return ran
+        queue = shuffle.choice(waiting) if shuffle else waiting[0]
+        newest_first = shuffle is not None and shuffle.random() < 0.5
+        raw = ctx.redis.lpop(queue) if newest_first else ctx.redis.rpop(queue)
+        assert raw is not None
+        message = json.loads(raw)
+        args, kwargs, _ = msgpack.unpackb(base64.b64decode(message["body"]), raw=False)
+        app.tasks[message["headers"]["task"]].apply(args=args, kwargs=kwargs).get()
+        ran += 1

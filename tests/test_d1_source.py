@@ -237,7 +237,9 @@ def test_remote_reads_and_marks_within_d1_limits(env: Env, fake: FakeD1) -> None
     bodies = [r.body for r in fake.requests if isinstance(r.body, dict)]
     marks = [b for b in bodies if "batch" in b]
     # 500 rows, 49 (rowid, id) pairs per statement; the source chose rowid order by EXPLAIN.
-    assert len(marks) == 1 and len(marks[0]["batch"]) == 11
+    # Each UPDATE is followed by a guard that rolls the batch back if it marked more rows.
+    updates = [b for b in marks[0]["batch"] if b["sql"].startswith("UPDATE")] if marks else []
+    assert len(marks) == 1 and len(updates) == 11 and len(marks[0]["batch"]) == 22
     for stmt in marks[0]["batch"]:
         assert len(stmt["params"]) <= 100
     assert all(r.authorized for r in fake.requests)
@@ -295,3 +297,141 @@ def test_threads_acknowledge_through_one_source_side_by_side(env: Env) -> None:
     source.close()
     assert errors == []
     assert d1_processed(d1) == (4_000, 4_000)
+
+
+# -- the source's own edges ----------------------------------------------------------------------
+
+
+def _drain_in_process(ctx: Any, source: str) -> list[Any]:
+    """Runs of the source until nothing is left, every task run in this process."""
+    from producers.produce import run_source
+    from tests.helpers import run_queued_tasks
+
+    runs = []
+    for _ in range(50):
+        summary = run_source(ctx, source)
+        runs.append(summary)
+        run_queued_tasks(ctx)
+        if summary.pages == 0 and ctx.progress.in_flight(source) == 0:
+            return runs
+    raise AssertionError(f"{source} did not drain: {runs[-1]}")
+
+
+def test_text_that_is_not_utf8_is_a_dead_letter_not_a_stuck_source(env: Env) -> None:
+    """One value SQLite holds as TEXT but that is not UTF-8: its record becomes a dead letter
+    with the bytes kept, the run names its key and rowid, and every other row moves on."""
+    from sqlalchemy import text
+
+    from shared.letters import fetch_records
+    from shared.state import StateStore
+
+    d1 = env.dir / "d1.sqlite"
+    sample = write_d1_file(d1, 3_000)
+    conn = sqlite3.connect(d1)
+    conn.execute(
+        "UPDATE usage_events SET organisation_id = CAST(x'6f7267c328ff' AS TEXT) WHERE rowid = 1502"
+    )
+    bad_key = conn.execute("SELECT idempotency_key FROM usage_events WHERE rowid = 1502").fetchone()
+    conn.commit()
+    conn.close()
+    settings = _settings(env, d1_config(d1, page_size=500))
+    migrate_sqlite(env.sqlite_path)
+    ctx = app.configure(settings)
+    runs = _drain_in_process(ctx, "d1_usage")
+    assert d1_processed(d1) == (3_000, 3_000)
+    assert any("rowid=1502" in (r.error or "") for r in runs)
+    store = StateStore(ctx.state.engine)
+    with store.read() as c:
+        ids = [
+            r[0]
+            for r in c.execute(
+                text("SELECT id FROM failed_ingestions WHERE error_message LIKE '%got bytes%'")
+            )
+        ]
+        records = fetch_records(c, ids)
+    assert len(ids) == 2  # one letter per sink
+    assert {records[i]["row"][1] for i in ids} == {b"org\xc3(\xff"}
+    assert {records[i]["row"][3] for i in ids} == {bad_key[0]}
+    valid = sample.distinct_valid_keys - {bad_key[0]}
+    assert set(pg_keys(env.pg_url)) >= valid and set(sqlite_keys(env.sqlite_path)) >= valid
+
+
+def test_a_key_column_typo_is_refused_before_anything_is_marked(env: Env) -> None:
+    """SQLite reads an unknown quoted name as a text literal: `"idd" IN (...)` would match every
+    row. The source checks its columns against the table first."""
+    from tests.test_cli import sluice
+
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 50)
+    env.write_config(d1_config(d1) + 'key_column = "idd"\n')
+    source = open_source(Settings.load(env.vars), "d1_usage")
+    with pytest.raises(Exception, match="key_column: column 'idd' is not in table"):
+        list(source.pages(None, 10))
+    source.close()
+    assert d1_processed(d1) == (50, 0)
+    out = sluice("config", "check", "--online", env=env.vars)
+    assert out.returncode == 1 and "'idd' is not in table 'usage_events'" in out.stdout
+
+
+def test_a_stream_column_missing_from_the_table_is_refused(env: Env) -> None:
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 20)
+    conn = sqlite3.connect(d1)
+    conn.execute("ALTER TABLE usage_events DROP COLUMN unit")  # else read back as the text 'unit'
+    conn.close()
+    source = open_source(_settings(env, d1_config(d1)), "d1_usage")
+    with pytest.raises(Exception, match="stream usage_events: column 'unit' is not in table"):
+        list(source.pages(None, 10))
+    source.close()
+
+
+def test_rows_with_a_null_key_are_marked_once_their_letters_are_stored(env: Env) -> None:
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 600)
+    conn = sqlite3.connect(d1)
+    conn.execute("UPDATE usage_events SET id = NULL WHERE rowid IN (3, 300, 599)")
+    conn.commit()
+    conn.close()
+    for order in ("rowid", "key"):
+        conn = sqlite3.connect(d1)
+        conn.execute("UPDATE usage_events SET processed_at = NULL")
+        conn.commit()
+        conn.close()
+        settings = _settings(env, d1_config(d1, page_size=100) + f'order = "{order}"\n')
+        migrate_sqlite(env.sqlite_path)
+        ctx = app.configure(settings)
+        runs = _drain_in_process(ctx, "d1_usage")
+        assert d1_processed(d1) == (600, 600), order
+        assert runs[-1].records == 0  # the backlog reached zero: nothing read again
+
+
+def test_a_mark_reaching_rows_never_read_is_rolled_back(env: Env) -> None:
+    """A key column that is not unique: marking a page by key would also mark the rows of the
+    same key that were never read. The mark is refused and nothing is marked."""
+    d1 = env.dir / "d1.sqlite"
+    _usage_table(d1, "id TEXT", "", ["a", "a", "b", "c"])
+    source = open_source(_settings(env, d1_config(d1, page_size=1) + 'order = "key"\n'), "d1_usage")
+    first = next(iter(source.pages(None, 1)))
+    assert first.ack == ["a"]
+    with pytest.raises(Exception, match="more rows than it read"):
+        source.acknowledge(first.ack)
+    source.close()
+    assert d1_processed(d1) == (4, 0)
+
+
+def test_a_transient_d1_error_on_the_order_probe_is_not_a_table_property(
+    env: Env, fake: FakeD1
+) -> None:
+    d1 = env.dir / "remote.sqlite"
+    write_d1_file(d1, 100)
+    fake.add_database(DB_ID, d1)
+    env.vars["TEST_D1_TOKEN"] = fake.token
+    source = open_source(_settings(env, remote_config(fake)), "d1_usage")
+    assert isinstance(source, D1Source)
+    assert source.check() == [] and source.has_rowid
+    fake.fail_next("d1_transient", count=5)  # every attempt of the probe
+    with pytest.raises(Exception, match=r"D1 DB|overloaded|Network|reset"):
+        _ = source.order
+    assert source._order is None  # not settled on key order: the next run probes again
+    assert source.order == "rowid"
+    source.close()

@@ -367,10 +367,10 @@ def test_d1_snapshot_reads_every_row_in_keyset_pages_and_changes_nothing(env: En
         source.close()
     conn = sqlite3.connect(source_db)
     try:
-        ids = [r[0] for r in conn.execute("SELECT id FROM usage_events ORDER BY id")]
+        ids = [r[0] for r in conn.execute("SELECT id FROM usage_events ORDER BY rowid")]
     finally:
         conn.close()
-    # Processed rows too, each once, in the stream's column order (id first).
+    # Processed rows too, each once, in arrival order, in the stream's column order (id first).
     assert [row[0] for _, row in rows] == ids and len(ids) == 250
     assert {name for name, _ in rows} == {"usage_events"}
     assert d1_processed(source_db) == (250, 125)
