@@ -562,7 +562,7 @@ def reconcile(
 
     letters = _dead_letters(settings, source_name)
     feeders = _feeders(settings)
-    capture = cfg.capture if isinstance(cfg, D1SourceConfig) else "kv"
+    capture = cfg.capture if isinstance(cfg, D1SourceConfig) else None
     keeps_deleted = capture == "watermark" or (
         isinstance(cfg, D1SourceConfig) and capture == "snapshot" and not cfg.deletes
     )
@@ -688,7 +688,9 @@ def _key(k: Sequence[Any]) -> str:
 def format_report(doc: dict[str, Any]) -> str:
     verdict = "OK" if doc["ok"] else "MISMATCH"
     lines = [
-        f"reconcile {doc['source']} ({doc['kind']}, {doc['capture']}): {verdict}"
+        f"reconcile {doc['source']} ({doc['kind']}"
+        + (f", {doc['capture']} capture" if doc.get("capture") else "")
+        + f"): {verdict}"
         f" — sample {doc['sample']} per stream, seed {doc['seed']};"
         f" source read in {doc['seconds']['source']}s, total {doc['seconds']['total']}s",
         "",

@@ -40,7 +40,6 @@ log = logging.getLogger("sluice.produce")
 # The run's lock is a short lease renewed while the run is alive: a run killed mid-way frees its
 # source within LOCK_SECONDS, and a run that lives longer keeps it as long as it needs.
 LOCK_SECONDS = 30
-RENEW_EVERY = LOCK_SECONDS / 3
 
 
 @dataclass
@@ -61,8 +60,10 @@ class SourceLock:
     """One run of a source at a time, across every machine: a Redis lock held as a short lease
     that a background thread renews while the run is alive."""
 
-    def __init__(self, client: redis.Redis, source: str) -> None:
-        self._lock = client.lock(f"sluice:lock:source:{source}", timeout=LOCK_SECONDS)
+    def __init__(self, client: redis.Redis, source: str, lease: float = LOCK_SECONDS) -> None:
+        # thread_local=False: the renewing thread must see the token the run's thread took.
+        self._lock = client.lock(f"sluice:lock:source:{source}", timeout=lease, thread_local=False)
+        self._lease = lease
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost = False  # the lease ran out (Redis restarted, the process stalled)
@@ -75,9 +76,9 @@ class SourceLock:
         return True
 
     def _renew(self) -> None:
-        while not self._stop.wait(RENEW_EVERY):
+        while not self._stop.wait(self._lease / 3):
             try:
-                self._lock.extend(LOCK_SECONDS, replace_ttl=True)
+                self._lock.extend(self._lease, replace_ttl=True)
             except LockError:
                 self.lost = True
                 return

@@ -139,6 +139,10 @@ def run_queued_tasks(ctx: Context, shuffle: random.Random | None = None) -> int:
         raw = ctx.redis.lpop(queue) if newest_first else ctx.redis.rpop(queue)
         assert raw is not None
         message = json.loads(raw)
-        args, kwargs, _ = msgpack.unpackb(base64.b64decode(message["body"]), raw=False)
+        body = base64.b64decode(message["body"])
+        if message["content-type"] == "application/x-msgpack":
+            args, kwargs, _ = msgpack.unpackb(body, raw=False)
+        else:
+            args, kwargs, _ = json.loads(body)
         app.tasks[message["headers"]["task"]].apply(args=args, kwargs=kwargs).get()
         ran += 1

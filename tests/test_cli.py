@@ -48,6 +48,12 @@ def test_demo_with_embedded_servers_is_exact_and_idempotent(tmp_path: Path) -> N
     assert second.returncode == 0, second.stderr
     doc2 = json.loads(second.stdout)
     assert doc2["inserted"] == 0 and doc2["duplicates"] == 5_000 - invalid
+    # A larger sample has other invalid rows: the count is this run's letters only, not every
+    # letter still pending from the runs before.
+    _, _, invalid3 = generate_rows(7_000)
+    third = sluice("demo", "--records", "7000", "--json", "--data-dir", str(data), env=env)
+    assert third.returncode == 0, third.stderr
+    assert json.loads(third.stdout)["dead_letters"] == invalid3 != invalid
     # The demo stopped the servers it started.
     status = sluice("services", "status", env=dict(env, SLUICE_DATA_DIR=str(data)))
     assert "not running" in status.stdout and "redis://" not in status.stdout

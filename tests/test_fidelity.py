@@ -9,6 +9,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from shared.letters import DeadLetter, fetch_records, record_of_row, write_lette
 from shared.migrations import migrate_sqlite
 from shared.page import Page
 from shared.settings import Settings
+from shared.sink import PageMeta
+from shared.sqlite_sink import SqliteSink
 from shared.state import StateStore, sqlite_engine
 from shared.streams import HISTORICAL_PRICES, USAGE_EVENTS, Stream
 from tests.conftest import Env
@@ -35,6 +38,7 @@ from tests.helpers import d1_config, d1_processed, drain, pg_scalar, wait_queues
 from tests.test_cli import sluice
 
 COLUMNS = list(USAGE_EVENTS.column_names)
+ROOT = Path(__file__).resolve().parent.parent
 
 # Values no one designed this code for: every byte, every escape that a JSON or SQL layer might
 # "helpfully" interpret, control and format characters, other scripts, limits.
@@ -554,19 +558,65 @@ def test_the_seed_troubleshooting_query_runs_on_both_sinks(env: Env) -> None:
     assert _sink_rows(env, "sqlite", query) == []
 
 
-def test_sqlite_page_times_are_never_negative(env: Env) -> None:
-    d1 = env.dir / "d1.sqlite"
-    write_d1_file(d1, 3_000)
-    env.write_config(d1_config(d1, page_size=250))
-    migrate_sqlite(env.sqlite_path)
-    ctx = app.configure(Settings.load(env.vars))
-    with WorkerPool(env.vars, env.dir / "logs") as pool:
-        pool.start("pg", ["ingest.postgres", "dead_letter", "progress"], 2)
-        pool.start_sqlite_writer()
-        drain(ctx, "d1_usage")
-    lowest = _sink_rows(
-        env,
-        "sqlite",
-        "SELECT min(avg_page_seconds), min(rows_per_second) FROM ingestion_performance",
-    )[0]
+def test_sqlite_page_times_are_never_negative(tmp_path: Path) -> None:
+    """A page's start and commit times are stored alike (milliseconds, Z), so a page that
+    commits within the millisecond it started never shows a negative time or rate."""
+    path = tmp_path / "sink.sqlite"
+    migrate_sqlite(path)
+    sink = SqliteSink(path)
+    for i in range(300):  # tiny pages: many commit within the millisecond they started
+        meta = PageMeta(f"p{i}", "s", "r", 1, 0, 1, datetime.now(UTC))
+        sink.write(USAGE_EVENTS, [base_row(i)], meta)
+    sink.close()
+    lite = sqlite3.connect(path)
+    shortest = lite.execute(
+        "SELECT min(julianday(committed_at) - julianday(started_at)) FROM ingestion_runs"
+    ).fetchone()[0]
+    lowest = lite.execute(
+        "SELECT min(avg_page_seconds), min(rows_per_second) FROM ingestion_performance"
+    ).fetchone()
+    lite.close()
+    assert shortest >= 0
     assert lowest[0] >= 0 and lowest[1] > 0
+
+
+# -- the run lock -------------------------------------------------------------------------------
+
+
+def test_a_run_lock_is_a_lease_renewed_while_alive_and_freed_when_its_owner_dies(
+    env: Env,
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import redis
+
+    from producers.produce import SourceLock
+
+    client = redis.Redis.from_url(env.redis_url)
+    held = SourceLock(client, "s", lease=1.0)
+    assert held.acquire()
+    time.sleep(3)  # three leases long: renewed meanwhile
+    assert not SourceLock(client, "s", lease=1.0).acquire()
+    held.release()
+    assert SourceLock(client, "s", lease=1.0).acquire()
+
+    # A run killed mid-way (no release): its source is free once the lease runs out.
+    code = (
+        "import sys, time, redis; from producers.produce import SourceLock;"
+        f" lock = SourceLock(redis.Redis.from_url({env.redis_url!r}), 'k', lease=2.0);"
+        " assert lock.acquire(); print('held', flush=True); time.sleep(60)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=ROOT)
+    assert child.stdout is not None and child.stdout.readline().strip() == b"held"
+    time.sleep(3)
+    assert not SourceLock(client, "k", lease=2.0).acquire()  # renewed while the child lives
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    deadline = time.monotonic() + 4
+    while not SourceLock(client, "k", lease=2.0).acquire():
+        assert time.monotonic() < deadline, "the dead run's lock was not freed"
+        time.sleep(0.2)
+    client.close()

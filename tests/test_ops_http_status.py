@@ -50,7 +50,7 @@ def test_status_metrics_and_config_check_show_http_sources(env: Env) -> None:
         assert check.returncode == 0, check.stderr
         assert "2 source(s)" in check.stdout
         assert "source bn: binance → historical_prices (schedule: {'every': 300" in check.stdout
-        assert "source d1_usage: d1 local → usage_events" in check.stdout
+        assert "source d1_usage: d1 local, mark → usage_events" in check.stdout
 
         engine = postgres_engine(env.pg_url)
         try:
