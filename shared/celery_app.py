@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, Task, signals
 from kombu import Queue
 
 from shared.context import Context
@@ -39,8 +39,19 @@ INGEST_QUEUES = tuple(ingest_queue(s) for s in SINK_NAMES)
 QUEUES = (*INGEST_QUEUES, "dead_letter", "progress", "produce")
 
 
+class SluiceTask(Task):  # type: ignore[misc]
+    # msgpack keeps bytes bytes and numbers exact; set on the class, so it holds whenever the
+    # task is bound (Celery would otherwise take the config of that moment, JSON by default).
+    serializer = "msgpack"
+
+
 class SluiceCelery(Celery):  # type: ignore[misc]
     _context: Context | None = None
+
+    def send_task(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        # Every message of ours is msgpack, whatever the process's config was when it started.
+        kwargs.setdefault("serializer", "msgpack")
+        return super().send_task(name, *args, **kwargs)
 
     def configure(self, settings: Settings) -> Context:
         """Point the app at the settings' broker (starting the embedded one if unset)."""
@@ -94,6 +105,7 @@ class SluiceCelery(Celery):  # type: ignore[misc]
 app = SluiceCelery(
     "sluice",
     include=["consumers.ingest", "consumers.dead_letter", "producers.ack", "producers.produce"],
+    task_cls=SluiceTask,
 )
 
 
