@@ -87,6 +87,16 @@ def pg_keys(pg_url: str, table: str = "usage_events", key: str = "idempotency_ke
         conn.close()
 
 
+def pg_rows(pg_url: str, sql: str) -> list[tuple[object, ...]]:
+    conn = psycopg2.connect(libpq_dsn(pg_url))
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            return list(cur.fetchall())
+    finally:
+        conn.close()
+
+
 def pg_scalar(pg_url: str, sql: str) -> object:
     conn = psycopg2.connect(libpq_dsn(pg_url))
     try:

@@ -620,3 +620,25 @@ def test_a_run_lock_is_a_lease_renewed_while_alive_and_freed_when_its_owner_dies
         assert time.monotonic() < deadline, "the dead run's lock was not freed"
         time.sleep(0.2)
     client.close()
+
+
+def test_an_event_time_in_the_future_is_not_a_negative_lag(env: Env) -> None:
+    from ops.status import sources_status
+    from shared.postgres_sink import PostgresSink
+
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 10)
+    env.write_config(d1_config(d1))
+    ctx = app.configure(Settings.load(env.vars))
+    row = base_row()
+    row[7] = "2099-01-01T00:00:00+00:00"  # a source clock far ahead
+    sink = PostgresSink(env.pg_url)
+    sink.write(USAGE_EVENTS, [row], PageMeta("p", "d1_usage", "r", 1, 0, 1, datetime.now(UTC)))
+    sink.close()
+    engine = postgres_engine(env.pg_url)
+    errors: dict[str, str] = {}
+    doc = sources_status(ctx, engine, StateStore(engine), errors)["d1_usage"]
+    engine.dispose()
+    assert errors == {}
+    assert doc["lag_seconds"] == 0
+    assert "2099-01-01" in doc["future_times"]

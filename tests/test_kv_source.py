@@ -376,3 +376,44 @@ def test_acknowledging_needs_no_token_and_twice_counts_once(env: Env, fake: Fake
             next(iter(source.store.list_keys("")))
     finally:
         source.close()
+
+
+def test_a_blob_id_pointing_outside_the_blobs_folder_is_not_read(tmp_path: Path) -> None:
+    """The index is data: an entry whose blob id is a path elsewhere (`/etc/passwd`, `../..`)
+    becomes a problem naming the key, and that file is never read into a dead letter."""
+    state = tmp_path / ".wrangler" / "state"
+    index = state / "v3" / "kv" / "miniflare-KVNamespaceObject" / miniflare_kv_filename(NS)
+    index.parent.mkdir(parents=True)
+    blobs = state / "v3" / "kv" / NS / "blobs"
+    blobs.mkdir(parents=True)
+    secret = tmp_path / "secret.txt"
+    secret.write_text('["not for a dead letter"]')
+    conn = sqlite3.connect(index)
+    conn.execute(
+        "CREATE TABLE _mf_entries (key TEXT PRIMARY KEY, blob_id TEXT NOT NULL,"
+        " expiration INTEGER, metadata TEXT)"
+    )
+    (blobs / "ok").write_bytes(b'["SPY"]')
+    for key, blob in [
+        ("watchlist:1", "ok"),
+        ("watchlist:2", str(secret)),
+        ("watchlist:3", "../../../../../secret.txt"),
+        ("watchlist:4", "/etc/passwd"),
+    ]:
+        conn.execute("INSERT INTO _mf_entries VALUES (?, ?, NULL, NULL)", (key, blob))
+    conn.commit()
+    conn.close()
+    config = f"""
+[sources.bot]
+kind = "kv"
+mode = "local"
+wrangler_state = "{state}"
+namespace_id = "{NS}"
+"""
+    source = kv_source(settings_for(tmp_path, config))
+    problems: list[Problem] = []
+    rows = [r for _, r in source.records(NOW_MS, problems.append)]
+    source.close()
+    assert [r[:2] for r in rows] == [["1", "SPY"]]
+    assert sorted(p.key for p in problems) == ["watchlist:2", "watchlist:3", "watchlist:4"]
+    assert all("outside the blobs folder" in p.message and p.value is None for p in problems)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from tests.helpers import (
     d1_processed,
     drain,
     pg_keys,
+    pg_rows,
     pg_scalar,
     sqlite_keys,
     wait_queues_empty,
@@ -64,6 +66,20 @@ def test_end_to_end_both_sinks_then_second_run_inserts_nothing(
     assert sum(r.records for r in runs) == 20_000
     assert_exact(env, sample.distinct_valid_keys)
     assert d1_processed(d1) == (20_000, 20_000)
+    # A key read twice (a retried client call with a new id) keeps its first read in both
+    # sinks, though its pages raced through the two workers and the writer's threads.
+    source = sqlite3.connect(d1)
+    first = dict(
+        reversed(
+            source.execute("SELECT idempotency_key, id FROM usage_events ORDER BY rowid").fetchall()
+        )
+    )
+    source.close()
+    lite = sqlite3.connect(env.sqlite_path)
+    in_sqlite = dict(lite.execute("SELECT idempotency_key, id FROM usage_events").fetchall())
+    lite.close()
+    in_pg = dict(pg_rows(env.pg_url, "SELECT idempotency_key, id FROM usage_events"))
+    assert in_pg == in_sqlite == {k: first[k] for k in in_pg}
     # Every invalid row is a dead letter, once per sink, naming the field.
     assert (
         pg_scalar(env.pg_url, "SELECT count(DISTINCT record_key) FROM failed_ingestions")

@@ -542,3 +542,38 @@ def test_page_at_once_matches_value_by_value(
         page.append(tuple(r) if shape == "tuple" else r[:8] if shape == "short" and odd else r)
     v = Validator(USAGE_EVENTS)
     assert v.validate(USAGE_EVENTS.column_names, page) == v._each(USAGE_EVENTS.column_names, page)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a":"\\\\u0000"}',  # an escaped backslash before u0000: six characters, not a NUL
+        '{"n":1e400}',  # beyond a double, still JSON (jsonb keeps it exactly)
+        "[123456789012345678901234567890]",
+    ],
+)
+def test_valid_json_that_orjson_or_a_naive_check_refuses_is_kept(text: str) -> None:
+    good, bad = validate(event(metadata=text))
+    assert bad == [] and good[0][8] == text
+
+
+def test_a_json_nul_escape_is_still_refused() -> None:
+    r = one_rejection("metadata", '{"a":"x\\\\\\u0000"}')  # \\ then \u0000: a NUL
+    assert "NUL character" in r.rule
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("2026-01-01T00:00:00.1234567Z", False),
+        ("2026-01-01T00:00:00.123456789+00:00", False),
+        ("2026-01-01T00:00:00.1234560Z", True),  # zeros beyond microseconds lose nothing
+        ("2026-01-01T00:00:00.123456Z", True),
+    ],
+)
+def test_a_time_finer_than_a_microsecond_is_refused_not_cut(value: str, ok: bool) -> None:
+    good, bad = validate(event(timestamp=value))
+    if ok:
+        assert bad == [] and good[0][7].startswith("2026-01-01T00:00:00.123456")
+    else:
+        assert good == [] and "finer than a microsecond" in bad[0].rule
