@@ -156,28 +156,31 @@ class WatermarkCapture:
             read = self._read(where, params, order, size)
             if not read:
                 return
-            rows, ends = read
+            rows, ends, orders = read
             ack = {
                 "capture": "watermark",
                 "from": None if start is None else encode_values(start),
                 "to": encode_values(ends[-1]),
             }
             start = ends[-1]
-            yield SourcePage(rows=rows, ack=ack, last_key=["watermark", *start])
+            yield SourcePage(rows=rows, ack=ack, last_key=["watermark", *start], orders=orders)
             if len(rows) < size:
                 return
 
     def _read(
         self, where: str, params: list[object], order: str, size: int
-    ) -> tuple[list[Sequence[Any]], list[list[Any]]] | None:
-        """A page, and per row its position: [watermark value, key] ([rowid, None])."""
+    ) -> tuple[list[Sequence[Any]], list[list[Any]], list[int] | None] | None:
+        """A page, per row its position ([watermark value, key], or [rowid, None]), and the
+        rows' source order (rowids: a row replaced by INSERT OR REPLACE gets a higher one)."""
         src = self.source
         page = src.read(where, params, order, size, extra=None if self.by_rowid else self.column)
         if not page.rows:
             return None
         if self.by_rowid:
-            return page.rows, [[r, None] for r in page.rowids]
-        return page.rows, [[v, k] for v, k in zip(page.extras, page.keys, strict=True)]
+            ends = [[r, None] for r in page.rowids]
+        else:
+            ends = [[v, k] for v, k in zip(page.extras, page.keys, strict=True)]
+        return page.rows, ends, src.orders_of(page)
 
     def _count_nulls(self) -> None:
         if self.by_rowid:

@@ -472,9 +472,15 @@ class D1Source:
                 rows=read.rows,
                 ack=self._ack_of(read, by_rowid),
                 last_key=["rowid", after] if by_rowid else after,
+                orders=self.orders_of(read),
             )
             if len(read.rows) < size:
                 return
+
+    def orders_of(self, read: ReadRows) -> list[int] | None:
+        """The rows' source order: their rowids, stable however often a row is read (a page
+        read again after its lease ran out keeps its place); None for a table without."""
+        return list(read.rowids) if self.has_rowid else None
 
     def _ack_of(self, read: ReadRows, by_rowid: bool) -> Any:
         """What marks the page's rows: rowids with their keys, or (read in key order, and every

@@ -120,7 +120,16 @@ def run_source(ctx: Context, name: str, max_batches: int | None = None) -> RunSu
             # A source feeding several streams (KV) names each page's stream.
             page_stream = ctx.settings.stream(sp.stream) if sp.stream else stream
             publish_page(
-                ctx, page_stream, name, run_id, sp.rows, sp.ack, sp.last_key, sp.rejected, sp.op
+                ctx,
+                page_stream,
+                name,
+                run_id,
+                sp.rows,
+                sp.ack,
+                sp.last_key,
+                sp.rejected,
+                sp.op,
+                sp.orders,
             )
             summary.pages += 1
             summary.records += len(sp.rows)
@@ -159,6 +168,7 @@ def publish_page(
     last_key: Any,
     rejected: Sequence[SourceReject] = (),
     op: str = "upsert",
+    orders: list[int] | None = None,
 ) -> None:
     """Register a page as in flight (before it is visible to any worker, so the next run
     continues after it), then put it on each of its stream's sink queues. Items the source could
@@ -168,9 +178,12 @@ def publish_page(
     member = letters_member(SOURCE_SINK)
     to_sinks = bool(rows) or not rejected
     members = [*(stream.sinks if to_sinks else ()), *((member,) if rejected else ())]
-    seq = ctx.progress.register(source, page_id, members, ack, last_key, rows=len(rows))
+    # Rows without an order of their own are ordered as read: reserved with the registration.
+    reserve = 0 if orders is not None else len(rows)
+    seq = ctx.progress.register(source, page_id, members, ack, last_key, rows=reserve)
     columns = list(stream.column_names if op == "upsert" else stream.key)
-    page = Page(page_id, stream.name, "", source, run_id, columns, rows, seq, op=op)
+    explicit: list[int | None] | None = None if orders is None else list(orders)
+    page = Page(page_id, stream.name, "", source, run_id, columns, rows, seq, explicit, op)
     if to_sinks:
         try:
             send_page(page.for_sink(stream.sinks[0]))
@@ -179,8 +192,20 @@ def publish_page(
             # "\ud800" escape): nothing of the page was sent. Its other rows go on, and those
             # rows become dead letters, kept exactly.
             ctx.progress.done(source, page_id)
-            good, bad = _split_unsendable(stream, rows)
-            publish_page(ctx, stream, source, run_id, good, ack, last_key, [*rejected, *bad], op)
+            good, bad = _split_unsendable(stream, rows, orders)
+            kept = [o for o, _ in good] if orders is not None else None
+            publish_page(
+                ctx,
+                stream,
+                source,
+                run_id,
+                [r for _, r in good],
+                ack,
+                last_key,
+                [*rejected, *bad],
+                op,
+                kept,
+            )
             return
         for sink in stream.sinks[1:]:
             send_page(page.for_sink(sink))
@@ -202,14 +227,15 @@ def publish_page(
 
 
 def _split_unsendable(
-    stream: Stream, rows: Sequence[Sequence[Any]]
-) -> tuple[list[Sequence[Any]], list[SourceReject]]:
-    good: list[Sequence[Any]] = []
+    stream: Stream, rows: Sequence[Sequence[Any]], orders: list[int] | None
+) -> tuple[list[tuple[int, Sequence[Any]]], list[SourceReject]]:
+    """The rows msgpack can carry (with their orders), and the others as dead letters."""
+    good: list[tuple[int, Sequence[Any]]] = []
     bad: list[SourceReject] = []
-    for row in rows:
+    for i, row in enumerate(rows):
         try:
             msgpack.packb(list(row), use_bin_type=True)
-            good.append(row)
+            good.append((orders[i] if orders is not None else i, row))
         except (TypeError, ValueError, OverflowError) as exc:
             key = record_key(stream, row)
             bad.append(SourceReject(key, list(row), f"cannot be sent through the queue: {exc}"))

@@ -45,6 +45,9 @@ class SourcePage:
     rejected: list[SourceReject] = field(default_factory=list)
     # "delete": the rows are keys (the stream's key columns) to remove from every sink.
     op: str = "upsert"
+    # The rows' source order when the source has a stable one (a D1 table's rowids): the same
+    # row read twice then has the same order. None: the order they are read in.
+    orders: list[int] | None = None
 
 
 class Source(Protocol):
