@@ -17,8 +17,8 @@ from typing import Any
 
 from celery import Task
 
-from shared.celery_app import app
-from shared.letters import DeadLetter, write_letters
+from sluice.shared.celery_app import app
+from sluice.shared.letters import DeadLetter, write_letters
 
 log = logging.getLogger("sluice.dead_letter")
 

@@ -27,10 +27,10 @@ from typing import Any
 import redis
 from celery import Task
 
-from producers.ack import acknowledge_page
-from shared.celery_app import app
-from shared.context import Context
-from shared.errors import (
+from sluice.producers.ack import acknowledge_page
+from sluice.shared.celery_app import app
+from sluice.shared.context import Context
+from sluice.shared.errors import (
     ForeignKeyViolationError,
     MessageError,
     RejectedBySinkError,
@@ -39,12 +39,12 @@ from shared.errors import (
     TransientSinkError,
     UnknownStreamError,
 )
-from shared.letters import DeadLetter, encode_record, record_of_row, send_dead_letters
-from shared.page import Page, decode
-from shared.progress import letters_member
-from shared.records import Rejected, Validator, dedupe, record_key
-from shared.sink import PageMeta, Sink, WriteResult
-from shared.streams import Stream
+from sluice.shared.letters import DeadLetter, encode_record, record_of_row, send_dead_letters
+from sluice.shared.page import Page, decode
+from sluice.shared.progress import letters_member
+from sluice.shared.records import Rejected, Validator, dedupe, record_key
+from sluice.shared.sink import PageMeta, Sink, WriteResult
+from sluice.shared.streams import Stream
 
 log = logging.getLogger("sluice.ingest")
 

@@ -35,12 +35,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from producers.cursors import CursorStore, format_cursor
-from producers.http_source import HttpSource
-from producers.produce import SourceLock, publish_page
-from producers.registry import open_source
-from shared.context import Context
-from shared.errors import SluiceError, SourceError
+from sluice.producers.cursors import CursorStore, format_cursor
+from sluice.producers.http_source import HttpSource
+from sluice.producers.produce import SourceLock, publish_page
+from sluice.producers.registry import open_source
+from sluice.shared.context import Context
+from sluice.shared.errors import SluiceError, SourceError
 
 
 @dataclass

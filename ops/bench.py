@@ -30,20 +30,20 @@ from typing import Any
 import psutil
 import psycopg2
 
-from ops.sample import COLUMNS, generate_rows, write_d1_file
-from ops.status import total_depth
-from ops.workers import WorkerPool
-from producers.produce import run_source
-from shared.celery_app import app
-from shared.context import Context
-from shared.database import libpq_dsn, sqlite_connect
-from shared.embedded import ensure_postgres, ensure_redis, stop_services
-from shared.migrations import migrate_postgres, migrate_sqlite
-from shared.records import Validator, dedupe
-from shared.settings import Settings
-from shared.sink import PageMeta
-from shared.sqlite_sink import SqliteSink
-from shared.streams import USAGE_EVENTS
+from sluice.ops.sample import COLUMNS, generate_rows, write_d1_file
+from sluice.ops.status import total_depth
+from sluice.ops.workers import WorkerPool
+from sluice.producers.produce import run_source
+from sluice.shared.celery_app import app
+from sluice.shared.context import Context
+from sluice.shared.database import libpq_dsn, sqlite_connect
+from sluice.shared.embedded import ensure_postgres, ensure_redis, stop_services
+from sluice.shared.migrations import migrate_postgres, migrate_sqlite
+from sluice.shared.records import Validator, dedupe
+from sluice.shared.settings import Settings
+from sluice.shared.sink import PageMeta
+from sluice.shared.sqlite_sink import SqliteSink
+from sluice.shared.streams import USAGE_EVENTS
 
 SOURCE = "bench_d1"
 LIMIT_BATCH = 10_000
@@ -391,7 +391,9 @@ class Bench:
         distinct = len({r[3] for r in rows})
         pool = WorkerPool(self.env, self.dir / "logs", loglevel="WARNING")
         # The same worker processes as the pipeline gets: only the work per task differs.
-        self._start(pool, "naive", ["naive"], self.workers, extra=["--include", "ops.bench_tasks"])
+        self._start(
+            pool, "naive", ["naive"], self.workers, extra=["--include", "sluice.ops.bench_tasks"]
+        )
         try:
             time.sleep(2)
             t0 = time.perf_counter()

@@ -10,8 +10,8 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from shared.celery_app import app
-from shared.database import libpq_dsn
+from sluice.shared.celery_app import app
+from sluice.shared.database import libpq_dsn
 
 _conn: dict[str, psycopg2.extensions.connection] = {}
 

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from shared.errors import SluiceError
-from shared.settings import SINK_NAMES, D1SourceConfig, KvSourceConfig, Settings
+from sluice.shared.errors import SluiceError
+from sluice.shared.settings import SINK_NAMES, D1SourceConfig, KvSourceConfig, Settings
 
 
 def _settings() -> Settings:
@@ -43,7 +43,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def check_online(s: Settings) -> int:
     """Open each D1 source and check its configured columns against its table."""
-    from producers.d1_source import open_d1_source
+    from sluice.producers.d1_source import open_d1_source
 
     failed = 0
     for name, src in s.all_sources.items():
@@ -63,9 +63,9 @@ def check_online(s: Settings) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from shared.database import postgres_url
-    from shared.migrations import migrate_postgres, migrate_sqlite
-    from shared.state import state_kind
+    from sluice.shared.database import postgres_url
+    from sluice.shared.migrations import migrate_postgres, migrate_sqlite
+    from sluice.shared.state import state_kind
 
     s = _settings()
     # By default: the sinks the streams write to and the state store (the remote D1 sink only
@@ -85,8 +85,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _migrate_d1(s: Settings) -> list[str]:
-    from shared.d1_sink import D1Sink
-    from shared.migrations import migrate_d1
+    from sluice.shared.d1_sink import D1Sink
+    from sluice.shared.migrations import migrate_d1
 
     if s.d1_sink is None:
         raise SluiceError("sink 'd1' is not configured: add [sinks.d1] to the config", sink="d1")
@@ -121,7 +121,7 @@ def cap_malloc_arenas(n: int) -> bool:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from shared.celery_app import QUEUES, app
+    from sluice.shared.celery_app import QUEUES, app
 
     if args.pool == "threads":
         cap_malloc_arenas(MALLOC_ARENAS)
@@ -156,8 +156,8 @@ def cmd_beat(args: argparse.Namespace) -> int:
     BEAT_MAX_LOOP_INTERVAL s) and take over when it is released (a clean stop) or expires
     (BEAT_LOCK_TIMEOUT s after the active beat died). A beat that loses the lock exits: its
     supervisor restarts it, as a standby."""
-    from producers.schedule import beat_schedule
-    from shared.celery_app import app
+    from sluice.producers.schedule import beat_schedule
+    from sluice.shared.celery_app import app
 
     s = _settings()
     ctx = app.configure(s)
@@ -186,8 +186,8 @@ def cmd_beat(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from producers.produce import run_source
-    from shared.celery_app import app
+    from sluice.producers.produce import run_source
+    from sluice.shared.celery_app import app
 
     ctx = app.configure(_settings())
     summary = run_source(ctx, args.source, max_batches=args.max_batches)
@@ -203,8 +203,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from ops.backfill import parse_time, run_backfill
-    from shared.celery_app import app
+    from sluice.ops.backfill import parse_time, run_backfill
+    from sluice.shared.celery_app import app
 
     ctx = app.configure(_settings())
     try:
@@ -238,8 +238,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ops.status import build_status, format_status
-    from shared.celery_app import app
+    from sluice.ops.status import build_status, format_status
+    from sluice.shared.celery_app import app
 
     ctx = app.configure(_settings())
     doc = build_status(ctx, app, timeout=args.timeout)
@@ -251,7 +251,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from ops.reconcile import format_report, reconcile
+    from sluice.ops.reconcile import format_report, reconcile
 
     doc = reconcile(_settings(), args.source, sample=args.sample, seed=args.seed, limit=args.limit)
     print(json.dumps(doc, default=str) if args.json else format_report(doc))
@@ -259,8 +259,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    from ops.scale import format_results, parse_autoscale, scale
-    from shared.celery_app import app
+    from sluice.ops.scale import format_results, parse_autoscale, scale
+    from sluice.shared.celery_app import app
 
     app.configure(_settings())
     results = scale(
@@ -281,8 +281,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ops.serve import serve
-    from shared.celery_app import app
+    from sluice.ops.serve import serve
+    from sluice.shared.celery_app import app
 
     ctx = app.configure(_settings())
     serve(ctx, app, args.host, args.port, inspect_timeout=args.timeout)
@@ -290,7 +290,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
-    from shared.celery_app import app
+    from sluice.shared.celery_app import app
 
     auth = os.environ.get("SLUICE_FLOWER_AUTH", "").strip()
     if auth and not all(
@@ -329,7 +329,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
 
 def cmd_services(args: argparse.Namespace) -> int:
-    from shared.embedded import ensure_postgres, ensure_redis, service_status, stop_services
+    from sluice.shared.embedded import ensure_postgres, ensure_redis, service_status, stop_services
 
     s = _settings()
     if args.action == "stop":
@@ -345,7 +345,7 @@ def cmd_services(args: argparse.Namespace) -> int:
 
 
 def _dlq_filters(args: argparse.Namespace) -> Any:
-    from ops.dlq import Filters
+    from sluice.ops.dlq import Filters
 
     return Filters(
         ids=args.ids or None,
@@ -360,8 +360,8 @@ def _dlq_filters(args: argparse.Namespace) -> Any:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from ops import dlq
-    from shared.celery_app import app
+    from sluice.ops import dlq
+    from sluice.shared.celery_app import app
 
     ctx = app.configure(_settings())
     if args.action == "show":
@@ -385,7 +385,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ops.demo import run_demo
+    from sluice.ops.demo import run_demo
 
     data_dir = Path(args.data_dir or os.environ.get("SLUICE_DATA_DIR") or ".sluice/demo")
     started_here = not (
@@ -396,7 +396,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         r = run_demo(args.records, data_dir, args.workers, args.page_size, progress=say)
     finally:
         if started_here and not args.keep_services:
-            from shared.embedded import stop_services
+            from sluice.shared.embedded import stop_services
 
             stop_services(data_dir.resolve())
     doc: dict[str, Any] = {
@@ -426,7 +426,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ops.bench import format_result, run_bench
+    from sluice.ops.bench import format_result, run_bench
 
     data_dir = Path(args.data_dir or ".sluice/bench")
     say = (lambda m: print(m, file=sys.stderr)) if not args.json else (lambda _m: None)
@@ -449,7 +449,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             )
     finally:
         if not args.keep_services:
-            from shared.embedded import stop_services
+            from sluice.shared.embedded import stop_services
 
             stop_services(data_dir.resolve())
     if args.json:

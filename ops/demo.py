@@ -16,14 +16,14 @@ from typing import Any
 
 from sqlalchemy import text
 
-from ops.sample import write_d1_file
-from ops.status import total_depth
-from ops.workers import WorkerPool
-from producers.produce import run_source
-from shared.celery_app import app
-from shared.database import sqlite_connect
-from shared.migrations import migrate_postgres, migrate_sqlite
-from shared.settings import Settings
+from sluice.ops.sample import write_d1_file
+from sluice.ops.status import total_depth
+from sluice.ops.workers import WorkerPool
+from sluice.producers.produce import run_source
+from sluice.shared.celery_app import app
+from sluice.shared.database import sqlite_connect
+from sluice.shared.migrations import migrate_postgres, migrate_sqlite
+from sluice.shared.settings import Settings
 
 SOURCE = "demo_d1"
 

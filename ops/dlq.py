@@ -20,12 +20,12 @@ from typing import Any
 from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection
 
-from shared.celery_app import send_page
-from shared.context import Context
-from shared.errors import SluiceError
-from shared.letters import SOURCE_SINK, decode_record, fetch_records
-from shared.page import Page
-from shared.state import StateStore
+from sluice.shared.celery_app import send_page
+from sluice.shared.context import Context
+from sluice.shared.errors import SluiceError
+from sluice.shared.letters import SOURCE_SINK, decode_record, fetch_records
+from sluice.shared.page import Page
+from sluice.shared.state import StateStore
 
 STATUSES = ("pending", "replayed", "discarded")
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")

@@ -56,7 +56,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from ops.status import (
+from sluice.ops.status import (
     broker_queue_depths,
     configured_sources,
     cursor_lag,
@@ -70,8 +70,8 @@ from ops.status import (
     sqlite_reader,
     uses_postgres,
 )
-from shared.context import Context
-from shared.settings import D1SourceConfig
+from sluice.shared.context import Context
+from sluice.shared.settings import D1SourceConfig
 
 log = logging.getLogger("sluice.metrics")
 

@@ -39,15 +39,15 @@ import psycopg2.extensions
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from producers.d1_rest import MAX_BOUND_PARAMS
-from shared.d1_sink import d1_client
-from shared.database import libpq_dsn, postgres_url
-from shared.errors import ConfigError, D1Error, SinkError, SourceError
-from shared.records import Validator, record_key
-from shared.settings import D1SinkConfig, D1SourceConfig, KvSourceConfig, Settings
-from shared.sink import quote
-from shared.state import open_state
-from shared.streams import Column, ForeignKey, Stream
+from sluice.producers.d1_rest import MAX_BOUND_PARAMS
+from sluice.shared.d1_sink import d1_client
+from sluice.shared.database import libpq_dsn, postgres_url
+from sluice.shared.errors import ConfigError, D1Error, SinkError, SourceError
+from sluice.shared.records import Validator, record_key
+from sluice.shared.settings import D1SinkConfig, D1SourceConfig, KvSourceConfig, Settings
+from sluice.shared.sink import quote
+from sluice.shared.state import open_state
+from sluice.shared.streams import Column, ForeignKey, Stream
 
 Key = tuple[Any, ...]
 
@@ -523,9 +523,9 @@ def reconcile(
 ) -> dict[str, Any]:
     """The report (see the module docstring) as a JSON-able dict; `ok` is False on any
     mismatch. Raises SluiceError when the source or a sink cannot be read or is not configured."""
-    from producers.d1_source import D1Source
-    from producers.kv_source import KvSource
-    from producers.registry import open_source
+    from sluice.producers.d1_source import D1Source
+    from sluice.producers.kv_source import KvSource
+    from sluice.producers.registry import open_source
 
     cfg = settings.source_config(source_name)
     if cfg is None:

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.migrations import SCHEMA_DIR, split_statements
+from sluice.shared.migrations import SCHEMA_DIR, split_statements
 
 METRICS = [
     ("api_calls", "count"),

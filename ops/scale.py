@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ops.status import pool_size
-from shared.errors import SluiceError
+from sluice.ops.status import pool_size
+from sluice.shared.errors import SluiceError
 
 
 @dataclass

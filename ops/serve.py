@@ -30,11 +30,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 from sqlalchemy.engine import Engine
 
-from ops.metrics import registry_for
-from ops.status import broker_kind, build_status, ops_engine, sqlite_reader, uses_postgres
-from shared.context import Context
-from shared.database import libpq_dsn
-from shared.state import state_kind
+from sluice.ops.metrics import registry_for
+from sluice.ops.status import broker_kind, build_status, ops_engine, sqlite_reader, uses_postgres
+from sluice.shared.context import Context
+from sluice.shared.database import libpq_dsn
+from sluice.shared.state import state_kind
 
 log = logging.getLogger("sluice.serve")
 

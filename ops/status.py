@@ -31,13 +31,13 @@ import redis
 from sqlalchemy import text
 from sqlalchemy.engine import Engine, make_url
 
-from shared.celery_app import QUEUES
-from shared.context import Context
-from shared.database import postgres_engine
-from shared.errors import SluiceError
-from shared.settings import AnySource, D1SourceConfig, KvSourceConfig, Settings
-from shared.state import StateStore, sqlite_engine, state_kind
-from shared.streams import Stream
+from sluice.shared.celery_app import QUEUES
+from sluice.shared.context import Context
+from sluice.shared.database import postgres_engine
+from sluice.shared.errors import SluiceError
+from sluice.shared.settings import AnySource, D1SourceConfig, KvSourceConfig, Settings
+from sluice.shared.state import StateStore, sqlite_engine, state_kind
+from sluice.shared.streams import Stream
 
 CONNECT_TIMEOUT = 5  # seconds; operator tools must answer even when a server is unreachable
 
@@ -210,7 +210,7 @@ def _primary_sink(stream: Stream) -> str:
 
 
 def _d1_scalar(ctx: Context, sql: str, params: list[object]) -> Any:
-    from shared.d1_sink import D1Sink
+    from sluice.shared.d1_sink import D1Sink
 
     sink = ctx.sink("d1")
     assert isinstance(sink, D1Sink)
@@ -282,7 +282,7 @@ def configured_sources(settings: Settings) -> dict[str, AnySource]:
 def source_cursors(store: StateStore, source: str) -> dict[str, datetime]:
     """An HTTP source's cursors by partition (`source_progress`): everything before a cursor has
     been committed by every sink."""
-    from producers.cursors import CursorStore
+    from sluice.producers.cursors import CursorStore
 
     return CursorStore(store).get_all(source)
 
@@ -300,7 +300,7 @@ def d1_unprocessed(cfg: Any, stream: Stream) -> int | None:
     read) and for sources that are not D1."""
     if not isinstance(cfg, D1SourceConfig) or cfg.mode != "local":
         return None
-    from producers.d1_source import wrangler_d1_path
+    from sluice.producers.d1_source import wrangler_d1_path
 
     if cfg.path:
         path = Path(cfg.path)
@@ -320,7 +320,7 @@ def d1_unprocessed(cfg: Any, stream: Stream) -> int | None:
 def kv_migration(store: StateStore, source: str) -> dict[str, Any] | None:
     """A one-time KV source's migration (`source_migrations`): state, what it saw, pages
     committed by every sink out of those enqueued. None before its first run."""
-    from producers.kv_source import MigrationState
+    from sluice.producers.kv_source import MigrationState
 
     row = MigrationState(store).get(source)
     if row is None:

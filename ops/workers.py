@@ -39,7 +39,7 @@ class WorkerPool:
         cmd = [
             sys.executable,
             "-m",
-            "ops.cli",
+            "sluice.ops.cli",
             "worker",
             "--queues",
             ",".join(queues),
@@ -65,7 +65,7 @@ class WorkerPool:
 
     def start_sqlite_writer(self, name: str = "lite") -> subprocess.Popen[bytes]:
         """The SQLite writer as deployed: one process, its threads committing pages together."""
-        from shared.sqlite_sink import WRITER_THREADS
+        from sluice.shared.sqlite_sink import WRITER_THREADS
 
         return self.start(name, ["ingest.sqlite"], WRITER_THREADS, extra=["--pool", "threads"])
 

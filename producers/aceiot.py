@@ -23,12 +23,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-from producers.http_client import Retry
-from producers.http_source import HttpSource, Row, WindowRead, floor_time, iso_utc
-from producers.source import SourceReject
-from shared.errors import HttpSourceError
-from shared.settings import AceIotSourceConfig, Settings
-from shared.streams import Stream
+from sluice.producers.http_client import Retry
+from sluice.producers.http_source import HttpSource, Row, WindowRead, floor_time, iso_utc
+from sluice.producers.source import SourceReject
+from sluice.shared.errors import HttpSourceError
+from sluice.shared.settings import AceIotSourceConfig, Settings
+from sluice.shared.streams import Stream
 
 BUCKET = timedelta(minutes=5)  # what the API serves unless raw_data (and reportedly even then)
 SECOND = timedelta(seconds=1)

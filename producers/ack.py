@@ -13,10 +13,10 @@ import logging
 
 from celery import Task
 
-from producers.registry import open_source
-from shared.celery_app import app
-from shared.context import Context
-from shared.errors import SluiceError
+from sluice.producers.registry import open_source
+from sluice.shared.celery_app import app
+from sluice.shared.context import Context
+from sluice.shared.errors import SluiceError
 
 log = logging.getLogger("sluice.ack")
 

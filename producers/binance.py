@@ -24,8 +24,8 @@ from typing import Any
 
 import requests
 
-from producers.http_client import Retry
-from producers.http_source import (
+from sluice.producers.http_client import Retry
+from sluice.producers.http_source import (
     HttpSource,
     Row,
     WindowRead,
@@ -33,10 +33,10 @@ from producers.http_source import (
     iso_utc,
     whole_number,
 )
-from producers.source import SourceReject
-from shared.errors import HttpSourceError
-from shared.settings import BinanceSourceConfig, Settings
-from shared.streams import Stream
+from sluice.producers.source import SourceReject
+from sluice.shared.errors import HttpSourceError
+from sluice.shared.settings import BinanceSourceConfig, Settings
+from sluice.shared.streams import Stream
 
 KLINES_WEIGHT = 2
 PUBLISHED_WEIGHT_PER_MINUTE = 6000

@@ -29,8 +29,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-from producers.http_client import Retry
-from producers.http_source import (
+from sluice.producers.http_client import Retry
+from sluice.producers.http_source import (
     HttpSource,
     Row,
     WindowRead,
@@ -38,10 +38,10 @@ from producers.http_source import (
     iso_utc,
     whole_number,
 )
-from producers.source import SourceReject
-from shared.errors import HttpSourceError
-from shared.settings import CoinGeckoSourceConfig, Settings
-from shared.streams import Stream
+from sluice.producers.source import SourceReject
+from sluice.shared.errors import HttpSourceError
+from sluice.shared.settings import CoinGeckoSourceConfig, Settings
+from sluice.shared.streams import Stream
 
 HOUR = timedelta(hours=1)
 HISTORY_LIMIT_CODE = "10012"

@@ -25,8 +25,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from producers.http_client import Retry
-from producers.http_source import (
+from sluice.producers.http_client import Retry
+from sluice.producers.http_source import (
     HttpSource,
     Row,
     WindowRead,
@@ -34,10 +34,10 @@ from producers.http_source import (
     iso_utc,
     whole_number,
 )
-from producers.source import SourceReject
-from shared.errors import HttpSourceError
-from shared.settings import CryptoCompareSourceConfig, Settings
-from shared.streams import Stream
+from sluice.producers.source import SourceReject
+from sluice.shared.errors import HttpSourceError
+from sluice.shared.settings import CryptoCompareSourceConfig, Settings
+from sluice.shared.streams import Stream
 
 PERIODS = {"histohour": (3600, "1h"), "histominute": (60, "1m")}
 RATE_LIMIT_TYPE = 99

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import text
 
-from shared.state import StateStore
+from sluice.shared.state import StateStore
 
 CURSOR_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 

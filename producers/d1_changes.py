@@ -32,11 +32,11 @@ import orjson
 from sqlalchemy import bindparam, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from producers.source import SourcePage
-from shared.errors import SourceError, TransientSourceError
+from sluice.producers.source import SourcePage
+from sluice.shared.errors import SourceError, TransientSourceError
 
 if TYPE_CHECKING:
-    from producers.d1_source import D1Source
+    from sluice.producers.d1_source import D1Source
 
 log = logging.getLogger("sluice.d1_changes")
 

@@ -29,7 +29,7 @@ from urllib.parse import quote
 
 import requests
 
-from shared.errors import CloudflareError, D1Error
+from sluice.shared.errors import CloudflareError, D1Error
 
 log = logging.getLogger(__name__)
 

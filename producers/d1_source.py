@@ -28,13 +28,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
-from producers.d1_rest import D1Client
-from producers.source import SourcePage
-from shared.database import sqlite_connect
-from shared.errors import D1Error, SourceError, TransientSourceError
-from shared.settings import D1SourceConfig, Settings
-from shared.state import StateStore, open_state
-from shared.streams import Stream
+from sluice.producers.d1_rest import D1Client
+from sluice.producers.source import SourcePage
+from sluice.shared.database import sqlite_connect
+from sluice.shared.errors import D1Error, SourceError, TransientSourceError
+from sluice.shared.settings import D1SourceConfig, Settings
+from sluice.shared.state import StateStore, open_state
+from sluice.shared.streams import Stream
 
 MAX_PARAMS = 100
 
@@ -439,7 +439,7 @@ class D1Source:
     @cached_property
     def changes(self) -> Any:
         """The read-only capture (watermark or snapshot) of this source."""
-        from producers.d1_changes import SnapshotCapture, WatermarkCapture
+        from sluice.producers.d1_changes import SnapshotCapture, WatermarkCapture
 
         kind = WatermarkCapture if self.cfg.capture == "watermark" else SnapshotCapture
         return kind(self)

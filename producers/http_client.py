@@ -41,8 +41,8 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
-from producers.rate_limit import SharedRateLimiter
-from shared.errors import ApiBannedError, HttpSourceError
+from sluice.producers.rate_limit import SharedRateLimiter
+from sluice.shared.errors import ApiBannedError, HttpSourceError
 
 log = logging.getLogger("sluice.http")
 

@@ -42,15 +42,15 @@ from typing import Any
 import redis
 from sqlalchemy.exc import SQLAlchemyError
 
-from producers.cursors import CursorStore, format_cursor, parse_cursor
-from producers.http_client import HttpApi
-from producers.rate_limit import Budget, SharedRateLimiter
-from producers.source import SourcePage, SourceReject
-from shared.database import broker_url
-from shared.errors import HttpSourceError, SourceError, TransientSourceError
-from shared.settings import HttpSourceConfig, Settings
-from shared.state import StateStore, open_state
-from shared.streams import Stream
+from sluice.producers.cursors import CursorStore, format_cursor, parse_cursor
+from sluice.producers.http_client import HttpApi
+from sluice.producers.rate_limit import Budget, SharedRateLimiter
+from sluice.producers.source import SourcePage, SourceReject
+from sluice.shared.database import broker_url
+from sluice.shared.errors import HttpSourceError, SourceError, TransientSourceError
+from sluice.shared.settings import HttpSourceConfig, Settings
+from sluice.shared.state import StateStore, open_state
+from sluice.shared.streams import Stream
 
 log = logging.getLogger("sluice.http_source")
 

@@ -43,13 +43,13 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from producers.d1_rest import CloudflareClient
-from producers.kv_mapping import MAPPERS, KvEntry, MapContext, MappingError, compile_pattern
-from producers.source import SourcePage, SourceReject
-from shared.errors import KvError, SourceError, TransientSourceError
-from shared.settings import KvSourceConfig, Settings
-from shared.state import StateStore, open_state
-from shared.streams import Stream
+from sluice.producers.d1_rest import CloudflareClient
+from sluice.producers.kv_mapping import MAPPERS, KvEntry, MapContext, MappingError, compile_pattern
+from sluice.producers.source import SourcePage, SourceReject
+from sluice.shared.errors import KvError, SourceError, TransientSourceError
+from sluice.shared.settings import KvSourceConfig, Settings
+from sluice.shared.state import StateStore, open_state
+from sluice.shared.streams import Stream
 
 log = logging.getLogger("sluice.kv_source")
 

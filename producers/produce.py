@@ -23,17 +23,23 @@ from kombu.exceptions import EncodeError
 from redis.exceptions import LockError
 from sqlalchemy import text
 
-from producers.registry import open_source
-from producers.source import SourceReject
-from shared.celery_app import app, send_page
-from shared.context import Context
-from shared.errors import SluiceError, SourceError
-from shared.letters import SOURCE_SINK, DeadLetter, record_of_item, send_dead_letters, text_field
-from shared.page import Page
-from shared.progress import letters_member
-from shared.records import record_key
-from shared.settings import KvSourceConfig
-from shared.streams import Stream
+from sluice.producers.registry import open_source
+from sluice.producers.source import SourceReject
+from sluice.shared.celery_app import app, send_page
+from sluice.shared.context import Context
+from sluice.shared.errors import SluiceError, SourceError
+from sluice.shared.letters import (
+    SOURCE_SINK,
+    DeadLetter,
+    record_of_item,
+    send_dead_letters,
+    text_field,
+)
+from sluice.shared.page import Page
+from sluice.shared.progress import letters_member
+from sluice.shared.records import record_key
+from sluice.shared.settings import KvSourceConfig
+from sluice.shared.streams import Stream
 
 log = logging.getLogger("sluice.produce")
 

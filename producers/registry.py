@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from producers.d1_source import open_d1_source
-from producers.source import Source
-from shared.errors import SourceError
-from shared.settings import (
+from sluice.producers.d1_source import open_d1_source
+from sluice.producers.source import Source
+from sluice.shared.errors import SourceError
+from sluice.shared.settings import (
     AceIotSourceConfig,
     BinanceSourceConfig,
     CoinGeckoSourceConfig,
@@ -24,25 +24,25 @@ def open_source(settings: Settings, name: str) -> Source:
     if isinstance(cfg, D1SourceConfig):
         return open_d1_source(name, cfg, settings)
     if isinstance(cfg, KvSourceConfig):
-        from producers.kv_source import open_kv_source
+        from sluice.producers.kv_source import open_kv_source
 
         return open_kv_source(name, cfg, settings)
     stream = settings.stream(cfg.stream)
     # Imported here: a D1-only deployment never loads the HTTP adapters.
     if isinstance(cfg, BinanceSourceConfig):
-        from producers.binance import BinanceSource
+        from sluice.producers.binance import BinanceSource
 
         return BinanceSource(name, cfg, stream, settings)
     if isinstance(cfg, CryptoCompareSourceConfig):
-        from producers.cryptocompare import CryptoCompareSource
+        from sluice.producers.cryptocompare import CryptoCompareSource
 
         return CryptoCompareSource(name, cfg, stream, settings)
     if isinstance(cfg, AceIotSourceConfig):
-        from producers.aceiot import AceIotSource
+        from sluice.producers.aceiot import AceIotSource
 
         return AceIotSource(name, cfg, stream, settings)
     if isinstance(cfg, CoinGeckoSourceConfig):
-        from producers.coingecko import CoinGeckoSource
+        from sluice.producers.coingecko import CoinGeckoSource
 
         return CoinGeckoSource(name, cfg, stream, settings)
     raise SourceError(f"source kind {cfg.kind!r} is not implemented yet", source=name)

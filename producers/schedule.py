@@ -6,7 +6,7 @@ from typing import Any
 
 from celery.schedules import crontab
 
-from shared.settings import Settings
+from sluice.shared.settings import Settings
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from shared.streams import Stream
+from sluice.shared.streams import Stream
 
 
 @dataclass(frozen=True)

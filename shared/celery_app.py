@@ -12,9 +12,9 @@ from typing import Any
 from celery import Celery, Task, signals
 from kombu import Queue
 
-from shared.context import Context
-from shared.page import Page
-from shared.settings import SINK_NAMES, Settings
+from sluice.shared.context import Context
+from sluice.shared.page import Page
+from sluice.shared.settings import SINK_NAMES, Settings
 
 
 def ingest_queue(sink: str) -> str:
@@ -104,7 +104,12 @@ class SluiceCelery(Celery):  # type: ignore[misc]
 
 app = SluiceCelery(
     "sluice",
-    include=["consumers.ingest", "consumers.dead_letter", "producers.ack", "producers.produce"],
+    include=[
+        "sluice.consumers.ingest",
+        "sluice.consumers.dead_letter",
+        "sluice.producers.ack",
+        "sluice.producers.produce",
+    ],
     task_cls=SluiceTask,
 )
 

@@ -13,14 +13,14 @@ from typing import Any
 
 import redis
 
-from shared.database import broker_url, postgres_engine, postgres_url
-from shared.errors import SluiceError
-from shared.progress import Progress
-from shared.records import Validator
-from shared.settings import Settings
-from shared.sink import Sink
-from shared.state import StateStore, open_state, state_kind
-from shared.streams import Stream
+from sluice.shared.database import broker_url, postgres_engine, postgres_url
+from sluice.shared.errors import SluiceError
+from sluice.shared.progress import Progress
+from sluice.shared.records import Validator
+from sluice.shared.settings import Settings
+from sluice.shared.sink import Sink
+from sluice.shared.state import StateStore, open_state, state_kind
+from sluice.shared.streams import Stream
 
 
 class Context:
@@ -78,11 +78,11 @@ class Context:
 
     def _open_sink(self, name: str) -> Sink:
         if name == "postgres":
-            from shared.postgres_sink import PostgresSink
+            from sluice.shared.postgres_sink import PostgresSink
 
             return PostgresSink(self.postgres_url)
         if name == "sqlite":
-            from shared.sqlite_sink import SqliteSink
+            from sluice.shared.sqlite_sink import SqliteSink
 
             pipeline = self.settings.pipeline
             return SqliteSink(
@@ -91,7 +91,7 @@ class Context:
                 pipeline.sqlite_cache_mib,
             )
         if name == "d1":
-            from shared.d1_sink import D1Sink
+            from sluice.shared.d1_sink import D1Sink
 
             cfg = self.settings.d1_sink
             if cfg is None:

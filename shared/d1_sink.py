@@ -34,17 +34,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from producers.d1_rest import MAX_BOUND_PARAMS, MAX_STATEMENT_BYTES, D1Client, Param, encode_param
-from shared.errors import (
+from sluice.producers.d1_rest import (
+    MAX_BOUND_PARAMS,
+    MAX_STATEMENT_BYTES,
+    D1Client,
+    Param,
+    encode_param,
+)
+from sluice.shared.errors import (
     D1Error,
     ForeignKeyViolationError,
     RejectedBySinkError,
     SinkError,
     TransientSinkError,
 )
-from shared.records import record_key
-from shared.settings import D1SinkConfig
-from shared.sink import (
+from sluice.shared.records import record_key
+from sluice.shared.settings import D1SinkConfig
+from sluice.shared.sink import (
     ORDER_COLUMN,
     PageMeta,
     WriteResult,
@@ -52,7 +58,7 @@ from shared.sink import (
     quote,
     with_orders,
 )
-from shared.sqlite_sink import (
+from sluice.shared.sqlite_sink import (
     COMMITTED_AT,
     RUN_INSERT,
     delete_sql,
@@ -60,7 +66,7 @@ from shared.sqlite_sink import (
     run_params,
     values_group,
 )
-from shared.streams import Stream
+from sluice.shared.streams import Stream
 
 log = logging.getLogger("sluice.d1_sink")
 

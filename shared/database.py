@@ -9,14 +9,14 @@ from pathlib import Path
 import sqlalchemy
 from sqlalchemy.engine import Engine, make_url
 
-from shared.settings import Settings
+from sluice.shared.settings import Settings
 
 
 def postgres_url(settings: Settings) -> str:
     """SLUICE_POSTGRES_URL, or the embedded server of the data folder (started on demand)."""
     if settings.postgres_url:
         return settings.postgres_url
-    from shared.embedded import ensure_postgres
+    from sluice.shared.embedded import ensure_postgres
 
     return ensure_postgres(settings.data_dir)
 
@@ -25,7 +25,7 @@ def broker_url(settings: Settings) -> str:
     """SLUICE_BROKER_URL, or the embedded Redis of the data folder (started on demand)."""
     if settings.broker_url:
         return settings.broker_url
-    from shared.embedded import ensure_redis
+    from sluice.shared.embedded import ensure_redis
 
     return ensure_redis(settings.data_dir)
 

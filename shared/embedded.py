@@ -36,7 +36,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from shared.errors import ServiceError
+from sluice.shared.errors import ServiceError
 
 REDIS_HOST = "127.0.0.1"
 # How long a server may take to answer after being launched (PING / accepting connections).

@@ -29,7 +29,7 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from shared.state import StateStore
+from sluice.shared.state import StateStore
 
 log = logging.getLogger("sluice.letters")
 
@@ -161,7 +161,7 @@ def send_dead_letters(
 ) -> None:
     """Queue letters for the dead-letter task (consumers/dead_letter.py). `page_id`/`member`:
     the page held in its pending set until they are stored."""
-    from shared.celery_app import app
+    from sluice.shared.celery_app import app
 
     app.send_task(
         "sluice.dead_letter",

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import psycopg2
 
-from producers.d1_rest import D1Client
-from shared.database import libpq_dsn, sqlite_connect
-from shared.errors import D1Error, SluiceError
+from sluice.producers.d1_rest import D1Client
+from sluice.shared.database import libpq_dsn, sqlite_connect
+from sluice.shared.errors import D1Error, SluiceError
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
 _VERSION = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")

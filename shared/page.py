@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from shared.errors import MessageError
+from sluice.shared.errors import MessageError
 
 WIRE_VERSION = 1
 

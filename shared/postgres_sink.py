@@ -19,14 +19,14 @@ import psycopg2
 import psycopg2.errorcodes
 import psycopg2.extensions
 
-from shared.database import libpq_dsn
-from shared.errors import (
+from sluice.shared.database import libpq_dsn
+from sluice.shared.errors import (
     ForeignKeyViolationError,
     RejectedBySinkError,
     SinkError,
     TransientSinkError,
 )
-from shared.sink import (
+from sluice.shared.sink import (
     ORDER_COLUMN,
     PageMeta,
     WriteResult,
@@ -36,7 +36,7 @@ from shared.sink import (
     quote,
     with_orders,
 )
-from shared.streams import Stream
+from sluice.shared.streams import Stream
 
 # SQLSTATE classes and codes worth retrying: the same page can succeed once they pass.
 _TRANSIENT_CLASSES = ("08", "53", "57", "40")  # connection, resources, operator, rollback

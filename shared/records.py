@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from shared.streams import Column, Stream
+from sluice.shared.streams import Column, Stream
 
 Row = list[Any]
 MAX_SAFE_INT = 2**53  # D1 passes numbers through JavaScript doubles

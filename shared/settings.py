@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shared.errors import ConfigError
-from shared.streams import CATALOG, ConflictPolicy, Stream
+from sluice.shared.errors import ConfigError
+from sluice.shared.streams import CATALOG, ConflictPolicy, Stream
 
 SinkName = Literal["postgres", "sqlite", "d1"]
 SINK_NAMES: tuple[SinkName, ...] = ("postgres", "sqlite", "d1")
@@ -485,7 +485,7 @@ class Settings:
         )
 
     def stream(self, name: str) -> Stream:
-        from shared.errors import UnknownStreamError
+        from sluice.shared.errors import UnknownStreamError
 
         try:
             return self.streams[name]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from shared.streams import Stream
+from sluice.shared.streams import Stream
 
 
 @dataclass(frozen=True)

@@ -30,14 +30,14 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
-from shared.database import sqlite_connect
-from shared.errors import (
+from sluice.shared.database import sqlite_connect
+from sluice.shared.errors import (
     ForeignKeyViolationError,
     RejectedBySinkError,
     SinkError,
     TransientSinkError,
 )
-from shared.sink import (
+from sluice.shared.sink import (
     ORDER_COLUMN,
     PageMeta,
     WriteResult,
@@ -47,7 +47,7 @@ from shared.sink import (
     quote,
     with_orders,
 )
-from shared.streams import Stream
+from sluice.shared.streams import Stream
 
 # The page's row in ingestion_runs, written in the page's transaction (counts filled in last).
 RUN_INSERT = (

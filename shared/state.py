@@ -23,7 +23,7 @@ import sqlalchemy
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from shared.settings import Settings
+from sluice.shared.settings import Settings
 
 Dialect = Literal["postgresql", "sqlite"]
 
@@ -93,7 +93,7 @@ def state_kind(settings: Settings) -> Literal["postgres", "sqlite"]:
 def sqlite_engine(path: Path, busy_timeout_ms: int) -> Engine:
     """A SQLAlchemy engine on a SQLite file with the sinks' settings (WAL, foreign keys, a busy
     timeout), whose write transactions start with BEGIN IMMEDIATE."""
-    from shared.database import sqlite_connect
+    from sluice.shared.database import sqlite_connect
 
     engine = sqlalchemy.create_engine(
         f"sqlite:///{path}",
@@ -116,7 +116,7 @@ def open_state(settings: Settings, postgres_url: str | None = None) -> StateStor
         return StateStore(
             sqlite_engine(settings.sqlite_path, settings.pipeline.sqlite_busy_timeout_ms)
         )
-    from shared.database import postgres_engine
-    from shared.database import postgres_url as resolve
+    from sluice.shared.database import postgres_engine
+    from sluice.shared.database import postgres_url as resolve
 
     return StateStore(postgres_engine(postgres_url or resolve(settings)))

@@ -20,8 +20,8 @@ import pytest
 import redis
 from sqlalchemy.engine import make_url
 
-from shared.database import libpq_dsn
-from shared.migrations import migrate_postgres
+from sluice.shared.database import libpq_dsn
+from sluice.shared.migrations import migrate_postgres
 
 OWNER_KEY = "sluice:test-session-owner"
 
@@ -36,7 +36,7 @@ def _port_open(port: int) -> bool:
 def services_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     d = tmp_path_factory.mktemp("services")
     yield d
-    from shared.embedded import stop_services
+    from sluice.shared.embedded import stop_services
 
     stop_services(d)
 
@@ -46,7 +46,7 @@ def redis_server(services_dir: Path) -> str:
     """Base URL of a Redis server (no database number)."""
     if os.environ.get("SLUICE_TEST_EMBEDDED") != "1" and _port_open(6379):
         return "redis://127.0.0.1:6379"
-    from shared.embedded import ensure_redis
+    from sluice.shared.embedded import ensure_redis
 
     return ensure_redis(services_dir).rsplit("/", 1)[0]
 
@@ -56,7 +56,7 @@ def pg_server(services_dir: Path) -> str:
     """URL of a PostgreSQL server's maintenance database."""
     if os.environ.get("SLUICE_TEST_EMBEDDED") != "1" and _port_open(5432):
         return "postgresql://postgres@127.0.0.1:5432/postgres"
-    from shared.embedded import ensure_postgres
+    from sluice.shared.embedded import ensure_postgres
 
     return ensure_postgres(services_dir)
 

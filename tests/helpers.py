@@ -14,10 +14,10 @@ from pathlib import Path
 import msgpack
 import psycopg2
 
-from ops.status import total_depth
-from producers.produce import RunSummary, run_source
-from shared.context import Context
-from shared.database import libpq_dsn
+from sluice.ops.status import total_depth
+from sluice.producers.produce import RunSummary, run_source
+from sluice.shared.context import Context
+from sluice.shared.database import libpq_dsn
 
 
 def d1_config(
@@ -136,7 +136,7 @@ def run_queued_tasks(ctx: Context, shuffle: random.Random | None = None) -> int:
     none is left (tasks queue more: dead letters, acknowledgements). With `shuffle`, messages
     are taken from the queues in a random order: pages then reach the sinks out of order, as
     they do with many workers. Returns the number of tasks run."""
-    from shared.celery_app import app
+    from sluice.shared.celery_app import app
 
     app.loader.import_default_modules()  # the task modules, as a worker loads them
     ran = 0

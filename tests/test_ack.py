@@ -11,16 +11,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from consumers.ingest import ingest
-from ops.sample import write_d1_file
-from producers.ack import ack_page
-from producers.registry import open_source
-from shared.celery_app import app
-from shared.context import Context
-from shared.database import sqlite_connect
-from shared.migrations import migrate_sqlite
-from shared.page import Page
-from shared.settings import Settings
+from sluice.consumers.ingest import ingest
+from sluice.ops.sample import write_d1_file
+from sluice.producers.ack import ack_page
+from sluice.producers.registry import open_source
+from sluice.shared.celery_app import app
+from sluice.shared.context import Context
+from sluice.shared.database import sqlite_connect
+from sluice.shared.migrations import migrate_sqlite
+from sluice.shared.page import Page
+from sluice.shared.settings import Settings
 from tests.conftest import Env
 from tests.helpers import d1_config, d1_processed
 

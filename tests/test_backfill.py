@@ -24,19 +24,19 @@ from datetime import UTC, datetime, timedelta
 import psycopg2
 import pytest
 
-from ops.backfill import progress_key, run_backfill
-from ops.status import total_depth
-from ops.workers import WorkerPool
-from producers.cursors import CursorStore
-from producers.http_source import floor_time, iso_utc
-from producers.produce import LOCK_SECONDS
-from shared.celery_app import app
-from shared.context import Context
-from shared.database import libpq_dsn, postgres_engine
-from shared.errors import ApiBannedError
-from shared.migrations import migrate_sqlite
-from shared.settings import Settings
-from shared.state import StateStore
+from sluice.ops.backfill import progress_key, run_backfill
+from sluice.ops.status import total_depth
+from sluice.ops.workers import WorkerPool
+from sluice.producers.cursors import CursorStore
+from sluice.producers.http_source import floor_time, iso_utc
+from sluice.producers.produce import LOCK_SECONDS
+from sluice.shared.celery_app import app
+from sluice.shared.context import Context
+from sluice.shared.database import libpq_dsn, postgres_engine
+from sluice.shared.errors import ApiBannedError
+from sluice.shared.migrations import migrate_sqlite
+from sluice.shared.settings import Settings
+from sluice.shared.state import StateStore
 from tests.conftest import Env
 from tests.fakes.market_server import FakeMarket, Seen, price
 from tests.test_cli import sluice

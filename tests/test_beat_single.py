@@ -23,7 +23,7 @@ def start_beat(env: Env, log: Path) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "ops.cli",
+            "sluice.ops.cli",
             "beat",
             "--lock-timeout",
             str(LOCK_TIMEOUT),

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import psycopg2
 
-from shared.database import libpq_dsn
-from shared.embedded import ensure_postgres, stop_services
+from sluice.shared.database import libpq_dsn
+from sluice.shared.embedded import ensure_postgres, stop_services
 from tests.test_cli import sluice
 
 

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ops.sample import generate_rows, write_d1_file
-from shared.migrations import migrate_sqlite
+from sluice.ops.sample import generate_rows, write_d1_file
+from sluice.shared.migrations import migrate_sqlite
 from tests.conftest import Env
 from tests.helpers import d1_config
 
@@ -20,7 +20,7 @@ def sluice(
     *args: str, env: dict[str, str], timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ops.cli", *args],
+        [sys.executable, "-m", "sluice.ops.cli", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -95,7 +95,7 @@ def test_beat_runs_a_scheduled_source_through_workers(env: Env) -> None:
     import subprocess as sp
     import time
 
-    from ops.workers import WorkerPool
+    from sluice.ops.workers import WorkerPool
     from tests.helpers import d1_processed, pg_scalar
 
     d1 = env.dir / "d1.sqlite"
@@ -103,7 +103,7 @@ def test_beat_runs_a_scheduled_source_through_workers(env: Env) -> None:
     env.write_config(d1_config(d1, page_size=500) + "schedule = { every = 1 }\n")
     migrate_sqlite(env.sqlite_path)
     beat = sp.Popen(
-        [sys.executable, "-m", "ops.cli", "beat", "--loglevel", "WARNING"],
+        [sys.executable, "-m", "sluice.ops.cli", "beat", "--loglevel", "WARNING"],
         env=env.vars,
         cwd=ROOT,
         stdout=sp.DEVNULL,
@@ -126,7 +126,7 @@ def test_beat_runs_a_scheduled_source_through_workers(env: Env) -> None:
 
 ARENAS = """
 import ctypes, sys, threading
-from ops.cli import cap_malloc_arenas
+from sluice.ops.cli import cap_malloc_arenas
 if sys.argv[1] == "capped":
     assert cap_malloc_arenas(2)
 def decode_pages():  # what a writer thread does: allocate and free objects of many sizes

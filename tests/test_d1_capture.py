@@ -17,13 +17,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ops.reconcile import reconcile
-from producers.produce import run_source
-from shared.celery_app import app
-from shared.context import Context
-from shared.database import libpq_dsn
-from shared.migrations import migrate_sqlite, split_statements
-from shared.settings import Settings
+from sluice.ops.reconcile import reconcile
+from sluice.producers.produce import run_source
+from sluice.shared.celery_app import app
+from sluice.shared.context import Context
+from sluice.shared.database import libpq_dsn
+from sluice.shared.migrations import migrate_sqlite, split_statements
+from sluice.shared.settings import Settings
 from tests.conftest import Env
 from tests.helpers import TASK_QUEUES, run_queued_tasks
 

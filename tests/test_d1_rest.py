@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import requests
 
-from producers import d1_rest
-from producers.d1_rest import D1Client, iter_row_chunks, rows_per_statement
-from shared.errors import D1Error
+from sluice.producers import d1_rest
+from sluice.producers.d1_rest import D1Client, iter_row_chunks, rows_per_statement
+from sluice.shared.errors import D1Error
 from tests.fakes.d1_server import TRANSACTION_MESSAGE, FakeD1
 
 # A /query answer in the real envelope (tests/fixtures/README.md); db_path holds its row.

@@ -17,15 +17,15 @@ from typing import Any
 
 import pytest
 
-from consumers.ingest import ingest
-from ops.metrics import SluiceCollector
-from ops.sample import generate_rows, write_d1_file
-from ops.status import build_status
-from ops.workers import WorkerPool
-from producers.d1_rest import D1Client
-from shared.celery_app import QUEUES, app
-from shared.d1_sink import D1Sink, classify, statement_bytes
-from shared.errors import (
+from sluice.consumers.ingest import ingest
+from sluice.ops.metrics import SluiceCollector
+from sluice.ops.sample import generate_rows, write_d1_file
+from sluice.ops.status import build_status
+from sluice.ops.workers import WorkerPool
+from sluice.producers.d1_rest import D1Client
+from sluice.shared.celery_app import QUEUES, app
+from sluice.shared.d1_sink import D1Sink, classify, statement_bytes
+from sluice.shared.errors import (
     ConfigError,
     D1Error,
     ForeignKeyViolationError,
@@ -33,12 +33,12 @@ from shared.errors import (
     SinkError,
     TransientSinkError,
 )
-from shared.migrations import migrate_d1
-from shared.page import Page
-from shared.records import Validator, dedupe
-from shared.settings import D1SinkConfig, Settings
-from shared.sink import PageMeta
-from shared.streams import HISTORICAL_PRICES, USAGE_EVENTS, Stream
+from sluice.shared.migrations import migrate_d1
+from sluice.shared.page import Page
+from sluice.shared.records import Validator, dedupe
+from sluice.shared.settings import D1SinkConfig, Settings
+from sluice.shared.sink import PageMeta
+from sluice.shared.streams import HISTORICAL_PRICES, USAGE_EVENTS, Stream
 from tests.conftest import Env
 from tests.fakes.d1_server import FakeD1
 from tests.helpers import d1_processed, drain, pg_scalar, sqlite_keys
@@ -162,7 +162,7 @@ def test_migrate_applies_the_sqlite_schema_through_the_api_once(fake: FakeD1, re
 def test_sluice_migrate_cli_reaches_the_remote_d1(
     env: Env, fake: FakeD1, remote: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ops.cli import main
+    from sluice.ops.cli import main
 
     env.write_config(d1_sink_toml(fake))
     for key, value in {**env.vars, TOKEN_ENV: fake.token}.items():

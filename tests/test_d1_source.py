@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from ops.sample import write_d1_file
-from ops.workers import WorkerPool
-from producers.d1_source import D1Source, miniflare_object_filename, wrangler_d1_path
-from producers.registry import open_source
-from shared.celery_app import app
-from shared.migrations import migrate_sqlite
-from shared.settings import Settings
+from sluice.ops.sample import write_d1_file
+from sluice.ops.workers import WorkerPool
+from sluice.producers.d1_source import D1Source, miniflare_object_filename, wrangler_d1_path
+from sluice.producers.registry import open_source
+from sluice.shared.celery_app import app
+from sluice.shared.migrations import migrate_sqlite
+from sluice.shared.settings import Settings
 from tests.conftest import Env
 from tests.fakes.d1_server import FakeD1
 from tests.helpers import d1_config, d1_processed, drain, pg_keys, sqlite_keys
@@ -304,7 +304,7 @@ def test_threads_acknowledge_through_one_source_side_by_side(env: Env) -> None:
 
 def _drain_in_process(ctx: Any, source: str) -> list[Any]:
     """Runs of the source until nothing is left, every task run in this process."""
-    from producers.produce import run_source
+    from sluice.producers.produce import run_source
     from tests.helpers import run_queued_tasks
 
     runs = []
@@ -322,8 +322,8 @@ def test_text_that_is_not_utf8_is_a_dead_letter_not_a_stuck_source(env: Env) -> 
     with the bytes kept, the run names its key and rowid, and every other row moves on."""
     from sqlalchemy import text
 
-    from shared.letters import fetch_records
-    from shared.state import StateStore
+    from sluice.shared.letters import fetch_records
+    from sluice.shared.state import StateStore
 
     d1 = env.dir / "d1.sqlite"
     sample = write_d1_file(d1, 3_000)

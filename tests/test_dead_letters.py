@@ -9,15 +9,15 @@ from collections.abc import Callable
 
 import psycopg2
 
-from consumers.ingest import ingest
-from ops.workers import WorkerPool
-from shared.celery_app import app
-from shared.database import libpq_dsn
-from shared.migrations import migrate_sqlite
-from shared.page import Page
-from shared.records import dedupe
-from shared.settings import Settings
-from shared.streams import USAGE_EVENTS
+from sluice.consumers.ingest import ingest
+from sluice.ops.workers import WorkerPool
+from sluice.shared.celery_app import app
+from sluice.shared.database import libpq_dsn
+from sluice.shared.migrations import migrate_sqlite
+from sluice.shared.page import Page
+from sluice.shared.records import dedupe
+from sluice.shared.settings import Settings
+from sluice.shared.streams import USAGE_EVENTS
 from tests.conftest import Env
 from tests.helpers import pg_keys, pg_scalar, wait_queues_empty
 from tests.test_cli import sluice

@@ -15,7 +15,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from shared.embedded import ensure_postgres, ensure_redis, service_status, stop_services
+from sluice.shared.embedded import ensure_postgres, ensure_redis, service_status, stop_services
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/cwd").exists(), reason="process checks read /proc (Linux)"
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _CHILD = """
 import sys, time
 from pathlib import Path
-from shared import embedded
+from sluice.shared import embedded
 data_dir, barrier, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 (barrier / f"ready-{name}").touch()
 deadline = time.monotonic() + 60

@@ -13,14 +13,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ops.sample import Sample, write_d1_file
-from ops.workers import WorkerPool
-from producers.produce import run_source
-from shared.celery_app import app
-from shared.context import Context
-from shared.embedded import ensure_postgres, ensure_redis, stop_services
-from shared.migrations import migrate_postgres, migrate_sqlite
-from shared.settings import Settings
+from sluice.ops.sample import Sample, write_d1_file
+from sluice.ops.workers import WorkerPool
+from sluice.producers.produce import run_source
+from sluice.shared.celery_app import app
+from sluice.shared.context import Context
+from sluice.shared.embedded import ensure_postgres, ensure_redis, stop_services
+from sluice.shared.migrations import migrate_postgres, migrate_sqlite
+from sluice.shared.settings import Settings
 from tests.conftest import Env
 from tests.helpers import d1_config, d1_processed, drain, pg_keys, pg_rows, pg_scalar, sqlite_keys
 

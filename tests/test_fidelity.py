@@ -19,20 +19,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
-from consumers.ingest import ingest
-from ops.sample import write_d1_file
-from ops.workers import WorkerPool
-from producers.produce import run_source
-from shared.celery_app import app
-from shared.database import libpq_dsn, postgres_engine, sqlite_connect
-from shared.letters import DeadLetter, fetch_records, record_of_row, write_letters
-from shared.migrations import migrate_sqlite
-from shared.page import Page
-from shared.settings import Settings
-from shared.sink import PageMeta
-from shared.sqlite_sink import SqliteSink
-from shared.state import StateStore, sqlite_engine
-from shared.streams import HISTORICAL_PRICES, USAGE_EVENTS, Stream
+from sluice.consumers.ingest import ingest
+from sluice.ops.sample import write_d1_file
+from sluice.ops.workers import WorkerPool
+from sluice.producers.produce import run_source
+from sluice.shared.celery_app import app
+from sluice.shared.database import libpq_dsn, postgres_engine, sqlite_connect
+from sluice.shared.letters import DeadLetter, fetch_records, record_of_row, write_letters
+from sluice.shared.migrations import migrate_sqlite
+from sluice.shared.page import Page
+from sluice.shared.settings import Settings
+from sluice.shared.sink import PageMeta
+from sluice.shared.sqlite_sink import SqliteSink
+from sluice.shared.state import StateStore, sqlite_engine
+from sluice.shared.streams import HISTORICAL_PRICES, USAGE_EVENTS, Stream
 from tests.conftest import Env
 from tests.helpers import d1_config, d1_processed, drain, pg_scalar, wait_queues_empty
 from tests.test_cli import sluice
@@ -300,8 +300,8 @@ def test_valid_records_outlive_a_sink_down_beyond_its_retries_as_exact_letters(
     """PostgreSQL (a sink and the state store) down longer than the retries: its pages become
     dead letters, which wait for the store; the D1 rows are marked only once they are stored,
     and a replay brings every record in exactly as the source had it."""
-    from shared.embedded import ensure_postgres, stop_services
-    from shared.migrations import migrate_postgres
+    from sluice.shared.embedded import ensure_postgres, stop_services
+    from sluice.shared.migrations import migrate_postgres
 
     pg_dir = tmp_path / "pg"
     url = ensure_postgres(pg_dir)
@@ -593,7 +593,7 @@ def test_a_run_lock_is_a_lease_renewed_while_alive_and_freed_when_its_owner_dies
 
     import redis
 
-    from producers.produce import SourceLock
+    from sluice.producers.produce import SourceLock
 
     client = redis.Redis.from_url(env.redis_url)
     held = SourceLock(client, "s", lease=1.0)
@@ -623,8 +623,8 @@ def test_a_run_lock_is_a_lease_renewed_while_alive_and_freed_when_its_owner_dies
 
 
 def test_an_event_time_in_the_future_is_not_a_negative_lag(env: Env) -> None:
-    from ops.status import sources_status
-    from shared.postgres_sink import PostgresSink
+    from sluice.ops.status import sources_status
+    from sluice.shared.postgres_sink import PostgresSink
 
     d1 = env.dir / "d1.sqlite"
     write_d1_file(d1, 10)

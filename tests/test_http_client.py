@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import redis
 
-from producers.http_client import HttpApi, Retry, parse_retry_after
-from producers.rate_limit import Budget, SharedRateLimiter
-from shared.errors import ApiBannedError, HttpSourceError
+from sluice.producers.http_client import HttpApi, Retry, parse_retry_after
+from sluice.producers.rate_limit import Budget, SharedRateLimiter
+from sluice.shared.errors import ApiBannedError, HttpSourceError
 from tests.fakes.market_server import FakeMarket
 
 KLINES = {"symbol": "BTCUSDT", "interval": "1m", "startTime": 0, "endTime": 600_000, "limit": 5}

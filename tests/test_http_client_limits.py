@@ -14,9 +14,9 @@ import psutil
 import pytest
 import redis
 
-from producers.http_client import HttpApi
-from producers.rate_limit import Budget, SharedRateLimiter
-from shared.errors import HttpSourceError
+from sluice.producers.http_client import HttpApi
+from sluice.producers.rate_limit import Budget, SharedRateLimiter
+from sluice.shared.errors import HttpSourceError
 from tests.fakes.market_server import FakeMarket
 
 KLINES = {"symbol": "BTCUSDT", "interval": "1m", "startTime": 0, "endTime": 600_000, "limit": 5}

@@ -24,19 +24,19 @@ from typing import Any
 import psycopg2
 import pytest
 
-from ops.backfill import progress_key, run_backfill
-from ops.workers import WorkerPool
-from producers.cryptocompare import quota_reset, rate_limit_retry
-from producers.cursors import CursorStore
-from producers.http_source import HttpSource, floor_time, iso_utc
-from producers.produce import run_source
-from producers.registry import open_source
-from shared.celery_app import app
-from shared.context import Context
-from shared.database import libpq_dsn, postgres_engine
-from shared.migrations import migrate_sqlite
-from shared.settings import Settings
-from shared.state import StateStore
+from sluice.ops.backfill import progress_key, run_backfill
+from sluice.ops.workers import WorkerPool
+from sluice.producers.cryptocompare import quota_reset, rate_limit_retry
+from sluice.producers.cursors import CursorStore
+from sluice.producers.http_source import HttpSource, floor_time, iso_utc
+from sluice.producers.produce import run_source
+from sluice.producers.registry import open_source
+from sluice.shared.celery_app import app
+from sluice.shared.context import Context
+from sluice.shared.database import libpq_dsn, postgres_engine
+from sluice.shared.migrations import migrate_sqlite
+from sluice.shared.settings import Settings
+from sluice.shared.state import StateStore
 from tests.conftest import Env
 from tests.fakes.market_server import FakeMarket
 from tests.helpers import drain

@@ -9,16 +9,16 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from ops.workers import WorkerPool
-from producers.cursors import CursorStore
-from producers.http_source import HttpSource, floor_time
-from producers.produce import run_source
-from producers.registry import open_source
-from shared.celery_app import app
-from shared.database import postgres_engine
-from shared.migrations import migrate_sqlite
-from shared.settings import Settings
-from shared.state import StateStore
+from sluice.ops.workers import WorkerPool
+from sluice.producers.cursors import CursorStore
+from sluice.producers.http_source import HttpSource, floor_time
+from sluice.producers.produce import run_source
+from sluice.producers.registry import open_source
+from sluice.shared.celery_app import app
+from sluice.shared.database import postgres_engine
+from sluice.shared.migrations import migrate_sqlite
+from sluice.shared.settings import Settings
+from sluice.shared.state import StateStore
 from tests.conftest import Env
 from tests.fakes.market_server import FakeMarket
 from tests.helpers import drain, pg_scalar

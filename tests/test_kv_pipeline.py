@@ -12,16 +12,16 @@ from typing import Any
 import psycopg2
 import pytest
 
-from ops.status import format_status, sources_status
-from ops.workers import WorkerPool
-from producers.produce import run_source
-from producers.registry import open_source
-from shared.celery_app import app
-from shared.context import Context
-from shared.database import libpq_dsn, postgres_engine
-from shared.migrations import migrate_sqlite
-from shared.settings import Settings
-from shared.state import StateStore
+from sluice.ops.status import format_status, sources_status
+from sluice.ops.workers import WorkerPool
+from sluice.producers.produce import run_source
+from sluice.producers.registry import open_source
+from sluice.shared.celery_app import app
+from sluice.shared.context import Context
+from sluice.shared.database import libpq_dsn, postgres_engine
+from sluice.shared.migrations import migrate_sqlite
+from sluice.shared.settings import Settings
+from sluice.shared.state import StateStore
 from tests.conftest import OWNER_KEY, Env
 from tests.fakes.kv_server import FakeKV
 from tests.helpers import drain
@@ -219,8 +219,8 @@ def test_a_child_page_before_its_parent_waits_and_lands(env: Env, fake: FakeKV) 
     import time
     import uuid
 
-    from shared.celery_app import ingest_queue
-    from shared.page import Page
+    from sluice.shared.celery_app import ingest_queue
+    from sluice.shared.page import Page
     from tests.helpers import wait_queues_empty
 
     env.write_config(kv_config(fake).replace("fk_retry_seconds = 0.3", "fk_retry_seconds = 1.0"))

@@ -20,17 +20,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producers.kv_source import KvSource, Problem
-from producers.registry import open_source
-from shared.database import libpq_dsn
-from shared.errors import ForeignKeyViolationError, RejectedBySinkError
-from shared.migrations import SCHEMA_DIR, migrate_postgres, migrate_sqlite, split_statements
-from shared.postgres_sink import PostgresSink
-from shared.records import Validator, dedupe
-from shared.settings import Settings
-from shared.sink import PageMeta, Sink, WriteResult
-from shared.sqlite_sink import SqliteSink
-from shared.streams import CATALOG, Stream
+from sluice.producers.kv_source import KvSource, Problem
+from sluice.producers.registry import open_source
+from sluice.shared.database import libpq_dsn
+from sluice.shared.errors import ForeignKeyViolationError, RejectedBySinkError
+from sluice.shared.migrations import SCHEMA_DIR, migrate_postgres, migrate_sqlite, split_statements
+from sluice.shared.postgres_sink import PostgresSink
+from sluice.shared.records import Validator, dedupe
+from sluice.shared.settings import Settings
+from sluice.shared.sink import PageMeta, Sink, WriteResult
+from sluice.shared.sqlite_sink import SqliteSink
+from sluice.shared.streams import CATALOG, Stream
 
 PROPS = settings(
     max_examples=25,

@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 import time
 
-from ops.workers import WorkerPool
-from producers.produce import run_source
-from shared.celery_app import app
-from shared.migrations import migrate_sqlite
-from shared.settings import Settings
+from sluice.ops.workers import WorkerPool
+from sluice.producers.produce import run_source
+from sluice.shared.celery_app import app
+from sluice.shared.migrations import migrate_sqlite
+from sluice.shared.settings import Settings
 from tests.conftest import Env
 from tests.fakes.kv_server import FakeKV
 from tests.helpers import drain

@@ -13,8 +13,14 @@ from typing import Any
 
 import pytest
 
-from producers.kv_mapping import KvEntry, MapContext, MappingError, compile_pattern, map_cache
-from producers.kv_source import (
+from sluice.producers.kv_mapping import (
+    KvEntry,
+    MapContext,
+    MappingError,
+    compile_pattern,
+    map_cache,
+)
+from sluice.producers.kv_source import (
     Counts,
     KvJsonFile,
     KvRestClient,
@@ -23,9 +29,9 @@ from producers.kv_source import (
     Problem,
     miniflare_kv_filename,
 )
-from producers.registry import open_source
-from shared.errors import KvError, SourceError
-from shared.settings import Settings
+from sluice.producers.registry import open_source
+from sluice.shared.errors import KvError, SourceError
+from sluice.shared.settings import Settings
 from tests.conftest import Env
 from tests.fakes.kv_server import FakeKV
 
@@ -291,7 +297,7 @@ def test_snapshot_is_read_only_and_complete(tmp_path: Path, fake: FakeKV) -> Non
 
 
 def test_mapping_errors_name_the_expected_shape() -> None:
-    from producers.kv_mapping import map_users
+    from sluice.producers.kv_mapping import map_users
 
     with pytest.raises(MappingError, match="JSON array of chat ids"):
         map_users(KvEntry("chat_ids", {"a": 1}), {}, MapContext(NOW_MS, 0))

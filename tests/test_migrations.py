@@ -13,8 +13,8 @@ import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
-from shared.database import libpq_dsn, sqlite_connect
-from shared.migrations import (
+from sluice.shared.database import libpq_dsn, sqlite_connect
+from sluice.shared.migrations import (
     SCHEMA_DIR,
     migrate_postgres,
     migrate_sqlite,

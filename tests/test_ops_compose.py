@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ops.cli import build_parser
+from sluice.ops.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

@@ -24,14 +24,14 @@ from typing import Any
 
 import pytest
 
-from ops.sample import write_d1_file
-from ops.status import queue_depths
-from ops.workers import WorkerPool
-from producers.produce import run_source
-from shared.celery_app import app
-from shared.database import sqlite_connect
-from shared.migrations import migrate_sqlite
-from shared.settings import Settings
+from sluice.ops.sample import write_d1_file
+from sluice.ops.status import queue_depths
+from sluice.ops.workers import WorkerPool
+from sluice.producers.produce import run_source
+from sluice.shared.celery_app import app
+from sluice.shared.database import sqlite_connect
+from sluice.shared.migrations import migrate_sqlite
+from sluice.shared.settings import Settings
 from tests.conftest import Env
 from tests.helpers import d1_config
 from tests.test_cli import sluice
@@ -73,7 +73,16 @@ def flower(env: Env) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
     log = (env.dir / "flower.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "flower", "--port", str(port), "--address", "127.0.0.1"],
+        [
+            sys.executable,
+            "-m",
+            "sluice.ops.cli",
+            "flower",
+            "--port",
+            str(port),
+            "--address",
+            "127.0.0.1",
+        ],
         env=dict(env.vars, SLUICE_FLOWER_AUTH=AUTH),
         cwd=ROOT,
         stdout=log,

@@ -7,16 +7,16 @@ from datetime import UTC, datetime, timedelta
 
 from prometheus_client import generate_latest
 
-from ops.metrics import registry_for
-from ops.sample import write_d1_file
-from ops.status import sources_status
-from producers.cursors import CursorStore
-from producers.http_source import floor_time
-from producers.produce import run_source
-from shared.celery_app import app
-from shared.database import postgres_engine
-from shared.settings import Settings
-from shared.state import StateStore
+from sluice.ops.metrics import registry_for
+from sluice.ops.sample import write_d1_file
+from sluice.ops.status import sources_status
+from sluice.producers.cursors import CursorStore
+from sluice.producers.http_source import floor_time
+from sluice.producers.produce import run_source
+from sluice.shared.celery_app import app
+from sluice.shared.database import postgres_engine
+from sluice.shared.settings import Settings
+from sluice.shared.state import StateStore
 from tests.conftest import Env
 from tests.fakes.market_server import FakeMarket
 from tests.helpers import d1_config

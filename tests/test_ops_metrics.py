@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ops.sample import write_d1_file
-from ops.serve import health
-from ops.workers import WorkerPool
-from shared.celery_app import app
-from shared.context import Context
-from shared.migrations import migrate_sqlite
-from shared.settings import Settings
+from sluice.ops.sample import write_d1_file
+from sluice.ops.serve import health
+from sluice.ops.workers import WorkerPool
+from sluice.shared.celery_app import app
+from sluice.shared.context import Context
+from sluice.shared.migrations import migrate_sqlite
+from sluice.shared.settings import Settings
 from tests.conftest import Env
 from tests.helpers import d1_config, drain, pg_scalar
 
@@ -35,7 +35,7 @@ PG_QUEUES = ["ingest.postgres", "dead_letter", "progress"]
 def serving(env: dict[str, str]) -> Iterator[str]:
     """A `sluice serve --port 0` process; yields its base URL."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "serve", "--host", "127.0.0.1", "--port", "0"],
+        [sys.executable, "-m", "sluice.ops.cli", "serve", "--host", "127.0.0.1", "--port", "0"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,

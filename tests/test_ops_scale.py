@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from ops.status import pool_size
-from ops.workers import WorkerPool
-from shared.celery_app import app
-from shared.settings import Settings
+from sluice.ops.status import pool_size
+from sluice.ops.workers import WorkerPool
+from sluice.shared.celery_app import app
+from sluice.shared.settings import Settings
 from tests.conftest import Env
 from tests.test_cli import sluice
 

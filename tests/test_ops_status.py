@@ -11,14 +11,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from ops.sample import write_d1_file
-from ops.status import amqp_queue_depths, queue_depths
-from ops.workers import WorkerPool
-from producers.produce import run_source
-from shared.celery_app import QUEUES, app
-from shared.database import sqlite_connect
-from shared.migrations import migrate_sqlite
-from shared.settings import Settings
+from sluice.ops.sample import write_d1_file
+from sluice.ops.status import amqp_queue_depths, queue_depths
+from sluice.ops.workers import WorkerPool
+from sluice.producers.produce import run_source
+from sluice.shared.celery_app import QUEUES, app
+from sluice.shared.database import sqlite_connect
+from sluice.shared.migrations import migrate_sqlite
+from sluice.shared.settings import Settings
 from tests.conftest import Env, _port_open
 from tests.helpers import d1_config, drain, pg_scalar
 from tests.test_cli import sluice

@@ -11,13 +11,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from ops.sample import write_d1_file
-from ops.workers import WorkerPool
-from producers.produce import RunSummary, run_source
-from shared.celery_app import app
-from shared.context import Context
-from shared.migrations import migrate_sqlite
-from shared.settings import Settings
+from sluice.ops.sample import write_d1_file
+from sluice.ops.workers import WorkerPool
+from sluice.producers.produce import RunSummary, run_source
+from sluice.shared.celery_app import app
+from sluice.shared.context import Context
+from sluice.shared.migrations import migrate_sqlite
+from sluice.shared.settings import Settings
 from tests.conftest import Env
 from tests.helpers import (
     d1_config,

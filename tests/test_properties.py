@@ -17,14 +17,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumers.ingest import ingest
-from shared.celery_app import app
-from shared.context import Context
-from shared.migrations import migrate_sqlite
-from shared.page import Page
-from shared.records import record_key
-from shared.settings import Settings
-from shared.streams import USAGE_EVENTS
+from sluice.consumers.ingest import ingest
+from sluice.shared.celery_app import app
+from sluice.shared.context import Context
+from sluice.shared.migrations import migrate_sqlite
+from sluice.shared.page import Page
+from sluice.shared.records import record_key
+from sluice.shared.settings import Settings
+from sluice.shared.streams import USAGE_EVENTS
 from tests.conftest import Env
 from tests.helpers import pg_keys, sqlite_keys
 

@@ -18,16 +18,16 @@ from typing import Any
 import psycopg2
 import pytest
 
-from ops.sample import write_d1_file
-from ops.workers import WorkerPool
-from producers.d1_rest import D1Client
-from producers.kv_source import KvSource
-from producers.produce import run_source
-from producers.registry import open_source
-from shared.celery_app import app
-from shared.database import libpq_dsn
-from shared.migrations import migrate_d1, migrate_sqlite
-from shared.settings import Settings
+from sluice.ops.sample import write_d1_file
+from sluice.ops.workers import WorkerPool
+from sluice.producers.d1_rest import D1Client
+from sluice.producers.kv_source import KvSource
+from sluice.producers.produce import run_source
+from sluice.producers.registry import open_source
+from sluice.shared.celery_app import app
+from sluice.shared.database import libpq_dsn
+from sluice.shared.migrations import migrate_d1, migrate_sqlite
+from sluice.shared.settings import Settings
 from tests.conftest import Env
 from tests.fakes.d1_server import FakeD1
 from tests.fakes.kv_server import FakeKV
@@ -348,7 +348,7 @@ def test_usage_errors_exit_2(env: Env) -> None:
 
 
 def test_d1_snapshot_reads_every_row_in_keyset_pages_and_changes_nothing(env: Env) -> None:
-    from producers.d1_source import D1Source
+    from sluice.producers.d1_source import D1Source
     from tests.helpers import d1_processed
 
     source_db = env.dir / "source-d1.sqlite"
@@ -387,7 +387,7 @@ def dump(path: Path) -> list[str]:
 
 
 def test_cache_times_from_the_clock_are_skipped_and_data_times_compared(env: Env) -> None:
-    from ops.reconcile import _clock_skips
+    from sluice.ops.reconcile import _clock_skips
 
     export = env.dir / "kv.json"
     export.write_text(

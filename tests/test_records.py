@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.database import libpq_dsn
-from shared.records import Rejected, Validator, dedupe, record_key
-from shared.streams import USAGE_EVENTS, Column, Stream
+from sluice.shared.database import libpq_dsn
+from sluice.shared.records import Rejected, Validator, dedupe, record_key
+from sluice.shared.streams import USAGE_EVENTS, Column, Stream
 
 COLUMNS = USAGE_EVENTS.column_names
 FIELD = {name: i for i, name in enumerate(COLUMNS)}

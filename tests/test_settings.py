@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import ConfigError, UnknownStreamError
-from shared.settings import Settings
+from sluice.shared.errors import ConfigError, UnknownStreamError
+from sluice.shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "sluice.example.toml"
@@ -31,7 +31,7 @@ def config_check(path: Path) -> subprocess.CompletedProcess[str]:
     """`sluice config check FILE` as a user runs it (no SLUICE_* variables leaking in)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
     return subprocess.run(
-        [sys.executable, "-m", "ops.cli", "config", "check", str(path)],
+        [sys.executable, "-m", "sluice.ops.cli", "config", "check", str(path)],
         env=env,
         cwd=ROOT,
         capture_output=True,

@@ -12,20 +12,20 @@ from typing import Any
 import psycopg2
 import pytest
 
-from consumers.ingest import ingest
-from ops.sample import generate_rows
-from ops.workers import WorkerPool
-from shared.celery_app import app
-from shared.database import libpq_dsn
-from shared.errors import RejectedBySinkError, TransientSinkError
-from shared.migrations import migrate_sqlite
-from shared.page import Page
-from shared.postgres_sink import PostgresSink, copy_text
-from shared.records import Validator, dedupe
-from shared.settings import Settings
-from shared.sink import PageMeta, Sink, WriteResult
-from shared.sqlite_sink import SqliteSink
-from shared.streams import USAGE_EVENTS
+from sluice.consumers.ingest import ingest
+from sluice.ops.sample import generate_rows
+from sluice.ops.workers import WorkerPool
+from sluice.shared.celery_app import app
+from sluice.shared.database import libpq_dsn
+from sluice.shared.errors import RejectedBySinkError, TransientSinkError
+from sluice.shared.migrations import migrate_sqlite
+from sluice.shared.page import Page
+from sluice.shared.postgres_sink import PostgresSink, copy_text
+from sluice.shared.records import Validator, dedupe
+from sluice.shared.settings import Settings
+from sluice.shared.sink import PageMeta, Sink, WriteResult
+from sluice.shared.sqlite_sink import SqliteSink
+from sluice.shared.streams import USAGE_EVENTS
 from tests.conftest import Env
 from tests.helpers import pg_keys, pg_scalar, sqlite_keys
 

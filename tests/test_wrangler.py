@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from producers.d1_source import wrangler_d1_path
-from producers.registry import open_source
-from shared.settings import Settings
+from sluice.producers.d1_source import wrangler_d1_path
+from sluice.producers.registry import open_source
+from sluice.shared.settings import Settings
 from tests.conftest import Env
 from tests.test_cli import ROOT
 
