@@ -27,7 +27,7 @@ from typing import Any
 import redis
 from celery import Task
 
-from sluice.producers.ack import acknowledge_page
+from sluice.shared.acknowledge import acknowledge_page
 from sluice.shared.celery_app import app
 from sluice.shared.context import Context
 from sluice.shared.errors import (
@@ -43,7 +43,7 @@ from sluice.shared.letters import DeadLetter, encode_record, record_of_row, send
 from sluice.shared.page import Page, decode
 from sluice.shared.progress import letters_member
 from sluice.shared.records import Rejected, Validator, dedupe, record_key
-from sluice.shared.sink import PageMeta, Sink, WriteResult
+from sluice.shared.sinks import PageMeta, Sink, WriteResult
 from sluice.shared.streams import Stream
 
 log = logging.getLogger("sluice.ingest")

@@ -41,8 +41,8 @@ from sluice.shared.embedded import ensure_postgres, ensure_redis, stop_services
 from sluice.shared.migrations import migrate_postgres, migrate_sqlite
 from sluice.shared.records import Validator, dedupe
 from sluice.shared.settings import Settings
-from sluice.shared.sink import PageMeta
-from sluice.shared.sqlite_sink import SqliteSink
+from sluice.shared.sinks import PageMeta
+from sluice.shared.sinks.sqlite import SqliteSink
 from sluice.shared.streams import USAGE_EVENTS
 
 SOURCE = "bench_d1"
@@ -294,7 +294,7 @@ class Bench:
         pool = WorkerPool(self.env, self.dir / "logs", loglevel="WARNING")
         if self.sink == "sqlite":
             # One writer process for the file, its threads sharing transactions (group commit,
-            # shared/sqlite_sink.py); dead letters and retried acknowledgements run beside it.
+            # shared/sinks/sqlite.py); dead letters and retried acknowledgements run beside it.
             pool.start_sqlite_writer("writer")
             self._start(pool, "aux", ["dead_letter", "progress"], 1)
         else:

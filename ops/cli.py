@@ -85,8 +85,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _migrate_d1(s: Settings) -> list[str]:
-    from sluice.shared.d1_sink import D1Sink
     from sluice.shared.migrations import migrate_d1
+    from sluice.shared.sinks.d1 import D1Sink
 
     if s.d1_sink is None:
         raise SluiceError("sink 'd1' is not configured: add [sinks.d1] to the config", sink="d1")
@@ -708,6 +708,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     args = build_parser().parse_args(argv)
+    from sluice.producers.registry import open_source
+    from sluice.shared.celery_app import app
+
+    app.use_sources(open_source)  # workers and commands acknowledge pages to their sources
     try:
         return int(args.func(args))
     except SluiceError as exc:

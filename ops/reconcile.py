@@ -39,13 +39,13 @@ import psycopg2.extensions
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from sluice.producers.d1_rest import MAX_BOUND_PARAMS
-from sluice.shared.d1_sink import d1_client
+from sluice.shared.cloudflare import MAX_BOUND_PARAMS
 from sluice.shared.database import libpq_dsn, postgres_url
 from sluice.shared.errors import ConfigError, D1Error, SinkError, SourceError
 from sluice.shared.records import Validator, record_key
 from sluice.shared.settings import D1SinkConfig, D1SourceConfig, KvSourceConfig, Settings
-from sluice.shared.sink import quote
+from sluice.shared.sinks import quote
+from sluice.shared.sinks.d1 import d1_client
 from sluice.shared.state import open_state
 from sluice.shared.streams import Column, ForeignKey, Stream
 
@@ -289,7 +289,7 @@ def _in_list_queries(
 
 
 class D1Reader:
-    """The remote D1 sink, read through producers/d1_rest.py's client (retries, envelope)."""
+    """The remote D1 sink, read through shared/cloudflare.py's client (retries, envelope)."""
 
     name = "d1"
 

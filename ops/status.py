@@ -210,7 +210,7 @@ def _primary_sink(stream: Stream) -> str:
 
 
 def _d1_scalar(ctx: Context, sql: str, params: list[object]) -> Any:
-    from sluice.shared.d1_sink import D1Sink
+    from sluice.shared.sinks.d1 import D1Sink
 
     sink = ctx.sink("d1")
     assert isinstance(sink, D1Sink)

@@ -65,7 +65,7 @@ class WorkerPool:
 
     def start_sqlite_writer(self, name: str = "lite") -> subprocess.Popen[bytes]:
         """The SQLite writer as deployed: one process, its threads committing pages together."""
-        from sluice.shared.sqlite_sink import WRITER_THREADS
+        from sluice.shared.sinks.sqlite import WRITER_THREADS
 
         return self.start(name, ["ingest.sqlite"], WRITER_THREADS, extra=["--pool", "threads"])
 

@@ -7,7 +7,7 @@
 
 Two kinds of database share the same SQL:
 - local: a D1 SQLite file, given directly or found in wrangler's state folder;
-- remote: the D1 REST `/query` API (producers/d1_rest.py), keeping to 100 bound parameters.
+- remote: the D1 REST `/query` API (shared/cloudflare.py), keeping to 100 bound parameters.
 
 Every configured column is checked against the table when the source opens: SQLite reads an
 unknown double-quoted name as a string literal, so a typo in `key_column` would otherwise match
@@ -28,8 +28,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
-from sluice.producers.d1_rest import D1Client
 from sluice.producers.source import SourcePage
+from sluice.shared.cloudflare import D1Client
 from sluice.shared.database import sqlite_connect
 from sluice.shared.errors import D1Error, SourceError, TransientSourceError
 from sluice.shared.settings import D1SourceConfig, Settings

@@ -7,7 +7,7 @@ mapped becomes a dead letter naming the key, and the run goes on.
 
 Stores (all read-only):
 - remote: the Workers KV REST API (apis.md §3) through the shared Cloudflare client
-  (producers/d1_rest.py: envelope, retries, 429/971). Listing follows `result_info.cursor` until
+  (shared/cloudflare.py: envelope, retries, 429/971). Listing follows `result_info.cursor` until
   it is empty or absent; a short or empty page with a cursor is not the end (tombstones). Values
   come from `POST …/bulk/get` (`type: "text"`, so one value that is not JSON cannot fail the
   others); a key bulk get leaves out, or a bulk get refused as a whole, is read with a single
@@ -43,9 +43,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from sluice.producers.d1_rest import CloudflareClient
 from sluice.producers.kv_mapping import MAPPERS, KvEntry, MapContext, MappingError, compile_pattern
 from sluice.producers.source import SourcePage, SourceReject
+from sluice.shared.cloudflare import CloudflareClient
 from sluice.shared.errors import KvError, SourceError, TransientSourceError
 from sluice.shared.settings import KvSourceConfig, Settings
 from sluice.shared.state import StateStore, open_state

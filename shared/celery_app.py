@@ -12,7 +12,7 @@ from typing import Any
 from celery import Celery, Task, signals
 from kombu import Queue
 
-from sluice.shared.context import Context
+from sluice.shared.context import Context, SourceOpener
 from sluice.shared.page import Page
 from sluice.shared.settings import SINK_NAMES, Settings
 
@@ -47,6 +47,14 @@ class SluiceTask(Task):  # type: ignore[misc]
 
 class SluiceCelery(Celery):  # type: ignore[misc]
     _context: Context | None = None
+    _open_source: SourceOpener | None = None
+
+    def use_sources(self, open_source: SourceOpener) -> None:
+        """Let this process's contexts open sources (to acknowledge pages). Called by the
+        command that starts the process: the sources live above this layer."""
+        self._open_source = open_source
+        if self._context is not None:
+            self._context.open_source = open_source
 
     def send_task(self, name: str, *args: Any, **kwargs: Any) -> Any:
         # Every message of ours is msgpack, whatever the process's config was when it started.
@@ -61,7 +69,7 @@ class SluiceCelery(Celery):  # type: ignore[misc]
             self._context.close()
             self._pool = None
             self.amqp._producer_pool = None
-        ctx = Context(settings)
+        ctx = Context(settings, self._open_source)
         vt = settings.pipeline.visibility_timeout
         self.conf.update(
             broker_url=ctx.broker_url,
@@ -107,7 +115,7 @@ app = SluiceCelery(
     include=[
         "sluice.consumers.ingest",
         "sluice.consumers.dead_letter",
-        "sluice.producers.ack",
+        "sluice.consumers.ack",
         "sluice.producers.produce",
     ],
     task_cls=SluiceTask,
@@ -118,7 +126,7 @@ app = SluiceCelery(
 def _fresh_context_after_fork(**_: Any) -> None:
     # A forked pool process must not reuse its parent's sockets.
     if app._context is not None:
-        app._context = Context(app._context.settings)
+        app._context = Context(app._context.settings, app._context.open_source)
 
 
 @signals.worker_process_shutdown.connect

@@ -18,17 +18,23 @@ from sluice.shared.errors import SluiceError
 from sluice.shared.progress import Progress
 from sluice.shared.records import Validator
 from sluice.shared.settings import Settings
-from sluice.shared.sink import Sink
+from sluice.shared.sinks import Sink
 from sluice.shared.state import StateStore, open_state, state_kind
 from sluice.shared.streams import Stream
 
+# Opens a configured source by name (sluice.producers.registry.open_source). The sources live
+# above this layer: the command that starts a process hands it down (SluiceCelery.use_sources).
+SourceOpener = Callable[[Settings, str], Any]
+
 
 class Context:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, open_source: SourceOpener | None = None) -> None:
         self.settings = settings
+        self.open_source = open_source
         self._sinks: dict[tuple[str, int | None], Sink] = {}
-        # Sources opened by this process (producers/ack.py keeps them: opening a D1 file per
-        # page, and checkpointing it on every close, cost more than the acknowledgement).
+        # Sources opened by this process to acknowledge pages (shared/acknowledge.py) are kept:
+        # opening a D1 file per page, and checkpointing it on every close, cost more than the
+        # acknowledgement itself.
         self._sources: dict[str, Any] = {}
         self._validators: dict[str, Validator] = {}
         self._lock = threading.Lock()
@@ -78,11 +84,11 @@ class Context:
 
     def _open_sink(self, name: str) -> Sink:
         if name == "postgres":
-            from sluice.shared.postgres_sink import PostgresSink
+            from sluice.shared.sinks.postgres import PostgresSink
 
             return PostgresSink(self.postgres_url)
         if name == "sqlite":
-            from sluice.shared.sqlite_sink import SqliteSink
+            from sluice.shared.sinks.sqlite import SqliteSink
 
             pipeline = self.settings.pipeline
             return SqliteSink(
@@ -91,7 +97,7 @@ class Context:
                 pipeline.sqlite_cache_mib,
             )
         if name == "d1":
-            from sluice.shared.d1_sink import D1Sink
+            from sluice.shared.sinks.d1 import D1Sink
 
             cfg = self.settings.d1_sink
             if cfg is None:
@@ -100,13 +106,18 @@ class Context:
             return D1Sink(cfg, lambda: self.settings.secret(variable))
         raise SluiceError(f"unknown sink {name!r}; known: postgres, sqlite, d1", sink=name)
 
-    def source(self, name: str, open_: Callable[[], Any]) -> Any:
-        """The process's source of that name, opened by `open_` on first use. Under the lock so
-        that the threads of a threads-pool worker open one between them, not one each."""
+    def source(self, name: str) -> Any:
+        """The process's source of that name, opened on first use. Under the lock so that the
+        threads of a threads-pool worker open one between them, not one each."""
         with self._lock:
             source = self._sources.get(name)
             if source is None:
-                source = self._sources[name] = open_()
+                if self.open_source is None:
+                    raise SluiceError(
+                        "this process cannot open sources: start workers with `sluice worker`",
+                        source=name,
+                    )
+                source = self._sources[name] = self.open_source(self.settings, name)
             return source
 
     def drop_source(self, name: str, source: Any) -> None:

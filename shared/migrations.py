@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg2
 
-from sluice.producers.d1_rest import D1Client
+from sluice.shared.cloudflare import D1Client
 from sluice.shared.database import libpq_dsn, sqlite_connect
 from sluice.shared.errors import D1Error, SluiceError
 

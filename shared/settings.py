@@ -332,7 +332,7 @@ AnySourceConfig = Annotated[
 
 
 class D1SinkConfig(_Model):
-    """A remote D1 database written through the REST API (shared/d1_sink.py). The token is read
+    """A remote D1 database written through the REST API (shared/sinks/d1.py). The token is read
     from the environment variable `api_token_env` names, never from this file."""
 
     account_id: Annotated[str, Field(min_length=1, max_length=32)]

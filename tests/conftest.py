@@ -26,6 +26,16 @@ from sluice.shared.migrations import migrate_postgres
 OWNER_KEY = "sluice:test-session-owner"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def sources_opened_by_name() -> None:
+    """Tests acknowledge pages in this process as `sluice worker` does: the app opens sources
+    through the registry the command hands it."""
+    from sluice.producers.registry import open_source
+    from sluice.shared.celery_app import app
+
+    app.use_sources(open_source)
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)

@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from sluice.consumers.ack import ack_page
 from sluice.consumers.ingest import ingest
 from sluice.ops.sample import write_d1_file
-from sluice.producers.ack import ack_page
 from sluice.producers.registry import open_source
 from sluice.shared.celery_app import app
 from sluice.shared.context import Context
@@ -85,18 +85,19 @@ def test_failed_inline_ack_becomes_the_retrying_task(env: Env) -> None:
 def test_threads_open_one_source_between_them(env: Env) -> None:
     """The threads of a threads-pool worker acknowledging their first pages at once share one
     source: each opening its own left all but one connection unclosed."""
-    ctx = Context(Settings.load(env.vars))
     opened: list[object] = []
     start = threading.Barrier(8)
 
-    def open_slowly() -> object:
+    def open_slowly(settings: Settings, name: str) -> object:
         time.sleep(0.05)  # an open that takes a while widens the window the lock closes
         opened.append(object())
         return opened[-1]
 
+    ctx = Context(Settings.load(env.vars), open_slowly)
+
     def first_use() -> object:
         start.wait()
-        return ctx.source("d1_usage", open_slowly)
+        return ctx.source("d1_usage")
 
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda _: first_use(), range(8)))

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from sluice.producers import d1_rest
-from sluice.producers.d1_rest import D1Client, iter_row_chunks, rows_per_statement
+from sluice.shared.cloudflare import D1Client, iter_row_chunks, rows_per_statement
 from sluice.shared.errors import D1Error
 from tests.fakes.d1_server import TRANSACTION_MESSAGE, FakeD1
 

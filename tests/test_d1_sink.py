@@ -22,9 +22,8 @@ from sluice.ops.metrics import SluiceCollector
 from sluice.ops.sample import generate_rows, write_d1_file
 from sluice.ops.status import build_status
 from sluice.ops.workers import WorkerPool
-from sluice.producers.d1_rest import D1Client
 from sluice.shared.celery_app import QUEUES, app
-from sluice.shared.d1_sink import D1Sink, classify, statement_bytes
+from sluice.shared.cloudflare import D1Client
 from sluice.shared.errors import (
     ConfigError,
     D1Error,
@@ -37,7 +36,8 @@ from sluice.shared.migrations import migrate_d1
 from sluice.shared.page import Page
 from sluice.shared.records import Validator, dedupe
 from sluice.shared.settings import D1SinkConfig, Settings
-from sluice.shared.sink import PageMeta
+from sluice.shared.sinks import PageMeta
+from sluice.shared.sinks.d1 import D1Sink, classify, statement_bytes
 from sluice.shared.streams import HISTORICAL_PRICES, USAGE_EVENTS, Stream
 from tests.conftest import Env
 from tests.fakes.d1_server import FakeD1

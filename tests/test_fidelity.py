@@ -29,8 +29,8 @@ from sluice.shared.letters import DeadLetter, fetch_records, record_of_row, writ
 from sluice.shared.migrations import migrate_sqlite
 from sluice.shared.page import Page
 from sluice.shared.settings import Settings
-from sluice.shared.sink import PageMeta
-from sluice.shared.sqlite_sink import SqliteSink
+from sluice.shared.sinks import PageMeta
+from sluice.shared.sinks.sqlite import SqliteSink
 from sluice.shared.state import StateStore, sqlite_engine
 from sluice.shared.streams import HISTORICAL_PRICES, USAGE_EVENTS, Stream
 from tests.conftest import Env
@@ -624,7 +624,7 @@ def test_a_run_lock_is_a_lease_renewed_while_alive_and_freed_when_its_owner_dies
 
 def test_an_event_time_in_the_future_is_not_a_negative_lag(env: Env) -> None:
     from sluice.ops.status import sources_status
-    from sluice.shared.postgres_sink import PostgresSink
+    from sluice.shared.sinks.postgres import PostgresSink
 
     d1 = env.dir / "d1.sqlite"
     write_d1_file(d1, 10)

@@ -25,11 +25,11 @@ from sluice.producers.registry import open_source
 from sluice.shared.database import libpq_dsn
 from sluice.shared.errors import ForeignKeyViolationError, RejectedBySinkError
 from sluice.shared.migrations import SCHEMA_DIR, migrate_postgres, migrate_sqlite, split_statements
-from sluice.shared.postgres_sink import PostgresSink
 from sluice.shared.records import Validator, dedupe
 from sluice.shared.settings import Settings
-from sluice.shared.sink import PageMeta, Sink, WriteResult
-from sluice.shared.sqlite_sink import SqliteSink
+from sluice.shared.sinks import PageMeta, Sink, WriteResult
+from sluice.shared.sinks.postgres import PostgresSink
+from sluice.shared.sinks.sqlite import SqliteSink
 from sluice.shared.streams import CATALOG, Stream
 
 PROPS = settings(

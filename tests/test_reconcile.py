@@ -20,11 +20,11 @@ import pytest
 
 from sluice.ops.sample import write_d1_file
 from sluice.ops.workers import WorkerPool
-from sluice.producers.d1_rest import D1Client
 from sluice.producers.kv_source import KvSource
 from sluice.producers.produce import run_source
 from sluice.producers.registry import open_source
 from sluice.shared.celery_app import app
+from sluice.shared.cloudflare import D1Client
 from sluice.shared.database import libpq_dsn
 from sluice.shared.migrations import migrate_d1, migrate_sqlite
 from sluice.shared.settings import Settings

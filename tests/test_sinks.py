@@ -20,11 +20,11 @@ from sluice.shared.database import libpq_dsn
 from sluice.shared.errors import RejectedBySinkError, TransientSinkError
 from sluice.shared.migrations import migrate_sqlite
 from sluice.shared.page import Page
-from sluice.shared.postgres_sink import PostgresSink, copy_text
 from sluice.shared.records import Validator, dedupe
 from sluice.shared.settings import Settings
-from sluice.shared.sink import PageMeta, Sink, WriteResult
-from sluice.shared.sqlite_sink import SqliteSink
+from sluice.shared.sinks import PageMeta, Sink, WriteResult
+from sluice.shared.sinks.postgres import PostgresSink, copy_text
+from sluice.shared.sinks.sqlite import SqliteSink
 from sluice.shared.streams import USAGE_EVENTS
 from tests.conftest import Env
 from tests.helpers import pg_keys, pg_scalar, sqlite_keys

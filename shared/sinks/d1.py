@@ -1,7 +1,7 @@
 """Remote D1 sink: each page is ONE D1 batch over the REST API, so it commits or rolls back whole.
 
 D1 refuses BEGIN/COMMIT; a `{"batch": [...]}` request is its transaction (apis.md §2.1). The
-client is producers/d1_rest.py (retries, Retry-After, envelope errors), shared with the D1 source.
+client is shared/cloudflare.py (retries, Retry-After, envelope errors), shared with the D1 source.
 A page's batch, in order:
 
 1. `INSERT INTO ingestion_runs …` with no ON CONFLICT: a page already committed (a redelivery, or
@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sluice.producers.d1_rest import (
+from sluice.shared.cloudflare import (
     MAX_BOUND_PARAMS,
     MAX_STATEMENT_BYTES,
     D1Client,
@@ -50,7 +50,7 @@ from sluice.shared.errors import (
 )
 from sluice.shared.records import record_key
 from sluice.shared.settings import D1SinkConfig
-from sluice.shared.sink import (
+from sluice.shared.sinks import (
     ORDER_COLUMN,
     PageMeta,
     WriteResult,
@@ -58,7 +58,7 @@ from sluice.shared.sink import (
     quote,
     with_orders,
 )
-from sluice.shared.sqlite_sink import (
+from sluice.shared.sinks.sqlite import (
     COMMITTED_AT,
     RUN_INSERT,
     delete_sql,
@@ -233,7 +233,7 @@ class D1Sink:
         valid = meta.received - meta.invalid
         # Right-hand sides see the old values: keys after - keys before = inserted; rows written
         # - inserted - equal rows still written (scratch in `deleted`) = updated; equal rows =
-        # unchanged; the rest of the valid records are duplicates (shared/sink.py page_counts).
+        # unchanged; the rest of the valid records are duplicates (sinks.page_counts).
         statements.append(
             (
                 "UPDATE ingestion_runs SET inserted = inserted - duplicates,"

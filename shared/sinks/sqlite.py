@@ -1,6 +1,6 @@
 """SQLite sink (a D1-compatible file): multi-row INSERTs in BEGIN IMMEDIATE transactions.
 
-Its SQL (insert_sql, RUN_INSERT) is shared with the remote D1 sink, shared/d1_sink.py.
+Its SQL (insert_sql, RUN_INSERT) is shared with the remote D1 sink, shared/sinks/d1.py.
 
 BEGIN IMMEDIATE takes the write lock up front, so two writers never deadlock on a lock upgrade;
 the busy timeout makes the second one wait, and if the wait runs out the page is retried
@@ -37,7 +37,7 @@ from sluice.shared.errors import (
     SinkError,
     TransientSinkError,
 )
-from sluice.shared.sink import (
+from sluice.shared.sinks import (
     ORDER_COLUMN,
     PageMeta,
     WriteResult,
@@ -82,7 +82,7 @@ def values_group(stream: Stream) -> str:
 def insert_sql(stream: Stream, rows: int = 1) -> str:
     """`INSERT … VALUES (…)[, (…)…] ON CONFLICT …` for `rows` rows, in SQLite (D1) dialect.
 
-    The remote D1 sink (shared/d1_sink.py) sends the multi-row form, sized to D1's limits."""
+    The remote D1 sink (shared/sinks/d1.py) sends the multi-row form, sized to D1's limits."""
     cols = ", ".join(quote(c) for c in (*stream.column_names, ORDER_COLUMN))
     groups = ", ".join([values_group(stream)] * rows)
     return f"INSERT INTO {quote(stream.table)} ({cols}) VALUES {groups} " + conflict_clause(stream)
@@ -185,7 +185,7 @@ class SqliteSink:
         self, conn: sqlite3.Connection, stream: Stream, rows: Sequence[Sequence[Any]]
     ) -> tuple[int, int]:
         """Rows of the page equal to what the table holds, and how many of those will still be
-        written (shared/sink.py equal_rows_sql), counted before the page's INSERTs."""
+        written (shared/sinks/__init__.py equal_rows_sql), counted before the page's INSERTs."""
         names = [*stream.column_names, ORDER_COLUMN]
         width = len(names)
         per = max(1, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width)

@@ -2,10 +2,10 @@
 INSERT … SELECT … ON CONFLICT into the target (COPY is the fastest way in; the conflict clause
 runs on the server, once for the page).
 
-The conflict clause names the stream's key only (shared/sink.py): a row whose other unique column
-(`usage_events.id`) already exists with another key fails the page with a unique violation naming
-the constraint, and the consumer isolates that record as a dead letter. Any error rolls the
-connection back before it is used again.
+The conflict clause names the stream's key only (sinks.conflict_clause): a row whose other unique
+column (`usage_events.id`) already exists with another key fails the page with a unique violation
+naming the constraint, and the consumer isolates that record as a dead letter. Any error rolls
+the connection back before it is used again.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from sluice.shared.errors import (
     SinkError,
     TransientSinkError,
 )
-from sluice.shared.sink import (
+from sluice.shared.sinks import (
     ORDER_COLUMN,
     PageMeta,
     WriteResult,

@@ -1,6 +1,6 @@
 """The Sink interface: write one page's records in one transaction, idempotently.
 
-Implementations: shared/postgres_sink.py, shared/sqlite_sink.py and shared/d1_sink.py. A sink
+Implementations, one module each beside this one: postgres.py, sqlite.py and d1.py. A sink
 also records the page in its `ingestion_runs` table inside the same transaction, so the counts
 are exact.
 """
