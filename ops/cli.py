@@ -23,7 +23,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         os.environ["SLUICE_CONFIG"] = args.file
     s = _settings()
     where = s.config_path or "<no config file: defaults>"
-    sources = s.all_sources
+    sources = s.sources
     print(f"{where}: OK — {len(sources)} source(s), {len(s.streams)} stream(s)")
     for name, src in sources.items():
         sched = src.schedule.model_dump(exclude_none=True) if src.schedule else "manual"
@@ -46,7 +46,7 @@ def check_online(s: Settings) -> int:
     from sluice.producers.d1_source import open_d1_source
 
     failed = 0
-    for name, src in s.all_sources.items():
+    for name, src in s.sources.items():
         if not isinstance(src, D1SourceConfig):
             continue
         try:

@@ -469,9 +469,8 @@ def _dead_letters(settings: Settings, source: str) -> dict[tuple[str, str], set[
 def _feeders(settings: Settings) -> dict[str, list[str]]:
     """stream → the configured sources that feed it."""
     out: dict[str, list[str]] = {}
-    for name, cfg in settings.all_sources.items():
-        streams = cfg.streams if isinstance(cfg, KvSourceConfig) else [cfg.stream]
-        for s in streams:
+    for name, cfg in settings.sources.items():
+        for s in cfg.streams:
             out.setdefault(s, []).append(name)
     return out
 
@@ -527,11 +526,8 @@ def reconcile(
     from sluice.producers.kv_source import KvSource
     from sluice.producers.registry import open_source
 
-    cfg = settings.source_config(source_name)
-    if cfg is None:
-        known = ", ".join(sorted(settings.all_sources)) or "none configured"
-        raise SourceError(f"unknown source {source_name!r} (known: {known})", source=source_name)
-    stream_names = cfg.streams if isinstance(cfg, KvSourceConfig) else [cfg.stream]
+    cfg = settings.source(source_name)
+    stream_names = cfg.streams
     sinks_needed = [
         s
         for s in ("postgres", "sqlite", "d1")

@@ -276,7 +276,7 @@ def last_commit(
 
 def configured_sources(settings: Settings) -> dict[str, AnySource]:
     """Every configured source by name, of every kind (D1, HTTP APIs, KV)."""
-    return dict(settings.all_sources)
+    return dict(settings.sources)
 
 
 def source_cursors(store: StateStore, source: str) -> dict[str, datetime]:

@@ -38,7 +38,6 @@ from sluice.shared.letters import (
 from sluice.shared.page import Page
 from sluice.shared.progress import letters_member
 from sluice.shared.records import record_key
-from sluice.shared.settings import KvSourceConfig
 from sluice.shared.streams import Stream
 
 log = logging.getLogger("sluice.produce")
@@ -100,9 +99,7 @@ class SourceLock:
 
 
 def run_source(ctx: Context, name: str, max_batches: int | None = None) -> RunSummary:
-    if ctx.settings.source_config(name) is None:
-        known = ", ".join(sorted(ctx.settings.all_sources)) or "none configured"
-        raise SourceError(f"unknown source {name!r} (known: {known})", source=name)
+    cfg = ctx.settings.source(name)  # an unknown name is an error, not a failed run
     run_id = uuid.uuid4().hex
     t0 = time.perf_counter()
     lock = SourceLock(ctx.redis, name)
@@ -114,8 +111,6 @@ def run_source(ctx: Context, name: str, max_batches: int | None = None) -> RunSu
     try:
         source = open_source(ctx.settings, name)
         stream = source.stream
-        cfg = ctx.settings.source_config(name)
-        assert cfg is not None  # checked above
         # HTTP sources keep a cursor per partition: they need every window in flight, not the
         # single highest key a D1 table resumes after.
         if getattr(source, "resumes_per_partition", False):
@@ -249,10 +244,8 @@ def _split_unsendable(
 
 
 def stream_name(ctx: Context, source: str) -> str:
-    cfg = ctx.settings.source_config(source)
-    if isinstance(cfg, KvSourceConfig):
-        return ",".join(cfg.streams)[:200]  # a KV source feeds several streams
-    return cfg.stream if cfg else "unknown"
+    """The stream(s) a run of the source feeds, as its run row names them."""
+    return ",".join(ctx.settings.source(source).streams)[:200]
 
 
 def _record_run(ctx: Context, s: RunSummary, started: datetime, stream: str) -> None:

@@ -11,7 +11,7 @@ from sluice.shared.settings import Settings
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for name, src in settings.all_sources.items():
+    for name, src in settings.sources.items():
         if src.schedule is None:
             continue
         when: Any

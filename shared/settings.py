@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -91,8 +91,16 @@ class D1SourceConfig(_Model):
             raise ValueError("remote mode needs 'account_id' and 'database_id'")
         return self
 
+    @property
+    def streams(self) -> list[str]:
+        return [self.stream]
 
-SourceConfig = D1SourceConfig
+    def describe(self) -> str:
+        return f"{self.kind} {self.mode}, {self.capture}"
+
+    def resolved(self, base: Path) -> D1SourceConfig:
+        return self.model_copy(update=_resolved_paths(self, base))
+
 
 # Streams a KV key can be mapped to: each has one mapper in producers/kv_mapping.py.
 KV_STREAMS = ("users", "watchlists", "executions", "active_positions", "cache")
@@ -176,6 +184,12 @@ class KvSourceConfig(_Model):
             raise ValueError("remote mode needs 'account_id' and 'namespace_id'")
         return self
 
+    def describe(self) -> str:
+        return f"{self.kind} {self.mode}"
+
+    def resolved(self, base: Path) -> KvSourceConfig:
+        return self.model_copy(update=_resolved_paths(self, base))
+
 
 class RateLimitConfig(_Model):
     """A budget shared by every process on every machine (kept in Redis): at most `limit` units
@@ -218,6 +232,16 @@ class _HttpSourceConfig(_Model):
     rate_limit_fallback_seconds: Annotated[float, Field(ge=0)] = 60.0
     rate_limits: list[RateLimitConfig] = Field(default_factory=list)
     schedule: Schedule | None = None
+
+    @property
+    def streams(self) -> list[str]:
+        return [self.stream]
+
+    def describe(self) -> str:
+        return str(getattr(self, "kind", "http"))
+
+    def resolved(self, base: Path) -> Self:
+        return self  # no local paths
 
     @model_validator(mode="after")
     def _start_parses(self) -> _HttpSourceConfig:
@@ -398,13 +422,9 @@ class Settings:
     sqlite_path: Path
     pipeline: PipelineConfig
     streams: dict[str, Stream]
-    # D1 sources only: ops/status.py, ops/metrics.py and `config check` read D1 fields (mode,
-    # path) from these. HTTP sources are in `http_sources`; `source_config` finds either.
-    sources: dict[str, SourceConfig]
+    sources: dict[str, AnySource]  # every configured source, of every kind, by name
     env: Mapping[str, str] = field(repr=False, default_factory=dict)
-    http_sources: dict[str, HttpSourceConfig] = field(default_factory=dict)
     d1_sink: D1SinkConfig | None = None  # [sinks.d1]: the remote D1 sink, when configured
-    kv_sources: dict[str, KvSourceConfig] = field(default_factory=dict)
 
     @property
     def sinks_used(self) -> tuple[str, ...]:
@@ -416,17 +436,21 @@ class Settings:
     def sinks_fed(self) -> tuple[str, ...]:
         """Sinks the configured sources' streams write to (every stream's when no source is
         configured), in SINK_NAMES order."""
-        names = {n for cfg in self.all_sources.values() for n in source_streams(cfg)}
+        names = {n for cfg in self.sources.values() for n in cfg.streams}
         streams = [self.streams[n] for n in names if n in self.streams] or self.streams.values()
         used = {s for st in streams for s in st.sinks}
         return tuple(s for s in SINK_NAMES if s in used)
 
-    def source_config(self, name: str) -> AnySource | None:
-        return self.sources.get(name) or self.http_sources.get(name) or self.kv_sources.get(name)
+    def source(self, name: str) -> AnySource:
+        """The configuration of the source of that name; an unknown name is an error naming
+        the known ones."""
+        from sluice.shared.errors import SourceError
 
-    @property
-    def all_sources(self) -> dict[str, AnySource]:
-        return {**self.sources, **self.http_sources, **self.kv_sources}
+        cfg = self.sources.get(name)
+        if cfg is None:
+            known = ", ".join(sorted(self.sources)) or "none configured"
+            raise SourceError(f"unknown source {name!r} (known: {known})", source=name)
+        return cfg
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -454,21 +478,7 @@ class Settings:
             streams[name] = stream.with_settings(
                 sinks=tuple(sc.sinks), conflict=sc.conflict or stream.conflict
             )
-        sources = {
-            name: src.model_copy(update=_resolve_paths(src, base))
-            for name, src in cfg.sources.items()
-            if isinstance(src, D1SourceConfig)
-        }
-        http_sources = {
-            name: src
-            for name, src in cfg.sources.items()
-            if not isinstance(src, D1SourceConfig | KvSourceConfig)
-        }
-        kv_sources = {
-            name: src.model_copy(update=_resolve_paths(src, base))
-            for name, src in cfg.sources.items()
-            if isinstance(src, KvSourceConfig)
-        }
+        sources = {name: src.resolved(base) for name, src in cfg.sources.items()}
         return cls(
             config_path=path,
             data_dir=data_dir.resolve(),
@@ -479,9 +489,7 @@ class Settings:
             streams=streams,
             sources=sources,
             env=env,
-            http_sources=http_sources,
             d1_sink=cfg.sinks.d1,
-            kv_sources=kv_sources,
         )
 
     def stream(self, name: str) -> Stream:
@@ -498,12 +506,8 @@ class Settings:
         return self.env.get(variable) or None
 
 
-def source_streams(cfg: AnySource) -> list[str]:
-    """The streams a source feeds (a KV namespace feeds several)."""
-    return cfg.streams if isinstance(cfg, KvSourceConfig) else [cfg.stream]
-
-
-def _resolve_paths(src: D1SourceConfig | KvSourceConfig, base: Path) -> dict[str, Any]:
+def _resolved_paths(src: BaseModel, base: Path) -> dict[str, Any]:
+    """A local source's file paths made absolute against the config file's folder."""
     out: dict[str, Any] = {}
     for attr in ("path", "wrangler_state"):
         value = getattr(src, attr)

@@ -44,7 +44,7 @@ def test_status_metrics_and_config_check_show_http_sources(env: Env) -> None:
         env.write_config(d1_config(d1) + binance(fake.base_url, start))
         settings = Settings.load(env.vars)
         ctx = app.configure(settings)
-        assert set(settings.all_sources) == {"d1_usage", "bn"}
+        assert set(settings.sources) == {"d1_usage", "bn"}
 
         check = sluice("config", "check", env=env.vars, timeout=60)
         assert check.returncode == 0, check.stderr

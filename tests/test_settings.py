@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sluice.shared.errors import ConfigError, UnknownStreamError
-from sluice.shared.settings import Settings
+from sluice.shared.settings import D1SourceConfig, KvSourceConfig, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "sluice.example.toml"
@@ -53,14 +53,23 @@ def problems_of(path: Path) -> list[str]:
 def test_example_config_loads() -> None:
     s = load(EXAMPLE)
     assert s.config_path == EXAMPLE
-    assert set(s.sources) == {"usage_local", "usage_remote"}
-    assert set(s.http_sources) == {"binance", "cryptocompare", "coingecko", "aceiot"}
-    assert set(s.kv_sources) == {"bot_kv"}
-    kv = s.kv_sources["bot_kv"]
+    kinds = {name: cfg.kind for name, cfg in s.sources.items()}
+    assert kinds == {
+        "usage_local": "d1",
+        "usage_remote": "d1",
+        "binance": "binance",
+        "cryptocompare": "cryptocompare",
+        "coingecko": "coingecko",
+        "aceiot": "aceiot",
+        "bot_kv": "kv",
+    }
+    kv = s.sources["bot_kv"]
+    assert isinstance(kv, KvSourceConfig)
     assert kv.streams == ["users", "cache", "watchlists", "executions", "active_positions"]
     assert [k.pattern for k in kv.keys][:2] == ["chat_ids", "watchlist:{chatId}"]
     assert kv.once and kv.mode == "remote"
     local, remote = s.sources["usage_local"], s.sources["usage_remote"]
+    assert isinstance(local, D1SourceConfig) and isinstance(remote, D1SourceConfig)
     assert (local.mode, local.stream, local.batch_size, local.max_batches) == (
         "local",
         "usage_events",
