@@ -40,11 +40,10 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from sluice.shared.cloudflare import MAX_BOUND_PARAMS
-from sluice.shared.database import libpq_dsn, postgres_url
+from sluice.shared.database import libpq_dsn, postgres_url, quote
 from sluice.shared.errors import ConfigError, D1Error, SinkError, SourceError
 from sluice.shared.records import Validator, record_key
 from sluice.shared.settings import D1SinkConfig, D1SourceConfig, KvSourceConfig, Settings
-from sluice.shared.sinks import quote
 from sluice.shared.sinks.d1 import d1_client
 from sluice.shared.state import open_state
 from sluice.shared.streams import Column, ForeignKey, Stream

@@ -33,11 +33,12 @@ from sqlalchemy.engine import Engine, make_url
 
 from sluice.shared.celery_app import QUEUES
 from sluice.shared.context import Context
-from sluice.shared.database import postgres_engine
+from sluice.shared.database import postgres_engine, quote
 from sluice.shared.errors import SluiceError
 from sluice.shared.settings import AnySource, D1SourceConfig, KvSourceConfig, Settings
 from sluice.shared.state import StateStore, sqlite_engine, state_kind
 from sluice.shared.streams import Stream
+from sluice.shared.wrangler import d1_path
 
 CONNECT_TIMEOUT = 5  # seconds; operator tools must answer even when a server is unreachable
 
@@ -138,10 +139,6 @@ def sqlite_reader(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def time_column(stream: Stream) -> str | None:
     """The stream's event time: its first timestamp column."""
     return next((c.name for c in stream.columns if c.type == "timestamp"), None)
@@ -225,7 +222,7 @@ def newest_record_time(ctx: Context, engine: Engine | None, stream: Stream) -> d
     col = time_column(stream)
     if col is None:
         return None
-    sql = f"SELECT max({_quote(col)}) FROM {_quote(stream.table)}"
+    sql = f"SELECT max({quote(col)}) FROM {quote(stream.table)}"
     if _primary_sink(stream) == "postgres":
         assert engine is not None
         with engine.connect() as conn:
@@ -300,17 +297,16 @@ def d1_unprocessed(cfg: Any, stream: Stream) -> int | None:
     read) and for sources that are not D1."""
     if not isinstance(cfg, D1SourceConfig) or cfg.mode != "local":
         return None
-    from sluice.producers.d1_source import wrangler_d1_path
 
     if cfg.path:
         path = Path(cfg.path)
     elif cfg.wrangler_state and cfg.database_id:
-        path = wrangler_d1_path(Path(cfg.wrangler_state), cfg.database_id)
+        path = d1_path(Path(cfg.wrangler_state), cfg.database_id)
     else:
         return None
     conn = sqlite_reader(path)
     try:
-        table = _quote(cfg.table or stream.table)
+        table = quote(cfg.table or stream.table)
         row = conn.execute(f"SELECT count(*) FROM {table} WHERE processed_at IS NULL").fetchone()
         return int(row[0])
     finally:

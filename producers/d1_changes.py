@@ -33,6 +33,7 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from sluice.producers.source import SourcePage
+from sluice.shared.database import quote
 from sluice.shared.errors import SourceError, TransientSourceError
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ class WatermarkCapture:
         self.source = source
         cfg = source.cfg
         self.by_rowid = cfg.watermark_column == "rowid"
-        self.column = "rowid" if self.by_rowid else _quote(cfg.watermark_column)
+        self.column = "rowid" if self.by_rowid else quote(cfg.watermark_column)
 
     # The cursor, in the state store.
 
@@ -382,7 +383,3 @@ class SnapshotCapture:
             raise TransientSourceError(
                 f"could not store the snapshot: {type(exc).__name__}", source=self.source.name
             ) from exc
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'

@@ -17,8 +17,6 @@ every row, and a missing column would come back as its own name.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import logging
 import sqlite3
 import threading
@@ -30,33 +28,16 @@ from typing import Any, Protocol
 
 from sluice.producers.source import SourcePage
 from sluice.shared.cloudflare import D1Client
-from sluice.shared.database import sqlite_connect
+from sluice.shared.database import is_busy, quote, sqlite_connect
 from sluice.shared.errors import D1Error, SourceError, TransientSourceError
 from sluice.shared.settings import D1SourceConfig, Settings
 from sluice.shared.state import StateStore, open_state
 from sluice.shared.streams import Stream
+from sluice.shared.wrangler import d1_path
 
 MAX_PARAMS = 100
 
 log = logging.getLogger("sluice.d1_source")
-
-
-def miniflare_object_filename(name: str, unique_key: str = "miniflare-D1DatabaseObject") -> str:
-    """The file name wrangler/miniflare gives a local D1 database: an HMAC of its id."""
-    key = hashlib.sha256(unique_key.encode()).digest()
-    name_hmac = hmac.new(key, name.encode(), hashlib.sha256).digest()[:16]
-    mac = hmac.new(key, name_hmac, hashlib.sha256).digest()[:16]
-    return (name_hmac + mac).hex() + ".sqlite"
-
-
-def wrangler_d1_path(state_dir: Path, database_id: str) -> Path:
-    return (
-        state_dir
-        / "v3"
-        / "d1"
-        / "miniflare-D1DatabaseObject"
-        / miniflare_object_filename(database_id)
-    )
 
 
 class OverreachError(SourceError):
@@ -90,10 +71,6 @@ def _lenient_text(data: bytes) -> str | bytes:
 
 def _not_utf8(exc: sqlite3.OperationalError) -> bool:
     return "decode to UTF-8" in str(exc)
-
-
-def _busy(exc: sqlite3.OperationalError) -> bool:
-    return "locked" in str(exc) or "busy" in str(exc)
 
 
 class LocalD1:
@@ -147,7 +124,7 @@ class LocalD1:
                     finally:
                         self._conn.text_factory = str
         except sqlite3.OperationalError as exc:
-            if _busy(exc):
+            if is_busy(exc):
                 raise TransientSourceError(str(exc)) from exc
             raise SourceError(str(exc)) from exc
 
@@ -189,7 +166,7 @@ class LocalD1:
                         self._conn.execute("ROLLBACK")
                     raise
         except sqlite3.OperationalError as exc:
-            if _busy(exc):
+            if is_busy(exc):
                 raise TransientSourceError(str(exc)) from exc
             raise SourceError(str(exc)) from exc
 
@@ -241,10 +218,6 @@ def _marks(values: Sequence[object]) -> str:
     return ", ".join("?" for _ in values)
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 class ReadRows:
     """One page as read: the rows in the stream's column order, and per row its rowid (None for
     a table without rowids), the value of the source's key column and of an extra column."""
@@ -276,9 +249,9 @@ class D1Source:
         self.cfg = cfg
         self.db = db
         self.settings = settings
-        self.table = _quote(cfg.table or stream.table)
-        self.key = _quote(cfg.key_column)
-        self._cols = ", ".join(_quote(c) for c in stream.column_names)
+        self.table = quote(cfg.table or stream.table)
+        self.key = quote(cfg.key_column)
+        self._cols = ", ".join(quote(c) for c in stream.column_names)
         # A local page is read as tuples; the key is read once when it is a stream column.
         names = stream.column_names
         self._key_at = names.index(cfg.key_column) if cfg.key_column in names else None
@@ -363,7 +336,7 @@ class D1Source:
             lenient = self.db.lenient_reads != before
         else:
             # Remote rows are objects: every column gets a position alias.
-            aliases = [*lead, *(_quote(c) for c in self.stream.column_names)]
+            aliases = [*lead, *(quote(c) for c in self.stream.column_names)]
             select = ", ".join(f"{c} AS c{i}" for i, c in enumerate(aliases))
             found = self.db.query(sql.format(select), [*params, limit])
             values = [tuple(r[f"c{i}"] for i in range(len(aliases))) for r in found]
@@ -595,7 +568,7 @@ def open_d1_source(name: str, cfg: D1SourceConfig, settings: Settings) -> D1Sour
             path = Path(cfg.path)
         else:
             assert cfg.wrangler_state and cfg.database_id
-            path = wrangler_d1_path(Path(cfg.wrangler_state), cfg.database_id)
+            path = d1_path(Path(cfg.wrangler_state), cfg.database_id)
         db = LocalD1(path, settings.pipeline.sqlite_busy_timeout_ms)
     else:
         token = settings.secret(cfg.api_token_env)

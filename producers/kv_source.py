@@ -24,8 +24,6 @@ nothing (unless `once = false`). A run while pages are in flight does nothing ei
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import sqlite3
 import time
@@ -50,6 +48,7 @@ from sluice.shared.errors import KvError, SourceError, TransientSourceError
 from sluice.shared.settings import KvSourceConfig, Settings
 from sluice.shared.state import StateStore, open_state
 from sluice.shared.streams import Stream
+from sluice.shared.wrangler import kv_blobs_dir, kv_index_path
 
 log = logging.getLogger("sluice.kv_source")
 
@@ -257,22 +256,13 @@ class KvJsonFile:
         pass
 
 
-def miniflare_kv_filename(namespace_id: str) -> str:
-    """The SQLite file miniflare keeps a local KV namespace's index in (apis.md §2.5, §3.7)."""
-    key = hashlib.sha256(b"miniflare-KVNamespaceObject").digest()
-    name_hmac = hmac.new(key, namespace_id.encode(), hashlib.sha256).digest()[:16]
-    mac = hmac.new(key, name_hmac, hashlib.sha256).digest()[:16]
-    return (name_hmac + mac).hex() + ".sqlite"
-
-
 class KvWranglerState:
     """wrangler's local KV: `_mf_entries(key, blob_id, expiration ms, metadata)` in a SQLite file,
     the value bytes in `<state>/v3/kv/<namespace_id>/blobs/<blob_id>`."""
 
     def __init__(self, state_dir: Path, namespace_id: str) -> None:
-        kv = state_dir / "v3" / "kv"
-        self.index = kv / "miniflare-KVNamespaceObject" / miniflare_kv_filename(namespace_id)
-        self.blobs = kv / namespace_id / "blobs"
+        self.index = kv_index_path(state_dir, namespace_id)
+        self.blobs = kv_blobs_dir(state_dir, namespace_id)
 
     @cached_property
     def _conn(self) -> sqlite3.Connection:

@@ -12,6 +12,17 @@ from sqlalchemy.engine import Engine, make_url
 from sluice.shared.settings import Settings
 
 
+def quote(name: str) -> str:
+    """An SQL identifier, quoted the same way in PostgreSQL and SQLite (D1)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def is_busy(exc: BaseException) -> bool:
+    """Whether a SQLite error is another writer holding the database (worth retrying)."""
+    message = str(exc)
+    return "locked" in message or "busy" in message
+
+
 def postgres_url(settings: Settings) -> str:
     """SLUICE_POSTGRES_URL, or the embedded server of the data folder (started on demand)."""
     if settings.postgres_url:
@@ -52,7 +63,7 @@ def _set_wal(conn: sqlite3.Connection) -> None:
                 conn.execute("PRAGMA journal_mode=WAL")
             return
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or attempt == 49:
+            if not is_busy(exc) or attempt == 49:
                 raise
             time.sleep(0.02 * (attempt + 1))
 

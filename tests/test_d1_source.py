@@ -12,11 +12,12 @@ import pytest
 
 from sluice.ops.sample import write_d1_file
 from sluice.ops.workers import WorkerPool
-from sluice.producers.d1_source import D1Source, miniflare_object_filename, wrangler_d1_path
+from sluice.producers.d1_source import D1Source
 from sluice.producers.registry import open_source
 from sluice.shared.celery_app import app
 from sluice.shared.migrations import migrate_sqlite
 from sluice.shared.settings import Settings
+from sluice.shared.wrangler import D1_OBJECT, d1_path, object_filename
 from tests.conftest import Env
 from tests.fakes.d1_server import FakeD1
 from tests.helpers import d1_config, d1_processed, drain, pg_keys, sqlite_keys
@@ -26,7 +27,7 @@ DB_ID = "11111111-2222-3333-4444-555555555555"
 
 def test_miniflare_file_name_matches_wrangler() -> None:
     # The value miniflare itself produced for this id (reference/apis.md §2.5).
-    assert miniflare_object_filename(DB_ID) == (
+    assert object_filename(DB_ID, D1_OBJECT) == (
         "f023adf8de81e80d62670e09f086149af129cccda34c51f26517069258c53e8c.sqlite"
     )
 
@@ -179,7 +180,7 @@ def _rows_by_rowid(d1: Path) -> dict[int, str]:
 
 def test_wrangler_local_layout(env: Env) -> None:
     state = env.dir / ".wrangler" / "state"
-    path = wrangler_d1_path(state, DB_ID)
+    path = d1_path(state, DB_ID)
     path.parent.mkdir(parents=True)
     write_d1_file(path, 300)
     settings = _settings(

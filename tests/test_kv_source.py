@@ -27,11 +27,11 @@ from sluice.producers.kv_source import (
     KvSource,
     KvWranglerState,
     Problem,
-    miniflare_kv_filename,
 )
 from sluice.producers.registry import open_source
 from sluice.shared.errors import KvError, SourceError
 from sluice.shared.settings import Settings
+from sluice.shared.wrangler import kv_index_path
 from tests.conftest import Env
 from tests.fakes.kv_server import FakeKV
 
@@ -330,7 +330,7 @@ def test_json_export_skips_expired_and_lists_in_byte_order(tmp_path: Path) -> No
 
 def test_wrangler_state_layout_is_read(tmp_path: Path) -> None:
     state = tmp_path / ".wrangler" / "state"
-    index = state / "v3" / "kv" / "miniflare-KVNamespaceObject" / miniflare_kv_filename(NS)
+    index = kv_index_path(state, NS)
     index.parent.mkdir(parents=True)
     blobs = state / "v3" / "kv" / NS / "blobs"
     blobs.mkdir(parents=True)
@@ -388,7 +388,7 @@ def test_a_blob_id_pointing_outside_the_blobs_folder_is_not_read(tmp_path: Path)
     """The index is data: an entry whose blob id is a path elsewhere (`/etc/passwd`, `../..`)
     becomes a problem naming the key, and that file is never read into a dead letter."""
     state = tmp_path / ".wrangler" / "state"
-    index = state / "v3" / "kv" / "miniflare-KVNamespaceObject" / miniflare_kv_filename(NS)
+    index = kv_index_path(state, NS)
     index.parent.mkdir(parents=True)
     blobs = state / "v3" / "kv" / NS / "blobs"
     blobs.mkdir(parents=True)

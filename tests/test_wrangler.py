@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from sluice.producers.d1_source import wrangler_d1_path
 from sluice.producers.registry import open_source
 from sluice.shared.settings import Settings
+from sluice.shared.wrangler import d1_path
 from tests.conftest import Env
 from tests.test_cli import ROOT
 
@@ -87,7 +87,7 @@ def test_every_sqlite_schema_file_applies_unchanged_with_wrangler_twice(tmp_path
         for f in files:
             w.execute("--file", str(f))
     # wrangler wrote where our D1 source looks for it, and the tables are all there.
-    path = wrangler_d1_path(w.state, DB_ID)
+    path = d1_path(w.state, DB_ID)
     assert path.is_file(), sorted(str(p) for p in w.state.rglob("*.sqlite"))
     conn = sqlite3.connect(path)
     try:

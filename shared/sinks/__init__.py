@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from sluice.shared.database import quote
 from sluice.shared.streams import Stream
 
 
@@ -103,11 +104,6 @@ def with_orders(stream: Stream, rows: Sequence[Sequence[Any]]) -> Sequence[Seque
     if rows and len(rows[0]) == len(stream.column_names):
         return [[*r, None] for r in rows]
     return rows
-
-
-def quote(name: str) -> str:
-    """An SQL identifier, quoted the same way in PostgreSQL and SQLite."""
-    return '"' + name.replace('"', '""') + '"'
 
 
 def conflict_clause(stream: Stream) -> str:

@@ -41,6 +41,7 @@ from sluice.shared.cloudflare import (
     Param,
     encode_param,
 )
+from sluice.shared.database import quote
 from sluice.shared.errors import (
     D1Error,
     ForeignKeyViolationError,
@@ -55,7 +56,6 @@ from sluice.shared.sinks import (
     PageMeta,
     WriteResult,
     equal_rows_sql,
-    quote,
     with_orders,
 )
 from sluice.shared.sinks.sqlite import (

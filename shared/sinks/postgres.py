@@ -19,7 +19,7 @@ import psycopg2
 import psycopg2.errorcodes
 import psycopg2.extensions
 
-from sluice.shared.database import libpq_dsn
+from sluice.shared.database import libpq_dsn, quote
 from sluice.shared.errors import (
     ForeignKeyViolationError,
     RejectedBySinkError,
@@ -33,7 +33,6 @@ from sluice.shared.sinks import (
     conflict_clause,
     equal_rows_sql,
     page_counts,
-    quote,
     with_orders,
 )
 from sluice.shared.streams import Stream

@@ -30,7 +30,7 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
-from sluice.shared.database import sqlite_connect
+from sluice.shared.database import is_busy, quote, sqlite_connect
 from sluice.shared.errors import (
     ForeignKeyViolationError,
     RejectedBySinkError,
@@ -44,7 +44,6 @@ from sluice.shared.sinks import (
     conflict_clause,
     equal_rows_sql,
     page_counts,
-    quote,
     with_orders,
 )
 from sluice.shared.streams import Stream
@@ -334,9 +333,7 @@ class SqliteSink:
 
 def classify(exc: sqlite3.Error, stream: str) -> SinkError:
     message = str(exc)
-    if isinstance(exc, sqlite3.OperationalError) and (
-        "locked" in message or "busy" in message or "disk I/O" in message
-    ):
+    if isinstance(exc, sqlite3.OperationalError) and (is_busy(exc) or "disk I/O" in message):
         return TransientSinkError(message, sink="sqlite", stream=stream)
     if isinstance(exc, sqlite3.IntegrityError) and "FOREIGN KEY" in message:
         return ForeignKeyViolationError(message, sink="sqlite", stream=stream)
