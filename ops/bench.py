@@ -6,12 +6,14 @@ keys, realistic metadata), against its own embedded Redis and PostgreSQL in a be
 
 - limit:    the records written in-process straight to the sink by the fastest idempotent
             method (PostgreSQL: COPY → staging → INSERT … ON CONFLICT, 10,000 per transaction;
-            SQLite: executemany, 10,000 per transaction), no queue: the ceiling here;
+            SQLite: the sink's multi-row INSERTs, 10,000 per transaction), no queue: the
+            ceiling here;
 - pipeline: D1 file → producer → Redis → real worker processes → sink, from the first fetch
             to the last commit;
 - naive:    one Celery task per record doing one INSERT … ON CONFLICT (PostgreSQL);
 - dlt:      the same records loaded by dlt with write_disposition="merge" (optional extra).
-Each figure is the median of --runs runs on a fresh table.
+Each figure is the median of --runs runs on a fresh table. ops/performance.md lists what each
+figure means, the command behind it and the latest results.
 """
 
 from __future__ import annotations
@@ -74,8 +76,9 @@ class BenchResult:
 
 def peak_rss(pid: int) -> int:
     """A process's peak resident memory in bytes: the kernel's high-water mark (VmHWM), so no
-    thread has to sample it during the run (one that walked /proc five times a second took
-    about 5% of the CPU the measured pipeline shares). Elsewhere than Linux: the current RSS."""
+    thread has to sample it during the run: a sampler walking /proc takes CPU from the very
+    pipeline it measures, which shares the machine's cores. Elsewhere than Linux: the current
+    RSS."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -161,8 +164,9 @@ class Bench:
             conn.close()
 
     def _tune_postgres(self) -> None:
-        """The settings reference/limits.md measured with: a 1 GB buffer cache and no forced
-        checkpoints in the middle of a 1M-row load. Both the limit and the pipeline run on it."""
+        """A PostgreSQL tuned for bulk loads: a 1 GB buffer cache, so the indexes of a 1M-row table
+        stay in memory, and a WAL large enough that no checkpoint is forced in the middle of the
+        load. Both the limit and the pipeline run on it, so their ratio compares like with like."""
         with self._pg() as cur:
             cur.execute("SHOW shared_buffers")
             restart = cur.fetchone()[0] != "1GB"
@@ -317,8 +321,8 @@ class Bench:
         while True:
             if s.status != "ok":
                 raise RuntimeError(f"bench source run failed: {s.error}")
-            # Two Redis reads per tick: a source run per tick (open, lock, history row)
-            # was a quarter of the producer's CPU in a profile, on the shared cores.
+            # Two Redis reads per tick: a source run per tick (open, lock, history row) would
+            # take CPU from the producer and workers it is measuring, on the same cores.
             idle = self.ctx.progress.in_flight(SOURCE) == 0
             if idle and total_depth(self.ctx.redis) == 0:
                 s = run_source(self.ctx, SOURCE)  # anything left (a page presumed lost)?
@@ -335,7 +339,7 @@ class Bench:
     ) -> None:
         """n workers on `queues`: one prefork (threads) worker with n pool processes (threads),
         or n single-process (solo) workers, which skip prefork's hand-off of every message from the
-        consumer process to a pool process through a pipe (about 10% of the workers' CPU)."""
+        consumer process to a pool process through a pipe (ops/performance.md)."""
         if self.pool != "solo":
             pool.start(name, queues, n, extra=["--pool", self.pool, *extra])
         else:

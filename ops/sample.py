@@ -124,10 +124,9 @@ def write_d1_file(path: Path, n: int, seed: int = 20261124) -> Sample:
         Path(str(path) + suffix).unlink(missing_ok=True)
     conn = sqlite3.connect(path)
     try:
-        # The random-key primary key of a million rows does not fit SQLite's default 2 MB cache,
-        # which spilled and rewrote its pages: 4.5 GB written for a 288 MB file, in 13.0 s; a
-        # cache as large as the file writes each page once (288 MB, 9.3 s). Memory only while
-        # the sample is written.
+        # The random-key primary key of a million rows does not fit SQLite's default 2 MB cache:
+        # its pages would be spilled and rewritten many times over. A cache as large as the file
+        # writes each page once (ops/performance.md). Memory only while the sample is written.
         conn.execute(f"PRAGMA cache_size={-max(2048, n // 2)}")  # KiB: about a KB per row
         for stmt in split_statements((SCHEMA_DIR / "d1_source" / "usage_events.sql").read_text()):
             conn.execute(stmt)

@@ -76,7 +76,7 @@ class WorkerPool:
 
     def restart_dead(self) -> int:
         """Start a replacement for every worker that exited, as a supervisor would (Celery can
-        exit on a broker outage: celery.md §2). Returns how many were restarted."""
+        exit when it loses the broker and cannot reconnect). Returns how many were restarted."""
         restarted = 0
         for proc in [p for p in self.procs if p.poll() is not None]:
             self.procs.remove(proc)

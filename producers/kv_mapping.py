@@ -1,4 +1,4 @@
-"""KV keys → table rows (seed 002's mapping), one named mapper per stream.
+"""KV keys → table rows (the Telegram bot's data model), one named mapper per stream.
 
 A configured pattern such as `watchlist:{chatId}` picks the keys a mapper gets; `{chatId}` is
 passed to it. A mapper turns one parsed JSON value into rows (dicts of the stream's columns) and

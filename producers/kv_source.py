@@ -1,4 +1,4 @@
-"""Workers KV source: a namespace migrated, once, into tables (seed 002).
+"""Workers KV source: a namespace (the Telegram bot's) migrated, once, into tables.
 
 A run lists the keys of every configured pattern by its literal prefix, reads their values 100 at
 a time, maps each value to rows (producers/kv_mapping.py) and yields pages, one stream per page,
@@ -6,14 +6,14 @@ parents first (`users` before the tables whose rows reference it). What cannot b
 mapped becomes a dead letter naming the key, and the run goes on.
 
 Stores (all read-only):
-- remote: the Workers KV REST API (apis.md §3) through the shared Cloudflare client
+- remote: Cloudflare's Workers KV REST API through the shared Cloudflare client
   (shared/cloudflare.py: envelope, retries, 429/971). Listing follows `result_info.cursor` until
   it is empty or absent; a short or empty page with a cursor is not the end (tombstones). Values
   come from `POST …/bulk/get` (`type: "text"`, so one value that is not JSON cannot fail the
   others); a key bulk get leaves out, or a bulk get refused as a whole, is read with a single
   `GET …/values/{key}`; 404 with code 10009 means the key is gone (deleted or expired).
-- local: wrangler's state folder (apis.md §3.7: `_mf_entries` plus blob files), or a JSON
-  export `[{"key", "value", "expiration"?, "metadata"?}]`.
+- local: wrangler's state folder (the `_mf_entries` table of miniflare's SQLite file, plus a
+  blob file per value), or a JSON export `[{"key", "value", "expiration"?, "metadata"?}]`.
 
 One-time: the migration's state is a `source_migrations` row in the state database. The run
 records the attempt and what it saw; each page's acknowledgement (after every sink committed
@@ -52,7 +52,7 @@ from sluice.shared.wrangler import kv_blobs_dir, kv_index_path
 
 log = logging.getLogger("sluice.kv_source")
 
-BULK_GET_MAX = 100  # keys per bulk get (apis.md §3.4)
+BULK_GET_MAX = 100  # keys per bulk get: the most the API's bulk get accepts
 KEY_NOT_FOUND = 10009
 
 

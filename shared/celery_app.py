@@ -1,8 +1,10 @@
 """The Celery app: the one piece of module-level state, configured from Settings.
 
-Reliability settings (reference/celery.md §2): late acks so a page is acknowledged only after its
-commit; requeue when a pool process dies; a visibility timeout far above the longest page so Redis
-only redelivers what a dead worker held. msgpack keeps page messages compact.
+Reliability settings: late acks so a page is acknowledged only after its commit; requeue when a
+pool process dies; a visibility timeout far above the longest page so Redis only redelivers what a
+dead worker held (Celery's Redis transport redelivers any message unacknowledged for that long,
+https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html). msgpack
+keeps page messages compact.
 """
 
 from __future__ import annotations

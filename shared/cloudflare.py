@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# D1 limits (apis.md §2.3); checked before sending so a caller's bug never costs a round trip.
+# D1's limits per statement (https://developers.cloudflare.com/d1/platform/limits/): 100 bound
+# parameters and 100,000 bytes of SQL. Checked before sending so a caller's bug never costs a
+# round trip.
 MAX_BOUND_PARAMS = 100
 MAX_STATEMENT_BYTES = 100_000
 # D1 moves numbers through JS doubles: larger integers would be stored silently rounded.
@@ -48,7 +50,9 @@ MAX_HONOURED_RETRY_AFTER = 60.0
 RETRY_STATUSES = frozenset({408, 409, 429})
 RATE_LIMIT_CODE = 971
 
-# D1 errors its docs call retryable (apis.md §2.4); they arrive as code 7500 like SQL errors.
+# D1 errors its documentation calls retryable
+# (https://developers.cloudflare.com/d1/observability/debug-d1/#error-list); they arrive with
+# code 7500 like SQL errors, so they are recognised by their message.
 TRANSIENT_D1_MESSAGES = (
     "Network connection lost.",
     "D1 DB reset because its code was updated.",

@@ -82,8 +82,9 @@ def sqlite_connect(
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-    # limits.md 2t-2: a large cache and rare checkpoints are what make bulk inserts fast; a
-    # fixed size keeps a worker's memory bounded (it is per connection, and part of its RSS).
+    # A large cache and rare checkpoints are what make bulk inserts fast: random-key index pages
+    # stay in memory instead of being written back and read again. A fixed size keeps a
+    # worker's memory bounded (the cache is per connection, and part of its RSS).
     conn.execute(f"PRAGMA cache_size={-1024 * int(cache_mib)}")
     conn.execute("PRAGMA wal_autocheckpoint=20000")
     return conn

@@ -128,7 +128,7 @@ class KvKeyConfig(_Model):
 
 
 def _seed_kv_keys() -> list[KvKeyConfig]:
-    """Seed 002's mapping of the bot's keys to tables."""
+    """The Telegram bot's keys and the tables they map to, used when `keys` is not given."""
     return [
         KvKeyConfig(pattern="chat_ids", stream="users"),
         KvKeyConfig(pattern="watchlist:{chatId}", stream="watchlists"),
@@ -261,7 +261,8 @@ BINANCE_INTERVALS = Literal[
 
 
 class BinanceSourceConfig(_HttpSourceConfig):
-    """`GET /api/v3/klines` per symbol (apis.md §4). Weight 2 per call; 6000 per minute per IP."""
+    """`GET /api/v3/klines` per symbol. Binance charges weight 2 per call and allows 6000 per
+    minute per IP (producers/binance.py)."""
 
     kind: Literal["binance"]
     stream: str = "historical_prices"
@@ -276,8 +277,8 @@ class BinanceSourceConfig(_HttpSourceConfig):
 
 
 class CoinGeckoSourceConfig(_HttpSourceConfig):
-    """`GET /coins/{id}/market_chart/range` per coin (apis.md §5); no pagination, windows of at
-    most 90 days keep hourly points."""
+    """`GET /coins/{id}/market_chart/range` per coin; no pagination, and windows of at most 90
+    days keep hourly points (a longer range comes back daily)."""
 
     kind: Literal["coingecko"]
     stream: str = "historical_prices"
@@ -293,7 +294,7 @@ class CoinGeckoSourceConfig(_HttpSourceConfig):
 
 
 class CryptoCompareSourceConfig(_HttpSourceConfig):
-    """`GET /data/v2/histohour|histominute` per pair (apis.md §6), paging backwards with toTs."""
+    """`GET /data/v2/histohour|histominute` per pair, paging backwards with toTs."""
 
     kind: Literal["cryptocompare"]
     stream: str = "historical_prices"
@@ -320,7 +321,8 @@ class CryptoCompareSourceConfig(_HttpSourceConfig):
 
 
 class AceIotSourceConfig(_HttpSourceConfig):
-    """`GET /sites/{site}/timeseries/paginated` (apis.md §7), a window at a time."""
+    """`GET /sites/{site}/timeseries/paginated` per site, a window at a time, each window
+    paged with `next_cursor`."""
 
     kind: Literal["aceiot"]
     stream: str = "timeseries"

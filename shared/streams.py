@@ -85,11 +85,12 @@ USAGE_EVENTS = Stream(
     conflict="ignore",
 )
 
-# Candles and price points from the market-data APIs (seed 004). One row per source, symbol,
-# resolution and period start. `update`: a re-fetched period (the lookback buffer) replaces what an
-# earlier fetch stored, so late corrections land. CoinGecko has prices without OHLC: open/high/low
-# and the volumes are optional. Prices and volumes are `decimal`: the APIs send decimal strings
-# ("819993474.31887912") that a double would round; PostgreSQL keeps them exactly (NUMERIC).
+# Candles and price points from the market-data APIs (Binance, CoinGecko, CryptoCompare). One
+# row per source, symbol, resolution and period start. `update`: a re-fetched period (the
+# lookback buffer) replaces what an earlier fetch stored, so late corrections land. CoinGecko
+# has prices without OHLC: open/high/low and the volumes are optional. Prices and volumes are
+# `decimal`: the APIs send decimal strings ("819993474.31887912") that a double would round;
+# PostgreSQL keeps them exactly (NUMERIC).
 HISTORICAL_PRICES = Stream(
     name="historical_prices",
     table="historical_prices",
@@ -111,8 +112,9 @@ HISTORICAL_PRICES = Stream(
     conflict="update",
 )
 
-# IoT point samples (seed 003, ACE IoT). Values stay strings, as the API sends them; seed 003
-# stores with INSERT OR REPLACE, hence `update`.
+# IoT point samples (ACE IoT). Values stay strings, as the API sends them; the table is kept like
+# the service that owned it before, with INSERT OR REPLACE: a sample read again replaces the
+# stored one, hence `update`.
 TIMESERIES = Stream(
     name="timeseries",
     table="timeseries",
@@ -126,7 +128,8 @@ TIMESERIES = Stream(
     conflict="update",
 )
 
-# Report snapshots keyed by date and type (seed 001): a re-run of a report replaces its snapshot.
+# The scheduled-jobs service's report snapshots, keyed by date and type: a re-run of a report
+# replaces its snapshot.
 SCHEDULED_JOB_RESULTS = Stream(
     name="scheduled_job_results",
     table="scheduled_job_results",
@@ -142,7 +145,7 @@ SCHEDULED_JOB_RESULTS = Stream(
     conflict="update",
 )
 
-# The Telegram bot's Workers KV data moved to tables (seed 002). Times are epoch milliseconds
+# The Telegram bot's Workers KV data moved to tables. Times are epoch milliseconds
 # (INTEGER), as the bot's Date.now() writes them. Every stream is `ignore`: the migration is
 # one-time and running it twice must leave the tables as running it once did.
 _CHAT_ID = ForeignKey("chat_id", "users", "chat_id")
@@ -171,9 +174,9 @@ WATCHLISTS = Stream(
     foreign_keys=(_CHAT_ID,),
 )
 
-# The seed gives executions no natural key; the migration needs one to be idempotent. The same
-# user, ticker, side and millisecond is the same execution (a double write in KV), so that is
-# the key (UNIQUE in both schemas).
+# The bot's KV data gives executions no natural key; the migration needs one to be idempotent.
+# The same user, ticker, side and millisecond is the same execution (a double write in KV), so
+# that is the key (UNIQUE in both schemas).
 EXECUTIONS = Stream(
     name="executions",
     table="executions",

@@ -1,4 +1,4 @@
--- The D1-side usage_events table that the D1 source reads (seed 000): the hot store where events
+-- The D1-side usage_events table that the D1 source reads: the hot store where usage events
 -- land first. Repeated idempotency keys are allowed here (the sinks dedupe them); processed_at is
 -- set by Sluice only after every sink has committed the row. D1-compatible.
 

@@ -1,4 +1,4 @@
--- Sluice core schema for PostgreSQL: usage_events (seed 000) and the pipeline's state tables.
+-- Sluice core schema for PostgreSQL: usage_events (from D1) and the pipeline's state tables.
 -- Every statement is idempotent (IF NOT EXISTS) so the file can be applied twice.
 
 CREATE TABLE IF NOT EXISTS usage_events (

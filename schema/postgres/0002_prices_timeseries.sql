@@ -1,5 +1,6 @@
--- Streams of the HTTP sources: historical_prices (Binance, CoinGecko, CryptoCompare; seed 004)
--- and timeseries (ACE IoT; seed 003), with the views seed 004 queries.
+-- Streams of the HTTP sources: historical_prices (Binance, CoinGecko, CryptoCompare) and
+-- timeseries (ACE IoT), with the views the market-data reports query (latest_prices,
+-- data_coverage, ingestion_performance).
 -- Every statement is idempotent (IF NOT EXISTS, CREATE OR REPLACE) so the file can be applied twice.
 
 CREATE TABLE IF NOT EXISTS historical_prices (

@@ -1,5 +1,6 @@
--- The Telegram bot's tables migrated from Workers KV (seed 002), the report snapshots of seed 001,
--- and the state of one-time KV migrations. Idempotent (IF NOT EXISTS) so the file applies twice.
+-- The Telegram bot's tables migrated from Workers KV, the scheduled-jobs service's report
+-- snapshots, and the state of one-time KV migrations. Idempotent (IF NOT EXISTS) so the file
+-- applies twice.
 -- Times of the bot's tables are epoch milliseconds (BIGINT: they overflow INTEGER).
 
 CREATE TABLE IF NOT EXISTS users (
@@ -56,7 +57,7 @@ CREATE TABLE IF NOT EXISTS cache (
 );
 CREATE INDEX IF NOT EXISTS idx_cache_expires_at ON cache (expires_at);
 
--- Report snapshots (seed 001), upserted by (scheduled_date, report_type).
+-- Report snapshots of the scheduled-jobs service, upserted by (scheduled_date, report_type).
 CREATE TABLE IF NOT EXISTS scheduled_job_results (
     id              BIGSERIAL PRIMARY KEY,
     scheduled_date  TEXT NOT NULL,

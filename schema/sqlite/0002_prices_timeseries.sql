@@ -1,5 +1,5 @@
 -- Streams of the HTTP sources, D1-compatible: historical_prices (Binance, CoinGecko,
--- CryptoCompare; seed 004) and timeseries (ACE IoT; seed 003), with the views seed 004 queries.
+-- CryptoCompare) and timeseries (ACE IoT), with the views the market-data reports query.
 -- No BEGIN/COMMIT, no PRAGMA, no ATTACH; IF NOT EXISTS everywhere so applying twice is harmless.
 -- Times are ISO-8601 UTC text.
 

@@ -1,5 +1,5 @@
--- The Telegram bot's tables migrated from Workers KV (seed 002) and the report snapshots of
--- seed 001, D1-compatible: no BEGIN/COMMIT, no PRAGMA, no ATTACH; IF NOT EXISTS everywhere so
+-- The Telegram bot's tables migrated from Workers KV and the scheduled-jobs service's report
+-- snapshots, D1-compatible: no BEGIN/COMMIT, no PRAGMA, no ATTACH; IF NOT EXISTS everywhere so
 -- applying twice is harmless. D1 enforces foreign keys by default; our connections turn them on.
 -- Times of the bot's tables are epoch milliseconds (the bot's Date.now()).
 
@@ -60,7 +60,7 @@ CREATE TABLE IF NOT EXISTS cache (
 );
 CREATE INDEX IF NOT EXISTS idx_cache_expires_at ON cache(expires_at);
 
--- Report snapshots (seed 001), upserted by (scheduled_date, report_type).
+-- Report snapshots of the scheduled-jobs service, upserted by (scheduled_date, report_type).
 CREATE TABLE IF NOT EXISTS scheduled_job_results (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     scheduled_date TEXT NOT NULL,

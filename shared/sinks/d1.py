@@ -1,6 +1,7 @@
 """Remote D1 sink: each page is ONE D1 batch over the REST API, so it commits or rolls back whole.
 
-D1 refuses BEGIN/COMMIT; a `{"batch": [...]}` request is its transaction (apis.md §2.1). The
+D1 refuses BEGIN/COMMIT; the statements of one `{"batch": [...]}` request run as one transaction
+(https://developers.cloudflare.com/d1/worker-api/d1-database/#batch). The
 client is shared/cloudflare.py (retries, Retry-After, envelope errors), shared with the D1 source.
 A page's batch, in order:
 
@@ -21,9 +22,10 @@ record from an existing one. Counting keys before and after inside the same tran
 for every policy (and, under `ignore`, leaves out a row skipped for a conflict on another unique
 index, which `changes` would also leave out).
 
-Statement size: D1's limit is on the SQL text, but a row is also bounded (apis.md §2.3), so we count
-text plus the JSON size of the bound values: a record that cannot fit a statement on its own is a
-permanent per-record error naming its key, and bisect isolation dead-letters it.
+Statement size: D1's limit is on the SQL text (100,000 bytes), but a row is also bounded (2 MB;
+https://developers.cloudflare.com/d1/platform/limits/), so we count text plus the JSON size of
+the bound values: a record that cannot fit a statement on its own is a permanent per-record error
+naming its key, and bisect isolation dead-letters it.
 """
 
 from __future__ import annotations

@@ -46,8 +46,9 @@ class _Null(float):
     """Written by the csv module as an unquoted empty field: COPY's NULL in CSV format.
 
     QUOTE_NONNUMERIC quotes every string (so '' stays an empty string) and leaves numbers bare;
-    this number's repr is empty, which is how a NULL reads in CSV. The C csv writer is three
-    times faster than building COPY text in Python."""
+    this number's repr is empty, which is how a NULL reads in CSV. The csv writer is written in
+    C, so it is the fallback for pages whose values need escaping, far cheaper than escaping
+    each value in Python."""
 
     def __repr__(self) -> str:
         return ""
@@ -79,7 +80,7 @@ def copy_text(rows: Sequence[Sequence[Any]]) -> bytes | None:
     """Rows in COPY's text format, or None when a value would need escaping (then use copy_csv).
 
     Built column by column (a column of strings is used as it is, others go through str once)
-    and joined with C-level passes: a third of the csv writer's cost. Text format needs a
+    and joined with C-level passes, cheaper still than the csv writer. Text format needs a
     backslash, tab, newline or carriage return inside a value escaped; rather than scanning every
     value, the page is checked as a whole: if it holds exactly the tabs and newlines the joins
     put in, and no backslash besides the NULL markers, no value contains one."""

@@ -10,9 +10,9 @@ dropped.
 
 Group commit: pages written at the same time by threads of one process (the SQLite writer runs
 a threads pool) share one transaction, each inside its own SAVEPOINT. With random keys a
-1,000-row transaction dirties about two index pages per row and the WAL takes whole pages at each
-commit, so a transaction of several pages costs less per row than one per page (4,000 rows:
-about a third less than 1,000, README "Performance"). A page whose
+transaction dirties index pages all over the file and the WAL takes whole pages at each commit;
+the more rows share a commit, the more of them land on pages already dirty, so a transaction of
+several pages costs less per row than one per page (ops/performance.md). A page whose
 statements fail is rolled back to its savepoint alone and gets its own error; the others commit.
 No page is reported written before the COMMIT that holds it succeeds. While one thread commits
 (sqlite3 releases the GIL inside SQLite), the others decode and validate the next pages.
@@ -110,15 +110,16 @@ def finish_params(sink: str, meta: PageMeta, r: WriteResult) -> tuple[Any, ...]:
 # Threads of the SQLite writer (`sluice worker --queues ingest.sqlite --pool threads
 # --concurrency 16`): while one group commits, the others' pages form the next, so a group holds
 # about half of them, and rows per transaction are what make random-key inserts cheap. Each
-# thread holds one decoded page (about 1.5 MB at 1,000 records; a threads pool prefetches no
-# more, ops/cli.py): 16 threads and the 64 MiB cache peaked at 221 MB (1M records).
+# thread holds one decoded page (a threads-pool worker prefetches no more), so the writer's
+# memory is its threads' pages plus the SQLite cache (`sqlite_cache_mib`).
 WRITER_THREADS = 16
 # Rows per INSERT statement (within SQLite's bound-variable limit).
 STATEMENT_ROWS = 1000
-# A prepared statement of n rows holds about 1.1 KB per row in SQLite, and sqlite3 keeps the
-# last 128 prepared: one statement per page size seen (pages shrink by their duplicates) held
-# over 100 MB. A page's remainder below STATEMENT_ROWS goes in as a multiple of SHAPE_STEP rows
-# plus fewer than SHAPE_STEP: at most 1 + 15 + 63 shapes, about 12 MB, for one extra statement.
+# A prepared multi-row statement holds memory in SQLite for every row it binds, and sqlite3
+# keeps the last 128 statements prepared: one statement per page size seen (pages shrink by
+# their duplicates, so sizes vary) kept the writer growing. A page's remainder below
+# STATEMENT_ROWS goes in as a multiple of SHAPE_STEP rows plus fewer than SHAPE_STEP: at most
+# 1 + 15 + 63 shapes, at the price of one extra statement per page.
 SHAPE_STEP = 64
 # At most this many pages share a transaction: bounds the rows one failed COMMIT sends back.
 MAX_GROUP_PAGES = 16
