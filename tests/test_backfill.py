@@ -3,11 +3,12 @@ sinks, every point exactly once, interrupted and resumed without asking the API 
 twice, and the live cursor never moved.
 
 Each case names a source of CONFIG, how its API's requests identify a window, the requests the
-range must produce (from apis.md's contract: Binance startTime/endTime, CryptoCompare toTs and
-`limit + 1` candles, CoinGecko from/to, ACE start_time/end_time with cursor pages) and the value
-the fake serves for a point, so the expected rows come from the fake's own data: its periods in
-the range, less the point it leaves out (`missing`), with the point it sends twice (`duplicate`)
-once, and for CryptoCompare none before the pair was listed (zero-filled candles).
+range must produce (from each API's documented contract: Binance startTime/endTime,
+CryptoCompare toTs and `limit + 1` candles, CoinGecko from/to, ACE start_time/end_time with cursor
+pages) and the value the fake serves for a point, so the expected rows come from the fake's own
+data: its periods in the range, less the point it leaves out (`missing`), with the point it sends
+twice (`duplicate`) once, and for CryptoCompare none before the pair was listed (zero-filled
+candles).
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def _binance_windows(symbol: str, fake: FakeMarket) -> list[dict[str, str]]:
         out.append(q)
         if any(a.timestamp() <= t < b.timestamp() for t in fake.duplicate):
             # The repeated bar took room in the 24-bar answer: the window's last bar is asked
-            # for next (apis.md §4: startTime = last open time + interval).
+            # for next (Binance's klines: startTime = the last bar's open time + interval).
             out.append(dict(q, startTime=ms(b - HOUR)))
     return out
 
@@ -284,8 +285,8 @@ CASES = {
     ),
 }
 
-# Each API's rate-limit answer as apis.md gives it, injected into a request mid-backfill, and the
-# least the client must wait before asking again.
+# Each API's rate-limit answer as its documentation gives it, injected into a request
+# mid-backfill, and the least the client must wait before asking again.
 RATE_LIMITED: dict[str, tuple[dict[str, object], float]] = {
     "bn": (
         {

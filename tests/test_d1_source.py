@@ -26,7 +26,7 @@ DB_ID = "11111111-2222-3333-4444-555555555555"
 
 
 def test_miniflare_file_name_matches_wrangler() -> None:
-    # The value miniflare itself produced for this id (reference/apis.md §2.5).
+    # The file name miniflare itself produced for this id, copied from a wrangler state folder.
     assert object_filename(DB_ID, D1_OBJECT) == (
         "f023adf8de81e80d62670e09f086149af129cccda34c51f26517069258c53e8c.sqlite"
     )

@@ -161,7 +161,7 @@ def test_kv_migration_end_to_end_complete_validated_and_once(env: Env, fake: Fak
     assert "not JSON" in bad_json[0][4]
     assert any(x[3] == "ValidationError" and "NUL" in x[4] for x in letters)
 
-    # Count validation (seed 002 properties 14-16): per user, KV count = table count.
+    # Count validation: per user, the KV count equals the table count.
     for stream in ("watchlists", "executions", "active_positions"):
         kv_counts = Counter(k[0] for k in expected[stream] if k not in orphan | nul)
         for rows in (

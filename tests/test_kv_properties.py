@@ -412,7 +412,7 @@ def test_p22_to_p26_common_queries_use_an_index(
     assert "Index" in plan and "Seq Scan" not in plan, plan
 
 
-# -- seed 001: report snapshots are upserted by (scheduled_date, report_type) --------------------
+# -- report snapshots (scheduled jobs) are upserted by (scheduled_date, report_type) -------------
 
 SNAPSHOTS = st.lists(
     st.tuples(

@@ -1,7 +1,7 @@
 """Scale: a KV namespace of many keys migrated through real workers into both sinks.
 
 5,000 keys by default (the suite stays fast); `SLUICE_KV_SCALE_KEYS=50000` runs the full size
-(measured figures are in the README). Prints keys, records and seconds per phase."""
+(measured figures are in ops/performance.md). Prints keys, records and seconds per phase."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """KV source against the fake Workers KV API: what it sends (prefix on every list request, the
 cursor followed through short and empty pages, bulk gets of at most 100 keys, single-get
 fallback), error handling (429/971 retried, 10009 = gone, other errors raised with context),
-the seed 002 mappers, the local modes (JSON export, wrangler's state) and the snapshot."""
+the Telegram bot's mappers, the local modes (JSON export, wrangler's state) and the snapshot."""
 
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def test_bulk_get_refused_falls_back_to_single_gets(fake: FakeKV) -> None:
     got = c.get_values(["text", "bin", "a/b:c%d"])
     assert got == {"text": "hello", "bin": b"\xff\xfe\x00", "a/b:c%d": "odd key"}
     assert len(fake.requests_to("value")) == 3
-    # The key is percent-encoded in the path (apis.md §3).
+    # The key is percent-encoded in the path, as the API requires for names with / or :.
     assert any(r.path.endswith("/values/a%2Fb%3Ac%25d") for r in fake.requests_to("value"))
     assert c.anomalies and "bulk get refused" in c.anomalies[0]
 

