@@ -569,3 +569,21 @@ max_batches = 20
     assert d1_processed(source_db) == (6_000, 6_000)
     dead = pg_scalar(env.pg_url, "SELECT count(DISTINCT record_key) FROM failed_ingestions")
     assert dead == sample.invalid  # the invalid source rows, and nothing else
+
+
+def test_a_deletion_page_removes_keys_unless_a_later_read_wrote_them(
+    migrated: FakeD1, remote: Path
+) -> None:
+    """A snapshot source's deletions: each key's row goes, unless the row was written from a
+    read later than the deletion (its source order is higher); a redelivery changes nothing."""
+    stream = USAGE_EVENTS.with_settings(sinks=("d1",), conflict="update")
+    sink = make_sink(migrated)
+    rows = [[*r, 100 + i] for i, r in enumerate(dedupe(stream, valid_rows(20))[:5])]
+    sink.write(stream, rows, meta("w", len(rows)))
+    keys = [[r[3], 150] for r in rows[:3]]  # read after rows 0-2 were written: they go
+    keys.append([rows[3][3], 50])  # an older read than row 3's write: it stays
+    deleted = sink.delete(stream, keys, meta("d", len(keys)))
+    assert (deleted.deleted, deleted.duplicates) == (3, 1)
+    assert remote_scalar(remote, "SELECT count(*) FROM usage_events") == 2
+    assert sink.delete(stream, keys, meta("d", len(keys))).already_committed
+    sink.close()

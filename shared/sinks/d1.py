@@ -298,22 +298,7 @@ class D1Sink:
                 f" WHERE {where}) WHERE page_id = ? AND sink = ?"
             )
 
-        fixed = len(sql("").encode("utf-8")) + sum(_json_size(v) for v in run_key)
-        parts, too_big = chunk(items, fixed_params=len(run_key), fixed_bytes=fixed)
-        if too_big is not None:  # cannot happen for a key that fitted its INSERT; kept exact
-            raise RejectedBySinkError(
-                "record key too large for a D1 statement",
-                sink=SINK,
-                stream=stream.name,
-                key=record_key(stream, records[too_big]),
-            )
-        return [
-            (
-                sql(", ".join([mark] * len(part))),
-                [*(v for item in part for v in item.params), *run_key],
-            )
-            for part in parts
-        ]
+        return _per_chunk(stream, sql, mark, items, records, run_key)
 
     @staticmethod
     def _equal_counts(
@@ -338,37 +323,24 @@ class D1Sink:
             )
 
         items = [_Item(r, len(group) + 2, sum(_json_size(p) for p in r)) for r in records]
-        fixed = len(sql("").encode("utf-8")) + sum(_json_size(v) for v in run_key)
-        parts, too_big = chunk(items, fixed_params=len(run_key), fixed_bytes=fixed)
-        if too_big is not None:  # cannot happen for a row that fitted its INSERT; kept exact
-            raise RejectedBySinkError(
-                "record too large for a D1 statement",
-                sink=SINK,
-                stream=stream.name,
-                key=record_key(stream, records[too_big]),
-            )
-        return [
-            (
-                sql(", ".join([group] * len(part))),
-                [*(v for item in part for v in item.params), *run_key],
-            )
-            for part in parts
-        ]
+        return _per_chunk(stream, sql, group, items, records, run_key)
 
     # -- writing --------------------------------------------------------------------------------
 
-    def write(self, stream: Stream, rows: Sequence[Sequence[Any]], meta: PageMeta) -> WriteResult:
-        statements = self.page_batch(stream, rows, meta)
-        client = self.client()
+    def _run(
+        self, stream: Stream, statements: list[Statement], meta: PageMeta
+    ) -> dict[str, Any] | None:
+        """Send a page's batch; the row its last statement reads back (the page's counts), or
+        None when the page had been committed before (its ingestion_runs row is there)."""
         try:
-            results = client.batch(statements)
+            results = self.client().batch(statements)
         except D1Error as exc:
             if exc.transient:
                 raise TransientSinkError(
                     exc.message, sink=SINK, stream=stream.name, status=exc.status, code=exc.code
                 ) from exc
             if "ingestion_runs" in exc.message and self._committed(stream, meta):
-                return WriteResult(0, 0, already_committed=True)
+                return None
             raise classify(exc, stream.name) from exc
         counts = results[-1].get("results") if results else None
         if not (isinstance(counts, list) and len(counts) == 1 and isinstance(counts[0], dict)):
@@ -378,7 +350,12 @@ class D1Sink:
                 stream=stream.name,
                 page=meta.page_id,
             )
-        c = counts[0]
+        return dict(counts[0])
+
+    def write(self, stream: Stream, rows: Sequence[Sequence[Any]], meta: PageMeta) -> WriteResult:
+        c = self._run(stream, self.page_batch(stream, rows, meta), meta)
+        if c is None:
+            return WriteResult(0, 0, already_committed=True)
         return WriteResult(
             int(c["inserted"]),
             int(c["duplicates"]),
@@ -416,17 +393,10 @@ class D1Sink:
                 list(run_key),
             )
         )
-        try:
-            results = self.client().batch(statements)
-        except D1Error as exc:
-            if exc.transient:
-                raise TransientSinkError(
-                    exc.message, sink=SINK, stream=stream.name, status=exc.status, code=exc.code
-                ) from exc
-            if "ingestion_runs" in exc.message and self._committed(stream, meta):
-                return WriteResult(0, 0, already_committed=True)
-            raise classify(exc, stream.name) from exc
-        deleted = int(results[-1]["results"][0]["deleted"])
+        c = self._run(stream, statements, meta)
+        if c is None:
+            return WriteResult(0, 0, already_committed=True)
+        deleted = int(c["deleted"])
         return WriteResult(0, len(keys) - deleted, deleted=deleted)
 
     def _committed(self, stream: Stream, meta: PageMeta) -> bool:
@@ -445,6 +415,34 @@ class D1Sink:
         if self._client is not None:
             self._client.close()
         self._client = None
+
+
+def _per_chunk(
+    stream: Stream,
+    sql: Callable[[str], str],
+    mark: str,
+    items: list[_Item],
+    records: list[list[Param]],
+    run_key: list[Param],
+) -> list[Statement]:
+    """`sql(<marks>)` once per chunk of `items` that fits D1's statement limits, the run's key
+    last among the parameters."""
+    fixed = len(sql("").encode("utf-8")) + sum(_json_size(v) for v in run_key)
+    parts, too_big = chunk(items, fixed_params=len(run_key), fixed_bytes=fixed)
+    if too_big is not None:  # cannot happen for a row that fitted its INSERT; kept exact
+        raise RejectedBySinkError(
+            "record too large for a D1 statement",
+            sink=SINK,
+            stream=stream.name,
+            key=record_key(stream, records[too_big]),
+        )
+    return [
+        (
+            sql(", ".join([mark] * len(part))),
+            [*(v for item in part for v in item.params), *run_key],
+        )
+        for part in parts
+    ]
 
 
 def classify(exc: D1Error, stream: str | None) -> SinkError:
