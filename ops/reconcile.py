@@ -1,4 +1,4 @@
-"""`sluice reconcile SOURCE`: does every sink hold what the source holds? (seed 002's validation)
+"""`sluice reconcile SOURCE`: does every sink hold what the source holds? (a migration's check)
 
 For each stream the source feeds, and each sink that stream writes to (postgres, sqlite, and the
 remote D1 when configured):

@@ -1,7 +1,7 @@
 """`sluice status`: the state of the pipeline on one screen (and as JSON, for /status).
 
 - queues: depth as waiting (in the broker's list) + unacked (held by workers). Flower counts only
-  the waiting part (reference/celery.md §4); a page a worker holds is still work to do. On RabbitMQ
+  the waiting part (LLEN); a page a worker holds is still work to do. On RabbitMQ
   the waiting count comes from a passive `queue.declare`; unacked needs the management API, so it
   is shown as unknown (null).
 - dead letters pending, by stream, sink and error class (failed_ingestions).
