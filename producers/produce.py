@@ -22,11 +22,13 @@ import redis
 from kombu.exceptions import EncodeError
 from redis.exceptions import LockError
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 from sluice.producers.registry import open_source
 from sluice.producers.source import SourceReject
 from sluice.shared.celery_app import app, send_page
 from sluice.shared.context import Context
+from sluice.shared.controls import Control, paused
 from sluice.shared.errors import SluiceError, SourceError
 from sluice.shared.letters import (
     SOURCE_SINK,
@@ -51,7 +53,7 @@ LOCK_SECONDS = 30
 class RunSummary:
     source: str
     run_id: str
-    status: str  # ok | partial (some partitions failed) | skipped | failed
+    status: str  # running, then: ok | partial (some partitions failed) | skipped | failed
     pages: int = 0
     records: int = 0
     seconds: float = 0.0
@@ -98,15 +100,27 @@ class SourceLock:
             self._lock.release()
 
 
-def run_source(ctx: Context, name: str, max_batches: int | None = None) -> RunSummary:
+def run_source(
+    ctx: Context, name: str, max_batches: int | None = None, run_id: str | None = None
+) -> RunSummary:
+    """One run of the source; `run_id` names it (the console's "run now" gives one back before
+    the run starts). Recorded in `source_runs`: as `running` while it goes, then its outcome."""
     cfg = ctx.settings.source(name)  # an unknown name is an error, not a failed run
-    run_id = uuid.uuid4().hex
+    run_id = run_id or uuid.uuid4().hex
     t0 = time.perf_counter()
+    started = datetime.now(UTC)
+    control = _paused(ctx, name)
+    if control is not None:
+        reason = f": {control.reason}" if control.reason else ""
+        summary = RunSummary(name, run_id, "skipped", error=f"paused{reason}")
+        _record_run(ctx, summary, started, stream_name(ctx, name))
+        return summary
     lock = SourceLock(ctx.redis, name)
     if not lock.acquire():
         return RunSummary(name, run_id, "skipped", error="another run of this source is active")
-    summary = RunSummary(name, run_id, "ok")
-    started = datetime.now(UTC)
+    summary = RunSummary(name, run_id, "running")
+    _record_run(ctx, summary, started, stream_name(ctx, name))
+    summary.status = "ok"
     source = None
     try:
         source = open_source(ctx.settings, name)
@@ -248,32 +262,56 @@ def stream_name(ctx: Context, source: str) -> str:
     return ",".join(ctx.settings.source(source).streams)[:200]
 
 
+def _paused(ctx: Context, name: str) -> Control | None:
+    try:
+        return paused(ctx.state, name)
+    except SQLAlchemyError as exc:  # the store is down: run (pausing is an operator's wish)
+        log.warning("could not read whether %s is paused: %s", name, exc)
+        return None
+
+
 def _record_run(ctx: Context, s: RunSummary, started: datetime, stream: str) -> None:
+    """Insert or finish the run's row. A `running` row left by a run that died (its process
+    killed) is closed as `died` when the next run of the source starts: that run holds the
+    source's lock, so no other run of it is alive."""
     state = ctx.state
+    params = {
+        "run_id": s.run_id,
+        "source": s.source,
+        "stream": stream,
+        "started": state.ts(started),
+        "finished": None if s.status == "running" else state.now(),
+        "status": s.status,
+        "pages": s.pages,
+        "records": s.records,
+        "error": text_field(s.error, 2000) if s.error else None,
+    }
     try:
         with state.write() as conn:
+            if s.status == "running":
+                conn.execute(
+                    text(
+                        "UPDATE source_runs SET status = 'died', finished_at = :now, error ="
+                        " 'the run stopped without recording its end (its process was killed?)'"
+                        " WHERE source = :source AND status = 'running'"
+                    ),
+                    {"source": s.source, "now": state.now()},
+                )
             conn.execute(
                 text(
                     "INSERT INTO source_runs (run_id, source, stream, started_at, finished_at,"
                     " status, pages, records, error) VALUES (:run_id, :source, :stream,"
                     " :started, :finished, :status, :pages, :records, :error)"
+                    " ON CONFLICT (run_id) DO UPDATE SET finished_at = excluded.finished_at,"
+                    " status = excluded.status, pages = excluded.pages,"
+                    " records = excluded.records, error = excluded.error"
                 ),
-                {
-                    "run_id": s.run_id,
-                    "source": s.source,
-                    "stream": stream,
-                    "started": state.ts(started),
-                    "finished": state.now(),
-                    "status": s.status,
-                    "pages": s.pages,
-                    "records": s.records,
-                    "error": text_field(s.error, 2000) if s.error else None,
-                },
+                params,
             )
     except Exception as exc:  # the run itself succeeded; its history row is best effort
         log.warning("could not record run %s of %s: %s", s.run_id, s.source, exc)
 
 
 @app.task(name="sluice.produce")
-def produce(source: str) -> dict[str, Any]:
-    return run_source(app.context, source).as_dict()
+def produce(source: str, run_id: str | None = None) -> dict[str, Any]:
+    return run_source(app.context, source, run_id=run_id).as_dict()

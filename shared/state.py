@@ -79,6 +79,14 @@ class StateStore:
         self.engine.dispose()
 
 
+def read_time(value: Any) -> datetime | None:
+    """A time as either store returns it (timestamptz, or ISO-8601 text in SQLite), in UTC."""
+    if value is None:
+        return None
+    t = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
 def state_kind(settings: Settings) -> Literal["postgres", "sqlite"]:
     """Where the state lives: the configured store; for "auto", PostgreSQL when one is
     configured (SLUICE_POSTGRES_URL) or a stream of the configured sources writes there, else
