@@ -38,6 +38,7 @@ from sluice.shared.errors import SourceError, TransientSourceError
 
 if TYPE_CHECKING:
     from sluice.producers.d1_source import D1Source
+    from sluice.shared.state import StateStore
 
 log = logging.getLogger("sluice.d1_changes")
 
@@ -104,9 +105,11 @@ class WatermarkCapture:
 
     # The cursor, in the state store.
 
-    def cursor(self) -> list[Any] | None:
+    def cursor(self, store: StateStore | None = None) -> list[Any] | None:
+        """The committed cursor, from `store` when given (`sluice status` passes its own, which
+        gives up connecting sooner), else from the source's state store."""
         try:
-            with self.source.state.read() as conn:
+            with (store or self.source.state).read() as conn:
                 found = conn.execute(
                     text("SELECT cursor FROM source_progress WHERE source = :s AND partition = :p"),
                     {"s": self.source.name, "p": PARTITION},

@@ -21,12 +21,13 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
-from sluice.producers.source import SourcePage
+from sluice.producers.source import LagBasis, SourcePage, SourceStatus
 from sluice.shared.cloudflare import D1Client
 from sluice.shared.database import is_busy, quote, sqlite_connect
 from sluice.shared.errors import D1Error, SourceError, TransientSourceError
@@ -233,6 +234,32 @@ class ReadRows:
         self.rowids = rowids
         self.keys = keys
         self.extras = extras or []
+
+
+@dataclass(kw_only=True)
+class D1Status(SourceStatus):
+    """A D1 source's own facts: how it reads, the rows of a local mark-mode table not processed
+    yet (`unprocessed`), and the cursor of watermark capture. Its lag is its stream's."""
+
+    lag_from: LagBasis | None = "stream"
+    mode: str
+    capture: str
+    cursor: list[Any] | None = None  # watermark capture: [value, key] of the last committed row
+
+    def facts(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "mode": self.mode,
+            "capture": self.capture,
+            "unprocessed": self.unprocessed,
+        }
+        if self.capture == "watermark":
+            # A key that is not UTF-8 text is read as bytes: shown as hex.
+            out["cursor"] = (
+                [v.hex() if isinstance(v, bytes) else v for v in self.cursor]
+                if self.cursor is not None
+                else None
+            )
+        return out
 
 
 class D1Source:
@@ -478,6 +505,38 @@ class D1Source:
             if len(read.rows) < self.cfg.batch_size:
                 return
             after = read.rowids[-1] if self.has_rowid else read.keys[-1]
+
+    # -- what reconcile and status ask ----------------------------------------------------------
+
+    @property
+    def capture(self) -> str:
+        return self.cfg.capture
+
+    @property
+    def keeps_deleted(self) -> bool:
+        """Watermark capture, and snapshot capture without `deletes`, never remove a row from
+        the sinks: a key the table no longer holds is expected there."""
+        return self.cfg.capture == "watermark" or (
+            self.cfg.capture == "snapshot" and not self.cfg.deletes
+        )
+
+    def unknown_columns(self, stream: Stream, row: Sequence[Any]) -> set[str]:
+        """None: every stream column is read from the table as it is."""
+        return set()
+
+    def skipped_columns(self, stream: str) -> str | None:
+        return None
+
+    def status(self, state: StateStore | None) -> D1Status:
+        """Mode and capture; the rows not processed yet of a local mark-mode table (a remote
+        one is not counted: D1 bills every row a count reads); the watermark cursor."""
+        out = D1Status(mode=self.cfg.mode, capture=self.cfg.capture)
+        if self.cfg.capture == "mark" and self.cfg.mode == "local":
+            sql = f"SELECT count(*) AS n FROM {self.table} WHERE processed_at IS NULL"
+            out.unprocessed = out.read("unprocessed", lambda: int(self.db.query(sql)[0]["n"]))
+        if self.cfg.capture == "watermark" and state is not None:
+            out.cursor = out.read("cursor", lambda: self.changes.cursor(state))
+        return out
 
     def acknowledge(self, ack: Any) -> None:
         if isinstance(ack, dict) and "capture" in ack:

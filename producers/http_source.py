@@ -45,7 +45,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sluice.producers.cursors import CursorStore, format_cursor, parse_cursor
 from sluice.producers.http_client import HttpApi
 from sluice.producers.rate_limit import Budget, SharedRateLimiter
-from sluice.producers.source import SourcePage, SourceReject
+from sluice.producers.source import LagBasis, SourcePage, SourceReject, SourceStatus
 from sluice.shared.database import broker_url
 from sluice.shared.errors import HttpSourceError, SourceError, TransientSourceError
 from sluice.shared.settings import HttpSourceConfig, Settings
@@ -89,6 +89,19 @@ def _epoch_text(seconds: float) -> str:
         return iso_utc(datetime.fromtimestamp(seconds, UTC))
     except (ValueError, OverflowError, OSError):
         return "out of range"
+
+
+@dataclass(kw_only=True)
+class HttpStatus(SourceStatus):
+    """An HTTP source's own facts: its cursor per partition. Several sources may feed one
+    stream, so its lag is taken from its own cursors, not from the stream."""
+
+    lag_from: LagBasis | None = "cursors"
+
+    def facts(self) -> dict[str, Any]:
+        if self.cursors is None:
+            return {"cursors": None}
+        return {"cursors": {p: c.isoformat() for p, c in sorted(self.cursors.items())}}
 
 
 @dataclass
@@ -379,6 +392,13 @@ class HttpSource:
             raise TransientSourceError(
                 f"could not store the cursor: {type(exc).__name__}", source=self.name
             ) from exc
+
+    def status(self, state: StateStore | None) -> HttpStatus:
+        """The cursor of each partition (`source_progress`), read from `state`."""
+        out = HttpStatus()
+        if state is not None:
+            out.cursors = out.read("cursor", lambda: CursorStore(state).get_all(self.name))
+        return out
 
     def close(self) -> None:
         if "engine" in self.__dict__:

@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,7 +43,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from sluice.producers.kv_mapping import MAPPERS, KvEntry, MapContext, MappingError, compile_pattern
-from sluice.producers.source import SourcePage, SourceReject
+from sluice.producers.source import SourcePage, SourceReject, SourceStatus
 from sluice.shared.cloudflare import CloudflareClient
 from sluice.shared.errors import KvError, SourceError, TransientSourceError
 from sluice.shared.settings import KvSourceConfig, Settings
@@ -417,7 +418,105 @@ class MigrationState:
         )
 
 
+@dataclass(frozen=True)
+class MigrationProgress:
+    """A one-time migration as `sluice status` shows it: its state, what it saw, and the pages
+    every sink committed out of those enqueued (`pages_total` is None until all are)."""
+
+    status: str
+    keys_seen: int
+    keys_unmapped: int
+    records: int
+    dead_letters: int
+    pages_total: int | None
+    pages_acked: int
+    started_at: datetime | None
+    completed_at: datetime | None
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> MigrationProgress:
+        """From a `MigrationState.get` row."""
+        total = row["pages_total"]
+        return cls(
+            status=str(row["status"]),
+            keys_seen=int(row["keys_seen"]),
+            keys_unmapped=int(row["keys_unmapped"]),
+            records=int(row["records"]),
+            dead_letters=int(row["dead_letters"]),
+            pages_total=int(total) if total is not None else None,
+            pages_acked=int(row["pages_acked"] or 0),
+            started_at=_utc(row["started_at"]),
+            completed_at=_utc(row["completed_at"]),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "keys_seen": self.keys_seen,
+            "keys_unmapped": self.keys_unmapped,
+            "records": self.records,
+            "dead_letters": self.dead_letters,
+            "pages_total": self.pages_total,
+            "pages_acked": self.pages_acked,
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "completed_at": self.completed_at.isoformat() if self.completed_at else None,
+        }
+
+
+def _utc(value: Any) -> datetime | None:
+    """A time as the state store returns it (a datetime, or ISO-8601 text in SQLite), in UTC."""
+    if value is None:
+        return None
+    t = datetime.fromisoformat(value) if isinstance(value, str) else value
+    assert isinstance(t, datetime)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+@dataclass(kw_only=True)
+class KvStatus(SourceStatus):
+    """A KV source's own facts: its streams, mode and migration. A one-time migration has no
+    lag: once complete there is nothing more to read."""
+
+    mode: str
+    streams: list[str]
+    migration: MigrationProgress | None = None
+
+    def facts(self) -> dict[str, Any]:
+        return {
+            "streams": self.streams,
+            "mode": self.mode,
+            "migration": self.migration.as_dict() if self.migration else None,
+        }
+
+    def summary(self) -> str | None:
+        m = self.migration
+        if m is None:
+            return None
+        total = m.pages_total if m.pages_total is not None else "?"
+        return (
+            f"migration {m.status}: {m.keys_seen} keys, {m.records} records,"
+            f" {m.dead_letters} dead letters, pages {m.pages_acked}/{total}"
+        )
+
+
 # -- the source ----------------------------------------------------------------------
+
+# Columns the mappers fill from the clock of the read, since the KV data holds no such time: a
+# snapshot cannot know what the migration wrote there.
+CLOCK_COLUMNS: dict[str, tuple[str, ...]] = {
+    "users": ("created_at", "updated_at"),
+    "watchlists": ("created_at",),
+    "active_positions": ("created_at", "updated_at"),
+}
+# What a reconcile report says is skipped, per stream. A cache row's times come from the clock
+# only when its value has no timestamp (updated_at) and its key no KV expiration (expires_at).
+SKIPPED_COLUMNS: dict[str, str] = {
+    "users": "created_at, updated_at (time of the migration)",
+    "watchlists": "created_at (time of the migration)",
+    "active_positions": "created_at, updated_at (time of the migration)",
+    "cache": "updated_at when the value has no timestamp of its own, and expires_at when the"
+    " key has no KV expiration either (both then come from the migration's clock)",
+}
 
 
 @dataclass
@@ -442,6 +541,9 @@ class Problem:
 
 class KvSource:
     resumes_per_partition = False
+    capture: str | None = None  # a KV namespace is read whole: no capture modes
+    keeps_deleted = False  # a key deleted from the namespace is expected gone from the sinks
+    snapshot_ms: int | None = None  # the clock of the last snapshot (`unknown_columns`)
 
     def __init__(
         self,
@@ -560,8 +662,39 @@ class KvSource:
         `sluice reconcile` passes its own to tell those values apart."""
         if now_ms is None:
             now_ms = int(time.time() * 1000)
+        self.snapshot_ms = now_ms
         for stream, row in self.records(now_ms, lambda p: None):
             yield stream.name, row
+
+    def unknown_columns(self, stream: Stream, row: Sequence[Any]) -> set[str]:
+        """The columns of this row of the last snapshot that came from its clock: always those
+        of CLOCK_COLUMNS; a cache row's times when they equal that clock (the value had no
+        timestamp, the key no expiration)."""
+        skip = set(CLOCK_COLUMNS.get(stream.name, ()))
+        now_ms = self.snapshot_ms
+        if stream.name == "cache" and now_ms is not None:
+            names = stream.column_names
+            ttl_ms = int(self.cfg.cache_ttl_seconds * 1000)
+            if row[names.index("updated_at")] == now_ms:
+                skip.add("updated_at")
+            if row[names.index("expires_at")] == now_ms + ttl_ms:
+                skip.add("expires_at")
+        return skip
+
+    def skipped_columns(self, stream: str) -> str | None:
+        return SKIPPED_COLUMNS.get(stream)
+
+    def status(self, state: StateStore | None) -> KvStatus:
+        """Mode, streams, and the migration's progress (`source_migrations`) from `state`."""
+        out = KvStatus(mode=self.cfg.mode, streams=list(self.cfg.streams))
+        if state is not None:
+
+            def migration() -> MigrationProgress | None:
+                found = MigrationState(state).get(self.name)
+                return MigrationProgress.of(found) if found is not None else None
+
+            out.migration = out.read("migration", migration)
+        return out
 
     # -- the Source interface -----------------------------------------------------------------
 

@@ -16,11 +16,18 @@ A source may also report, after `pages` returns:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from datetime import datetime
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
+from sluice.shared.state import StateStore
 from sluice.shared.streams import Stream
+
+T = TypeVar("T")
+
+# How a source's lag is measured (SourceStatus.lag_from).
+LagBasis = Literal["stream", "cursors"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,41 @@ class SourcePage:
     orders: list[int] | None = None
 
 
+@dataclass(kw_only=True)
+class SourceStatus:
+    """What a source knows of its own progress, for `sluice status` and the metrics: the facts
+    only its kind can give. Each kind subclasses it with its own facts. A fact that could not be
+    read is None, and why is under `errors`, by the fact's name, so one unreadable fact leaves
+    the others."""
+
+    # How the source's lag is measured: "stream" (now minus the newest event time committed for
+    # its stream), "cursors" (now minus its partition cursor furthest behind: sources that share
+    # a stream), or None when the kind has no lag (a one-time migration).
+    lag_from: LagBasis | None = None
+    # Per partition, the time before which every sink has committed everything.
+    cursors: dict[str, datetime] | None = None
+    # Rows the source holds and has not processed yet, when the kind can count them cheaply.
+    unprocessed: int | None = None
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def read(self, fact: str, fn: Callable[[], T]) -> T | None:
+        """`fn()`, or None with the error recorded under `fact`."""
+        try:
+            return fn()
+        except Exception as exc:
+            self.errors[fact] = f"{type(exc).__name__}: {exc}".strip()
+            return None
+
+    def facts(self) -> dict[str, Any]:
+        """The kind's own facts as JSON values, under the keys `sluice status --json` shows."""
+        return {}
+
+    def summary(self) -> str | None:
+        """What the status screen adds after the source's last run, in a few words (None:
+        nothing beyond the common columns)."""
+        return None
+
+
 class Source(Protocol):
     name: str
     stream: Stream  # the stream of pages that name none (SourcePage.stream)
@@ -58,4 +100,39 @@ class Source(Protocol):
 
     def acknowledge(self, ack: Any) -> None: ...
 
+    def status(self, state: StateStore | None) -> SourceStatus:
+        """Its own facts, reading its progress from `state` (None: the state store cannot be
+        read, and what lives there is unknown)."""
+        ...
+
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Snapshotting(Protocol):
+    """A source that can be read whole without changing anything: `sluice reconcile` compares
+    every sink with its snapshot. (An HTTP API has no such whole to read.)"""
+
+    @property
+    def capture(self) -> str | None:
+        """How the source finds changes, when its kind has a choice (the report names it)."""
+        ...
+
+    @property
+    def keeps_deleted(self) -> bool:
+        """Whether the sinks keep rows the source has since deleted: such keys are expected in
+        the sinks, not a mismatch."""
+        ...
+
+    def snapshot(self) -> Iterator[tuple[str, list[Any]]]:
+        """(stream, row) for every record the source holds, in the stream's column order."""
+        ...
+
+    def unknown_columns(self, stream: Stream, row: Sequence[Any]) -> set[str]:
+        """The columns of a row of the last snapshot that the source cannot know (filled from
+        a clock when the data has no such value): compared with no sink."""
+        ...
+
+    def skipped_columns(self, stream: str) -> str | None:
+        """What the report says is skipped for `stream`, and why (None: nothing)."""
+        ...

@@ -142,3 +142,14 @@ class Progress:
 
     def in_flight(self, source: str) -> int:
         return int(self.r.zcard(self._inflight(source)))
+
+    def in_flight_age(self, source: str) -> tuple[int, float | None]:
+        """Pages of `source` published and not yet committed by every sink, and the age in
+        seconds of the oldest (None when there is none). A page older than the lease is presumed
+        lost: its rows are read again."""
+        p = self.r.pipeline(transaction=True)
+        p.zcard(self._inflight(source))
+        p.zrange(self._inflight(source), 0, 0, withscores=True)
+        count, oldest = p.execute()
+        age = time.time() - float(oldest[0][1]) if oldest else None
+        return int(count), age
