@@ -43,7 +43,6 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from prometheus_client.core import (
@@ -58,20 +57,13 @@ from sqlalchemy.engine import Engine
 
 from sluice.ops.status import (
     broker_queue_depths,
-    configured_sources,
-    cursor_lag,
-    d1_unprocessed,
-    last_commit,
-    newest_record_time,
+    collect_sources,
     ops_engine,
     ops_state,
-    pages_in_flight,
-    source_cursors,
     sqlite_reader,
     uses_postgres,
 )
 from sluice.shared.context import Context
-from sluice.shared.settings import D1SourceConfig
 
 log = logging.getLogger("sluice.metrics")
 
@@ -239,10 +231,10 @@ class SluiceCollector(Collector):
             labels=["queue"],
         )
         for q, d in depths.items():
-            depth.add_metric([q], float(d["total"] or 0))
-            waiting.add_metric([q], float(d["waiting"] or 0))
-            if d["unacked"] is not None:
-                unacked.add_metric([q], float(d["unacked"]))
+            depth.add_metric([q], float(d.total))
+            waiting.add_metric([q], float(d.waiting))
+            if d.unacked is not None:
+                unacked.add_metric([q], float(d.unacked))
         yield depth
         yield waiting
         yield unacked
@@ -303,7 +295,6 @@ class SluiceCollector(Collector):
         yield runs
 
     def _sources(self, up: GaugeMetricFamily, pg_up: bool, state_up: bool) -> Iterator[Metric]:
-        ctx = self.ctx
         lag = GaugeMetricFamily(
             "sluice_source_lag_seconds",
             "Now minus the newest event time committed for the source's stream (D1 sources),"
@@ -330,36 +321,29 @@ class SluiceCollector(Collector):
             "Age of the source's oldest page in flight (read again after inflight_lease)",
             labels=["source"],
         )
-        now = datetime.now(UTC)
-        engine = self.engine if pg_up else None
-        newest: dict[str, datetime | None] = {}
-        ok = True
-        for name, cfg in sorted(configured_sources(ctx.settings).items()):
-            stream = ctx.settings.stream(cfg.stream)
-            readable = pg_up or "postgres" not in stream.sinks
-            try:
-                if not isinstance(cfg, D1SourceConfig):
-                    # HTTP sources share streams: their lag is their own cursor's.
-                    if state_up:
-                        cursors = source_cursors(self.state, name)
-                        if (behind := cursor_lag(now, cursors)) is not None:
-                            lag.add_metric([name, stream.name], behind)
-                elif readable and stream.name not in newest:
-                    newest[stream.name] = newest_record_time(ctx, engine, stream)
-                if isinstance(cfg, D1SourceConfig) and (t := newest.get(stream.name)) is not None:
-                    # Never negative: an event time in the future is not a negative lag.
-                    lag.add_metric([name, stream.name], max(0.0, (now - t).total_seconds()))
-                if readable and (c := last_commit(ctx, engine, stream, name)) is not None:
-                    commit.add_metric([name], c.timestamp())
-                if (n := d1_unprocessed(cfg, stream)) is not None:
-                    backlog.add_metric([name], float(n))
-                count, age = pages_in_flight(ctx, name)
-                flight.add_metric([name], float(count))
-                oldest.add_metric([name], age or 0.0)
-            except Exception as exc:
-                log.warning("metrics: source %s: %s", name, exc)
-                ok = False
-        up.add_metric(["sources"], 1 if ok else 0)
+        # The same facts `sluice status` shows, each source's kind saying how its lag is measured
+        # and whether it counts a backlog; its last run is left out (runs are counted above).
+        errors: dict[str, str] = {}
+        sources = collect_sources(
+            self.ctx,
+            self.engine if pg_up else None,
+            self.state if state_up else None,
+            errors,
+            runs=False,
+        )
+        for part, message in errors.items():
+            log.warning("metrics: cannot read %s: %s", part, message)
+        for name, s in sources.items():
+            if s.lag_seconds is not None:
+                lag.add_metric([name, s.stream], s.lag_seconds)
+            if s.last_commit is not None:
+                commit.add_metric([name], s.last_commit.timestamp())
+            if s.unprocessed is not None:
+                backlog.add_metric([name], float(s.unprocessed))
+            if s.pages_in_flight is not None:
+                flight.add_metric([name], float(s.pages_in_flight))
+                oldest.add_metric([name], s.oldest_in_flight_seconds or 0.0)
+        up.add_metric(["sources"], 0 if errors else 1)
         yield from (lag, commit, backlog, flight, oldest)
 
 

@@ -31,7 +31,13 @@ from prometheus_client.registry import CollectorRegistry
 from sqlalchemy.engine import Engine
 
 from sluice.ops.metrics import registry_for
-from sluice.ops.status import broker_kind, build_status, ops_engine, sqlite_reader, uses_postgres
+from sluice.ops.status import (
+    broker_kind,
+    collect_status,
+    ops_engine,
+    sqlite_reader,
+    uses_postgres,
+)
 from sluice.shared.context import Context
 from sluice.shared.database import libpq_dsn
 from sluice.shared.state import state_kind
@@ -141,9 +147,10 @@ class SluiceServer(ThreadingHTTPServer):
     def status(self) -> dict[str, Any]:
         # One remote-control broadcast at a time: concurrent /status requests wait their turn.
         with self.status_lock:
-            return build_status(
+            report = collect_status(
                 self.ctx, self.app, timeout=self.inspect_timeout, engine=self.engine
             )
+        return report.as_dict()
 
     def server_close(self) -> None:
         super().server_close()

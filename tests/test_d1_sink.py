@@ -20,7 +20,7 @@ import pytest
 from sluice.consumers.ingest import ingest
 from sluice.ops.metrics import SluiceCollector
 from sluice.ops.sample import generate_rows, write_d1_file
-from sluice.ops.status import build_status
+from sluice.ops.status import collect_status
 from sluice.ops.workers import WorkerPool
 from sluice.shared.celery_app import QUEUES, app
 from sluice.shared.cloudflare import D1Client
@@ -544,7 +544,7 @@ max_batches = 20
         assert migrated.faults.pending == 0  # both faults were met, and retried
 
         # `sluice status` shows the queue, and reads the stream's progress from the remote D1.
-        doc = build_status(ctx, app, timeout=1.0)
+        doc = collect_status(ctx, app, timeout=1.0).as_dict()
         assert doc["errors"] == {}
         assert doc["queues"]["ingest.d1"]["total"] == 0
         assert doc["sources"]["d1_usage"]["last_commit"] is not None

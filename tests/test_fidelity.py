@@ -623,7 +623,7 @@ def test_a_run_lock_is_a_lease_renewed_while_alive_and_freed_when_its_owner_dies
 
 
 def test_an_event_time_in_the_future_is_not_a_negative_lag(env: Env) -> None:
-    from sluice.ops.status import sources_status
+    from sluice.ops.status import collect_sources
     from sluice.shared.sinks.postgres import PostgresSink
 
     d1 = env.dir / "d1.sqlite"
@@ -637,7 +637,7 @@ def test_an_event_time_in_the_future_is_not_a_negative_lag(env: Env) -> None:
     sink.close()
     engine = postgres_engine(env.pg_url)
     errors: dict[str, str] = {}
-    doc = sources_status(ctx, engine, StateStore(engine), errors)["d1_usage"]
+    doc = collect_sources(ctx, engine, StateStore(engine), errors)["d1_usage"].as_dict()
     engine.dispose()
     assert errors == {}
     assert doc["lag_seconds"] == 0

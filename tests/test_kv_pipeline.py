@@ -7,12 +7,14 @@ from __future__ import annotations
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg2
 import pytest
 
-from sluice.ops.status import format_status, sources_status
+from sluice.ops.status import collect_sources, render_status
+from sluice.ops.status_report import StatusReport
 from sluice.ops.workers import WorkerPool
 from sluice.producers.produce import run_source
 from sluice.producers.registry import open_source
@@ -174,17 +176,18 @@ def test_kv_migration_end_to_end_complete_validated_and_once(env: Env, fake: Fak
     engine = postgres_engine(env.pg_url)
     try:
         errors: dict[str, str] = {}
-        status = sources_status(ctx, engine, StateStore(engine), errors)
+        status = collect_sources(ctx, engine, StateStore(engine), errors)
     finally:
         engine.dispose()
     assert not errors
-    migration = status["bot"]["migration"]
+    migration = status["bot"].as_dict()["migration"]
     assert migration["status"] == "complete"
     assert migration["keys_seen"] == len(data)
     assert migration["dead_letters"] == 1
     assert migration["pages_acked"] == migration["pages_total"] == first.pages
     assert migration["records"] == first.records
-    text = format_status({"sources": status})
+    report = StatusReport(time=datetime.now(UTC), broker="redis", state="postgres", sources=status)
+    text = render_status(report)
     assert "migration complete" in text and f"{len(data)} keys" in text
 
 

@@ -4,12 +4,14 @@ source side by side; the HTTP source's lag comes from its cursors (source_progre
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from prometheus_client import generate_latest
 
 from sluice.ops.metrics import registry_for
 from sluice.ops.sample import write_d1_file
-from sluice.ops.status import sources_status
+from sluice.ops.status import collect_sources
+from sluice.ops.status_report import SourceReport
 from sluice.producers.cursors import CursorStore
 from sluice.producers.http_source import floor_time
 from sluice.producers.produce import run_source
@@ -36,6 +38,11 @@ schedule = {{ every = 300 }}
 """
 
 
+def sources_doc(found: dict[str, SourceReport]) -> dict[str, dict[str, Any]]:
+    """The sources as `sluice status --json` shows them."""
+    return {name: s.as_dict() for name, s in found.items()}
+
+
 def test_status_metrics_and_config_check_show_http_sources(env: Env) -> None:
     d1 = env.dir / "d1.sqlite"
     write_d1_file(d1, 100)
@@ -55,7 +62,7 @@ def test_status_metrics_and_config_check_show_http_sources(env: Env) -> None:
         engine = postgres_engine(env.pg_url)
         try:
             errors: dict[str, str] = {}
-            before = sources_status(ctx, engine, StateStore(engine), errors)
+            before = sources_doc(collect_sources(ctx, engine, StateStore(engine), errors))
             assert errors == {}
             assert before["bn"]["kind"] == "binance"
             assert before["bn"]["lag_seconds"] is None and before["bn"]["cursors"] == {}
@@ -69,7 +76,7 @@ def test_status_metrics_and_config_check_show_http_sources(env: Env) -> None:
             cursors.set("bn", "BTCUSDT", behind)
             cursors.set("bn", "ETHUSDT", behind + timedelta(hours=2))
 
-            after = sources_status(ctx, engine, StateStore(engine), errors)
+            after = sources_doc(collect_sources(ctx, engine, StateStore(engine), errors))
             assert errors == {}
             bn = after["bn"]
             assert bn["pages_in_flight"] == 2

@@ -1,5 +1,6 @@
 """`sluice status` as operators run it: real workers, real Redis, PostgreSQL and SQLite; and the
-RabbitMQ queue depths against this machine's RabbitMQ when it answers."""
+RabbitMQ queue depths against this machine's RabbitMQ when it answers. The report is data first:
+a report made by hand renders and serialises with no server at all."""
 
 from __future__ import annotations
 
@@ -8,17 +9,31 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import text
 
 from sluice.ops.sample import write_d1_file
-from sluice.ops.status import amqp_queue_depths, queue_depths
+from sluice.ops.status import amqp_queue_depths, queue_depths, render_status, source_status
+from sluice.ops.status_report import (
+    DeadLetterGroup,
+    LastRun,
+    QueueDepth,
+    SourceReport,
+    StatusReport,
+    WorkerReport,
+)
 from sluice.ops.workers import WorkerPool
+from sluice.producers.d1_source import D1Status
+from sluice.producers.http_source import HttpStatus
+from sluice.producers.kv_source import KvStatus, MigrationProgress
 from sluice.producers.produce import run_source
 from sluice.shared.celery_app import QUEUES, app
-from sluice.shared.database import sqlite_connect
+from sluice.shared.database import postgres_engine, sqlite_connect
 from sluice.shared.migrations import migrate_sqlite
 from sluice.shared.settings import Settings
+from sluice.shared.state import StateStore
 from tests.conftest import Env, _port_open
 from tests.helpers import d1_config, drain, pg_scalar
 from tests.test_cli import sluice
@@ -34,9 +49,10 @@ def workers(env: Env) -> Iterator[WorkerPool]:
     pool.stop()
 
 
-def status_json(env: dict[str, str]) -> dict[str, object]:
+def status_json(env: dict[str, str], code: int = 0) -> dict[str, object]:
+    """`sluice status --json`; it exits 1 when a part cannot be read or a source's run failed."""
     r = sluice("status", "--json", env=env, timeout=60)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == code, r.stderr
     doc: dict[str, object] = json.loads(r.stdout)
     return doc
 
@@ -51,7 +67,7 @@ def test_status_during_and_after_a_run(env: Env, workers: WorkerPool) -> None:
     # During: the run enqueued 6 pages per sink and no worker is up yet.
     assert run_source(ctx, "d1_usage").pages == 6
     doc = status_json(env.vars)
-    assert doc["errors"] == {}
+    assert doc["errors"] == {} and doc["ok"] is True
     queues = doc["queues"]
     assert isinstance(queues, dict)
     assert queues["ingest.postgres"] == {"waiting": 6, "unacked": 0, "total": 6}
@@ -112,8 +128,9 @@ def test_status_during_and_after_a_run(env: Env, workers: WorkerPool) -> None:
 
 def test_status_reports_what_it_can_when_postgres_is_down(env: Env) -> None:
     down = dict(env.vars, SLUICE_POSTGRES_URL="postgresql://postgres@127.0.0.1:1/x")
-    doc = status_json(down)
+    doc = status_json(down, code=1)
     assert "postgres" in doc["errors"]  # type: ignore[operator]
+    assert doc["ok"] is False
     assert doc["queues"] is not None and doc["workers"] == {}
     assert doc["dead_letters"] == {"pending": None, "by_stream": None}
 
@@ -192,3 +209,129 @@ def test_a_threads_writer_holds_one_page_per_thread(env: Env, workers: WorkerPoo
     lite = sqlite_connect(env.sqlite_path)
     assert lite.execute("SELECT count(*) FROM ingestion_runs").fetchone()[0] == 12
     lite.close()
+
+
+def test_a_report_made_by_hand_renders_and_serialises_without_any_server() -> None:
+    """Gathering and showing are apart: rendering reads nothing, and the JSON document needs no
+    help to serialise."""
+    now = datetime(2026, 11, 26, 15, 47, tzinfo=UTC)
+    usage = SourceReport(
+        name="usage",
+        kind="d1",
+        stream="usage_events",
+        own=D1Status(mode="local", capture="mark", unprocessed=10_000),
+        lag_seconds=365 * 86400 + 22 * 3600.0,
+        newest_record=now - timedelta(days=365, hours=22),
+        last_commit=now - timedelta(seconds=2),
+        last_commit_seconds_ago=2.0,
+        pages_in_flight=10,
+        oldest_in_flight_seconds=4.5,
+        last_run=LastRun("r1", "ok", 10, 10_000, now - timedelta(seconds=3), 0.393, None, 0),
+    )
+    prices = SourceReport(
+        name="prices",
+        kind="binance",
+        stream="historical_prices",
+        own=HttpStatus(cursors={"BTCUSDT": now - timedelta(hours=3)}),
+        lag_seconds=10_800.0,
+        pages_in_flight=0,
+        oldest_in_flight_seconds=None,
+    )
+    migration = MigrationProgress("complete", 5, 0, 9, 1, 3, 3, now, now)
+    bot = SourceReport(
+        name="bot",
+        kind="kv",
+        stream="users",
+        own=KvStatus(mode="remote", streams=["users", "cache"], migration=migration),
+        last_run=LastRun("r2", "failed", 0, 0, now - timedelta(minutes=2), 1.5, "boom", 2),
+    )
+    report = StatusReport(
+        time=now,
+        broker="redis",
+        state="postgres",
+        queues={"ingest.postgres": QueueDepth(0, 0, 0), "ingest.sqlite": QueueDepth(10, 2, 12)},
+        dead_letters=[DeadLetterGroup("usage_events", "sqlite", "ValidationError", 8, None, now)],
+        sources={"bot": bot, "prices": prices, "usage": usage},
+        workers={
+            "pg@vm": WorkerReport(
+                2, 2, None, "prefork", ["dead_letter", "ingest.postgres"], 7, 9.0, 3
+            )
+        },
+    )
+
+    lines = render_status(report).splitlines()
+    assert lines[:3] == [
+        "queue                waiting   unacked     total",
+        "ingest.postgres            0         0         0",
+        "ingest.sqlite             10         2        12",
+    ]
+    assert "dead letters pending: 8" in lines
+    assert "  usage_events          sqlite    ValidationError                 8  0s ago" in lines
+    assert "sources (3)" in lines
+    assert (
+        "  usage               365d22h       2s    10000     10  ok 3s ago: 10 pages,"
+        " 10000 records in 0.393s"
+    ) in lines
+    assert "  prices                3h00m        —        —      0  never ran" in lines
+    bot_line = next(line for line in lines if line.startswith("  bot "))
+    assert "failed 2m00s ago: 0 pages, 0 records in 1.5s; 2 failed in 24h — boom" in bot_line
+    assert bot_line.endswith("; migration complete: 5 keys, 9 records, 1 dead letters, pages 3/3")
+    assert "workers online: 1" in lines and "errors:" not in lines
+
+    doc = json.loads(json.dumps(report.as_dict()))  # plain JSON values only
+    assert doc["ok"] is False  # bot's last run failed
+    assert doc["dead_letters"]["pending"] == 8
+    assert doc["queues"]["ingest.sqlite"] == {"waiting": 10, "unacked": 2, "total": 12}
+    assert doc["sources"]["usage"]["unprocessed"] == 10_000
+    assert doc["sources"]["usage"]["mode"] == "local"
+    assert doc["sources"]["usage"]["newest_record"] == "2025-11-25T17:47:00+00:00"
+    assert doc["sources"]["prices"]["cursors"] == {"BTCUSDT": "2026-11-26T12:47:00+00:00"}
+    assert "unprocessed" not in doc["sources"]["prices"] and "mode" not in doc["sources"]["prices"]
+    assert "lag_seconds" not in doc["sources"]["bot"]  # a one-time migration has no lag
+    assert doc["sources"]["bot"]["migration"]["pages_acked"] == 3
+    assert doc["workers"]["pg@vm"]["autoscale"] is None
+
+    # A part that could not be read is named, and makes the report not ok.
+    unread = StatusReport(time=now, broker="amqp", state="sqlite", errors={"queues": "down\nmore"})
+    text_ = render_status(unread)
+    assert "queues: unavailable" in text_ and "dead letters pending: unavailable" in text_
+    assert text_.endswith("errors:\n  queues: down")
+    assert not unread.ok and unread.as_dict()["queues"] is None
+
+
+def test_a_d1_source_reports_its_backlog_or_its_cursor(env: Env) -> None:
+    """A mark-mode table counts its rows not processed yet; a watermark one, which marks
+    nothing, shows its committed cursor instead."""
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 50)
+    env.write_config(
+        d1_config(d1) + f'\n[sources.tail]\nkind = "d1"\nstream = "usage_events"\npath = "{d1}"\n'
+        'capture = "watermark"\n'
+    )
+    settings = Settings.load(env.vars)
+    store = StateStore(postgres_engine(env.pg_url))
+    try:
+        mark = source_status(settings, "d1_usage", store)
+        assert isinstance(mark, D1Status) and mark.errors == {}
+        assert (mark.unprocessed, mark.cursor, mark.lag_from) == (50, None, "stream")
+        assert "cursor" not in mark.facts()
+
+        tail = source_status(settings, "tail", store)
+        assert isinstance(tail, D1Status) and tail.errors == {}
+        assert (tail.unprocessed, tail.cursor) == (None, None)
+        with store.write() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO source_progress (source, partition, cursor, updated_at)"
+                    " VALUES ('tail', '', '[7,null]', now())"
+                )
+            )
+        tail = source_status(settings, "tail", store)
+        assert isinstance(tail, D1Status)
+        assert tail.cursor == [7, None] and tail.facts()["cursor"] == [7, None]
+        assert tail.facts()["unprocessed"] is None
+        # Without the state store, what lives there is unknown, not an error.
+        unknown = source_status(settings, "tail", None)
+        assert isinstance(unknown, D1Status) and unknown.cursor is None and not unknown.errors
+    finally:
+        store.dispose()
