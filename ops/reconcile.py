@@ -1,22 +1,23 @@
-"""`sluice reconcile SOURCE`: does every sink hold what the source holds? (a migration's check)
+"""`sluice reconcile SOURCE`: does every sink hold what the source holds?
 
 For each stream the source feeds, and each sink that stream writes to (postgres, sqlite, and the
-remote D1 when configured):
+remote D1 when configured), `compare` finds:
 
 - counts: the source's distinct keys after the pipeline's own validation (shared/records.py), so a
   record the pipeline dead-letters is counted as invalid, not as missing; how many of those keys
   each sink holds; the dead letters pending for this source and stream, per sink;
 - missing keys (in the source, not in a sink), split into those a pending dead letter accounts for
   and the rest; extra keys (in a sink, not in the source), only for a stream no other configured
-  source feeds, since rows do not record their source;
+  source feeds, since rows do not record their source; where the source's capture keeps deleted
+  rows in the sinks, its extra keys are reported apart, as deleted at the source;
 - a seeded random sample of keys compared field by field after normalisation (timestamps, floats,
   JSON text vs jsonb, integers SQLite or D1 return as floats), skipping the columns the source
-  cannot know (SKIPPED_COLUMNS);
+  says it cannot know;
 - referential integrity in each sink: child rows whose parent row is missing (Stream.foreign_keys).
 
-Reads are bulk: a sink's keys come in one query per stream (keyset pages of 10,000 rows on the
-remote D1); sampled rows in chunked IN lists (within 100 bound parameters on D1). The source is
-read once, through its read-only `snapshot()`.
+The source is read once, through its read-only `snapshot()` (a source kind without one, an HTTP
+API, cannot be reconciled); the sinks through ops/reconcile_sinks.py. The result is a
+ReconcileReport (ops/reconcile_report.py: its JSON document and its table).
 """
 
 from __future__ import annotations
@@ -24,56 +25,42 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
-import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
-import psycopg2
-import psycopg2.extensions
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from sluice.shared.cloudflare import MAX_BOUND_PARAMS
-from sluice.shared.database import libpq_dsn, postgres_url, quote
-from sluice.shared.errors import ConfigError, D1Error, SinkError, SourceError
+from sluice.ops.reconcile_report import (
+    Difference,
+    KeyList,
+    Orphans,
+    ReconcileReport,
+    SinkComparison,
+    StreamComparison,
+    render_reconcile,
+)
+from sluice.ops.reconcile_sinks import Key, SinkReader, open_readers
+from sluice.producers.registry import open_source
+from sluice.producers.source import Snapshotting
+from sluice.shared.errors import SinkError, SourceError
 from sluice.shared.records import Validator, record_key
-from sluice.shared.settings import D1SinkConfig, D1SourceConfig, KvSourceConfig, Settings
-from sluice.shared.sinks.d1 import d1_client
+from sluice.shared.settings import Settings
 from sluice.shared.state import open_state
-from sluice.shared.streams import Column, ForeignKey, Stream
+from sluice.shared.streams import Column, Stream
 
-Key = tuple[Any, ...]
+__all__ = ["ReconcileReport", "compare", "reconcile", "render_reconcile"]
 
 DEFAULT_SAMPLE = 100
 DEFAULT_LIMIT = 20  # keys listed per problem; the totals are always complete
 VALIDATE_BATCH = 1000
-PG_KEYS_PER_QUERY = 1000
-SQLITE_KEYS_PER_QUERY = 400  # SQLite builds before 3.32 allow 999 bound parameters
-D1_KEY_PAGE = 10_000  # rows per keyset page when listing a remote D1 table's keys
 FLOAT_REL_TOL = 1e-12  # doubles survive every sink; only D1's JSON could round the last digit
-
-# Columns a KV snapshot fills from the clock of the call (producers/kv_mapping.py: the bot's
-# KV data holds no such time), so the snapshot cannot know what the migration wrote.
-KV_CLOCK_COLUMNS: dict[str, tuple[str, ...]] = {
-    "users": ("created_at", "updated_at"),
-    "watchlists": ("created_at",),
-    "active_positions": ("created_at", "updated_at"),
-}
-# What the report says is skipped, per stream. A cache row's times come from the clock only when
-# its value has no timestamp (updated_at) and its key no KV expiration (expires_at as well).
-SKIPPED_COLUMNS: dict[str, str] = {
-    "users": "created_at, updated_at (time of the migration)",
-    "watchlists": "created_at (time of the migration)",
-    "active_positions": "created_at, updated_at (time of the migration)",
-    "cache": "updated_at when the value has no timestamp of its own, and expires_at when the"
-    " key has no KV expiration either (both then come from the migration's clock)",
-}
+SINKS = ("postgres", "sqlite", "d1")
 
 
 # -- normalisation --------------------------------------------------------------------------------
@@ -139,225 +126,6 @@ def key_text(stream: Stream, key: Key) -> str:
     return record_key(stream, row)
 
 
-# -- sinks ---------------------------------------------------------------------------------------
-
-
-class SinkReader(Protocol):
-    name: str
-
-    def keys(self, stream: Stream) -> Iterator[Key]: ...
-
-    def rows(self, stream: Stream, keys: Sequence[Key]) -> Iterator[Sequence[Any]]: ...
-
-    def orphans(self, stream: Stream, fk: ForeignKey, limit: int) -> tuple[int, list[Key]]: ...
-
-    def close(self) -> None: ...
-
-
-def _key_cols(stream: Stream, alias: str = "") -> str:
-    return ", ".join(alias + quote(k) for k in stream.key)
-
-
-def _orphan_sql(stream: Stream, fk: ForeignKey) -> tuple[str, str]:
-    """(count, listing) of child rows whose parent row is missing; the listing ends in LIMIT."""
-    where = (
-        f"FROM {quote(stream.table)} c WHERE c.{quote(fk.column)} IS NOT NULL AND NOT EXISTS"
-        f" (SELECT 1 FROM {quote(fk.parent_table)} p"
-        f" WHERE p.{quote(fk.parent_column)} = c.{quote(fk.column)})"
-    )
-    return (
-        f"SELECT count(*) AS n {where}",
-        f"SELECT {_key_cols(stream, 'c.')} {where} ORDER BY {_key_cols(stream, 'c.')} LIMIT ",
-    )
-
-
-class _SqlReader:
-    """What the PostgreSQL and SQLite readers share: a connection and a `_run` of SQL."""
-
-    name: str
-    conn: Any
-
-    def _run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        raise NotImplementedError
-
-    def orphans(self, stream: Stream, fk: ForeignKey, limit: int) -> tuple[int, list[Key]]:
-        count, listing = _orphan_sql(stream, fk)
-        total = int(self._run(count)[0][0])
-        found = self._run(listing + str(int(limit))) if total else []
-        return total, [tuple(r) for r in found]
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-class PostgresReader(_SqlReader):
-    name = "postgres"
-
-    def __init__(self, url: str) -> None:
-        try:
-            self.conn: psycopg2.extensions.connection = psycopg2.connect(
-                libpq_dsn(url), connect_timeout=10, application_name="sluice-reconcile"
-            )
-        except psycopg2.OperationalError as exc:
-            raise SinkError(f"cannot connect: {exc}".strip(), sink=self.name) from exc
-        self.conn.set_session(readonly=True)
-
-    def _run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        try:
-            with self.conn.cursor() as cur:
-                cur.execute(sql, tuple(params))
-                return list(cur.fetchall())
-        except psycopg2.Error as exc:
-            self.conn.rollback()
-            raise SinkError(str(exc).strip(), sink=self.name) from exc
-
-    def keys(self, stream: Stream) -> Iterator[Key]:
-        # A named (server-side) cursor: one query, fetched 10,000 rows at a time.
-        try:
-            with self.conn.cursor(name=f"reconcile_{stream.name}") as cur:
-                cur.itersize = 10_000
-                cur.execute(f"SELECT {_key_cols(stream)} FROM {quote(stream.table)}")
-                for row in cur:
-                    yield tuple(row)
-            self.conn.rollback()  # end the read transaction the named cursor needed
-        except psycopg2.Error as exc:
-            self.conn.rollback()
-            raise SinkError(str(exc).strip(), sink=self.name, stream=stream.name) from exc
-
-    def rows(self, stream: Stream, keys: Sequence[Key]) -> Iterator[Sequence[Any]]:
-        cols = ", ".join(quote(c) for c in stream.column_names)
-        group = "(" + ", ".join(["%s"] * len(stream.key)) + ")"
-        for i in range(0, len(keys), PG_KEYS_PER_QUERY):
-            part = keys[i : i + PG_KEYS_PER_QUERY]
-            # A row-value IN list of literals: PostgreSQL coerces each to its column's type.
-            sql = (
-                f"SELECT {cols} FROM {quote(stream.table)} WHERE ({_key_cols(stream)}) IN"
-                f" ({', '.join([group] * len(part))})"
-            )
-            yield from self._run(sql, [v for k in part for v in k])
-
-
-class SqliteReader(_SqlReader):
-    name = "sqlite"
-
-    def __init__(self, path: Path) -> None:
-        if not path.exists():
-            raise SinkError(f"SQLite file not found: {path}", sink=self.name)
-        # Read-only: reconciling never changes a sink.
-        self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-
-    def _run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        try:
-            return list(self.conn.execute(sql, tuple(params)).fetchall())
-        except sqlite3.Error as exc:
-            raise SinkError(str(exc), sink=self.name) from exc
-
-    def keys(self, stream: Stream) -> Iterator[Key]:
-        try:
-            cur = self.conn.execute(f"SELECT {_key_cols(stream)} FROM {quote(stream.table)}")
-            while batch := cur.fetchmany(10_000):
-                yield from (tuple(r) for r in batch)
-        except sqlite3.Error as exc:
-            raise SinkError(str(exc), sink=self.name, stream=stream.name) from exc
-
-    def rows(self, stream: Stream, keys: Sequence[Key]) -> Iterator[Sequence[Any]]:
-        for sql, params in _in_list_queries(stream, keys, SQLITE_KEYS_PER_QUERY):
-            yield from self._run(sql, params)
-
-
-def _in_list_queries(
-    stream: Stream, keys: Sequence[Key], per_query: int
-) -> Iterator[tuple[str, list[Any]]]:
-    """SELECT the stream's columns for `keys`, `per_query` keys a statement (SQLite dialect)."""
-    cols = ", ".join(quote(c) for c in stream.column_names)
-    if len(stream.key) == 1:
-        target, mark = quote(stream.key[0]), "?"
-    else:
-        target = "(" + _key_cols(stream) + ")"
-        mark = "(" + ", ".join("?" for _ in stream.key) + ")"
-    for i in range(0, len(keys), per_query):
-        part = keys[i : i + per_query]
-        marks = ", ".join([mark] * len(part))
-        where = (
-            f"{target} IN ({marks})" if len(stream.key) == 1 else f"{target} IN (VALUES {marks})"
-        )
-        yield (
-            f"SELECT {cols} FROM {quote(stream.table)} WHERE {where}",
-            [v for k in part for v in k],
-        )
-
-
-class D1Reader:
-    """The remote D1 sink, read through shared/cloudflare.py's client (retries, envelope)."""
-
-    name = "d1"
-
-    def __init__(self, cfg: D1SinkConfig, token: str) -> None:
-        self.client = d1_client(cfg, token)
-
-    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        try:
-            return self.client.query(sql, list(params))
-        except D1Error as exc:
-            raise SinkError(exc.message, sink=self.name, status=exc.status, code=exc.code) from exc
-
-    def keys(self, stream: Stream) -> Iterator[Key]:
-        # Keyset pages on rowid (every sink table has one): two bound parameters a request, and
-        # no page depends on an OFFSET scan.
-        cols = _key_cols(stream)
-        after = -1
-        while True:
-            found = self._query(
-                f"SELECT rowid AS sluice_rowid, {cols} FROM {quote(stream.table)}"
-                " WHERE rowid > ? ORDER BY rowid LIMIT ?",
-                [after, D1_KEY_PAGE],
-            )
-            for r in found:
-                yield tuple(r[k] for k in stream.key)
-            if len(found) < D1_KEY_PAGE:
-                return
-            after = int(found[-1]["sluice_rowid"])
-
-    def rows(self, stream: Stream, keys: Sequence[Key]) -> Iterator[Sequence[Any]]:
-        per = max(1, MAX_BOUND_PARAMS // len(stream.key))
-        names = stream.column_names
-        for sql, params in _in_list_queries(stream, keys, per):
-            for r in self._query(sql, params):
-                yield [r.get(c) for c in names]
-
-    def orphans(self, stream: Stream, fk: ForeignKey, limit: int) -> tuple[int, list[Key]]:
-        count, listing = _orphan_sql(stream, fk)
-        total = int(self._query(count)[0]["n"])
-        found = self._query(listing + str(int(limit))) if total else []
-        return total, [tuple(r[k] for k in stream.key) for r in found]
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def open_readers(settings: Settings, sinks: Sequence[str]) -> dict[str, SinkReader]:
-    readers: dict[str, SinkReader] = {}
-    try:
-        for sink in sinks:
-            if sink == "postgres":
-                readers[sink] = PostgresReader(postgres_url(settings))
-            elif sink == "sqlite":
-                readers[sink] = SqliteReader(settings.sqlite_path)
-            elif sink == "d1":
-                cfg = settings.d1_sink
-                if cfg is None:
-                    raise ConfigError(["sinks.d1: a stream writes to 'd1' but it is not set"])
-                token = settings.secret(cfg.api_token_env)
-                if not token:
-                    raise ConfigError([f"sinks.d1: no API token in ${cfg.api_token_env}"])
-                readers[sink] = D1Reader(cfg, token)
-    except BaseException:
-        for r in readers.values():
-            r.close()
-        raise
-    return readers
-
-
 # -- the source side ------------------------------------------------------------------------------
 
 
@@ -374,6 +142,8 @@ class SourceSide:
     # every valid source row of each (several rows may share a key; any of them may have won).
     heap: list[tuple[int, Key]] = field(default_factory=list)
     sampled: dict[Key, list[list[Any]]] = field(default_factory=dict)
+    # Per sampled key, per row: the columns the source cannot know (never compared).
+    unknown: dict[Key, list[set[str]]] = field(default_factory=dict)
 
 
 def _hash(seed: int, key: Key) -> int:
@@ -382,6 +152,9 @@ def _hash(seed: int, key: Key) -> int:
 
 
 class SourceReader:
+    """Takes in a snapshot: per stream, validates, counts and keys the rows, and keeps a seeded
+    sample of keys with every row of each."""
+
     def __init__(self, settings: Settings, sample: int, seed: int) -> None:
         self.settings = settings
         self.sample = sample
@@ -435,12 +208,141 @@ class SourceReader:
         side.sampled[key] = [row]
 
 
-# -- the report -----------------------------------------------------------------------------------
+@dataclass
+class Snapshot:
+    """What reconcile needs of the source: its rows per stream, and what it says of them."""
+
+    capture: str | None
+    keeps_deleted: bool
+    skipped: dict[str, str]  # per stream: the columns it cannot know, and why
+    sides: dict[str, SourceSide]
 
 
-def _listed(keys: Sequence[Key] | set[Key], limit: int) -> dict[str, Any]:
-    shown = sorted(keys)[:limit]
-    return {"total": len(keys), "keys": [list(k) for k in shown]}
+def read_snapshot(settings: Settings, name: str, sample: int, seed: int) -> Snapshot:
+    """Read the source whole, once. Raises SourceError for a source kind without a snapshot."""
+    cfg = settings.source(name)
+    source = open_source(settings, name)
+    try:
+        if not isinstance(source, Snapshotting):
+            raise SourceError(
+                f"source {name!r} ({cfg.kind}) has no snapshot to reconcile against:"
+                " only D1 and KV sources can be read whole",
+                source=name,
+            )
+        reader = SourceReader(settings, sample, seed)
+        reader.read(source.snapshot())
+        for side in reader.sides.values():
+            side.unknown = {
+                key: [source.unknown_columns(side.stream, row) for row in rows]
+                for key, rows in side.sampled.items()
+            }
+        skipped = {n: s for n in cfg.streams if (s := source.skipped_columns(n)) is not None}
+        return Snapshot(source.capture, source.keeps_deleted, skipped, reader.sides)
+    finally:
+        source.close()
+
+
+# -- one stream in one sink -----------------------------------------------------------------------
+
+
+def compare(
+    stream: Stream,
+    side: SourceSide,
+    reader: SinkReader,
+    *,
+    dead: set[str],
+    check_extra: bool,
+    keeps_deleted: bool,
+    limit: int,
+) -> SinkComparison:
+    """The stream in one sink against the source's side of it. `dead`: the record keys of this
+    source's pending dead letters for the stream and sink; `check_extra`: whether the source is
+    the stream's only one (rows do not record their source); `keeps_deleted`: whether keys the
+    source deleted are expected in the sink."""
+    in_sink = {
+        tuple(canon(stream.columns[i], v) for i, v in zip(stream.key_indexes, k, strict=True))
+        for k in reader.keys(stream)
+    }
+    absent = side.keys - in_sink
+    lettered = {k for k in absent if key_text(stream, k) in dead}
+    missing = absent - lettered
+    extra = in_sink - side.keys if check_extra else set()
+    deleted = None
+    if extra and keeps_deleted:
+        # Such a capture never removes a row: a key the source no longer holds is expected.
+        deleted, extra = KeyList.of(extra, limit), set()
+    checked, differences = _sample(stream, side, reader, in_sink)
+    return SinkComparison(
+        sink=reader.name,
+        rows=len(in_sink),
+        count=len(side.keys) - len(absent),
+        missing=KeyList.of(missing, limit),
+        dead_lettered=KeyList.of(lettered, limit),
+        extra=KeyList.of(extra, limit) if check_extra else None,
+        checked=checked,
+        differ=len({d.key for d in differences}),
+        differences=differences[: limit * 4],
+        orphans=_orphans(stream, reader, limit),
+        deleted_at_source=deleted,
+    )
+
+
+def _sample(
+    stream: Stream, side: SourceSide, reader: SinkReader, in_sink: set[Key]
+) -> tuple[int, list[Difference]]:
+    """The sampled keys the sink holds, compared field by field: how many, and what differs."""
+    checked = 0
+    found: list[Difference] = []
+    wanted = [k for k in sorted(side.sampled) if k in in_sink]
+    for row in reader.rows(stream, wanted):
+        norm = [canon(c, v) for c, v in zip(stream.columns, row, strict=True)]
+        key = tuple(norm[i] for i in stream.key_indexes)
+        candidates = side.sampled.get(key)
+        if candidates is None:
+            continue
+        checked += 1
+        unknown = side.unknown.get(key) or [set() for _ in candidates]
+        found += differences(stream, key, candidates, norm, unknown)
+    return checked, found
+
+
+def differences(
+    stream: Stream,
+    key: Key,
+    candidates: list[list[Any]],
+    sink_row: list[Any],
+    unknown: list[set[str]],
+) -> list[Difference]:
+    """[] when the sink row equals one of the source rows (columns the source cannot know
+    aside); else the differences from the closest one."""
+    best: list[Difference] | None = None
+    for row, skip in zip(candidates, unknown, strict=True):
+        diffs = [
+            Difference(key, c.name, row[i], sink_row[i])
+            for i, c in enumerate(stream.columns)
+            if c.name not in skip and not same(c, row[i], sink_row[i])
+        ]
+        if not diffs:
+            return []
+        if best is None or len(diffs) < len(best):
+            best = diffs
+    return best or []
+
+
+def _orphans(stream: Stream, reader: SinkReader, limit: int) -> Orphans:
+    total = 0
+    keys: list[Key] = []
+    for fk in stream.foreign_keys:
+        n, found = reader.orphans(stream, fk, limit)
+        total += n
+        keys += found
+    parent = ", ".join(
+        f"{fk.column} → {fk.parent_table}.{fk.parent_column}" for fk in stream.foreign_keys
+    )
+    return Orphans(total, keys[:limit], parent or None)
+
+
+# -- the whole source -----------------------------------------------------------------------------
 
 
 def _dead_letters(settings: Settings, source: str) -> dict[tuple[str, str], set[str]]:
@@ -474,276 +376,68 @@ def _feeders(settings: Settings) -> dict[str, list[str]]:
     return out
 
 
-def _clock_skips(stream: Stream, row: list[Any], now_ms: int | None, ttl_ms: int) -> set[str]:
-    """Columns of this KV snapshot row the source cannot know (see SKIPPED_COLUMNS); a D1
-    source (now_ms None) knows every stream column."""
-    if now_ms is None:
-        return set()
-    skip = set(KV_CLOCK_COLUMNS.get(stream.name, ()))
-    if stream.name == "cache":
-        names = stream.column_names
-        if row[names.index("updated_at")] == now_ms:
-            skip.add("updated_at")
-        if row[names.index("expires_at")] == now_ms + ttl_ms:
-            skip.add("expires_at")
-    return skip
-
-
-def _compare(
-    stream: Stream,
-    candidates: list[list[Any]],
-    sink_row: list[Any],
-    skips: list[set[str]],
-) -> list[dict[str, Any]]:
-    """[] when the sink row equals one of the source rows (columns the source cannot know
-    aside); else the differences from the closest one."""
-    best: list[dict[str, Any]] | None = None
-    for row, skip in zip(candidates, skips, strict=True):
-        diffs = [
-            {"column": c.name, "source": row[i], "sink": sink_row[i]}
-            for i, c in enumerate(stream.columns)
-            if c.name not in skip and not same(c, row[i], sink_row[i])
-        ]
-        if not diffs:
-            return []
-        if best is None or len(diffs) < len(best):
-            best = diffs
-    return best or []
-
-
 def reconcile(
     settings: Settings,
-    source_name: str,
+    source: str,
     *,
     sample: int = DEFAULT_SAMPLE,
     seed: int = 0,
     limit: int = DEFAULT_LIMIT,
-) -> dict[str, Any]:
-    """The report (see the module docstring) as a JSON-able dict; `ok` is False on any
-    mismatch. Raises SluiceError when the source or a sink cannot be read or is not configured."""
-    from sluice.producers.d1_source import D1Source
-    from sluice.producers.kv_source import KvSource
-    from sluice.producers.registry import open_source
-
-    cfg = settings.source(source_name)
-    stream_names = cfg.streams
-    sinks_needed = [
-        s
-        for s in ("postgres", "sqlite", "d1")
-        if any(s in settings.streams[n].sinks for n in stream_names)
-    ]
-    if not isinstance(cfg, D1SourceConfig | KvSourceConfig):
-        raise SourceError(
-            f"source {source_name!r} ({cfg.kind}) has no snapshot to reconcile against:"
-            " only D1 and KV sources can be read whole",
-            source=source_name,
-        )
+) -> ReconcileReport:
+    """The source named `source` against every sink its streams write to (see the module
+    docstring). `sample`: keys per stream compared field by field, picked by `seed`; `limit`:
+    keys listed per problem. Raises SluiceError when the source or a sink cannot be read or is
+    not configured, or the source has no snapshot."""
+    cfg = settings.source(source)
     started = time.perf_counter()
-    source = open_source(settings, source_name)
-    assert isinstance(source, D1Source | KvSource)
-    now_ms: int | None = None
-    ttl_ms = int(cfg.cache_ttl_seconds * 1000) if isinstance(cfg, KvSourceConfig) else 0
-    reader = SourceReader(settings, sample, seed)
-    try:
-        if isinstance(cfg, KvSourceConfig):
-            now_ms = int(time.time() * 1000)
-            assert isinstance(source, KvSource)
-            reader.read(source.snapshot(now_ms=now_ms))
-        else:
-            reader.read(source.snapshot())
-    finally:
-        source.close()
+    snapshot = read_snapshot(settings, source, sample, seed)
     source_seconds = time.perf_counter() - started
 
-    letters = _dead_letters(settings, source_name)
+    letters = _dead_letters(settings, source)
     feeders = _feeders(settings)
-    capture = cfg.capture if isinstance(cfg, D1SourceConfig) else None
-    keeps_deleted = capture == "watermark" or (
-        isinstance(cfg, D1SourceConfig) and capture == "snapshot" and not cfg.deletes
-    )
-    readers = open_readers(settings, sinks_needed)
-    ok = True
-    streams_doc: dict[str, Any] = {}
+    needed = [s for s in SINKS if any(s in settings.stream(n).sinks for n in cfg.streams)]
+    readers = open_readers(settings, needed)
+    streams: dict[str, StreamComparison] = {}
     try:
-        for name in stream_names:
+        for name in cfg.streams:
             stream = settings.stream(name)
-            side = reader.sides.get(name) or SourceSide(stream)
-            others = [f for f in feeders.get(name, []) if f != source_name]
-            skipped = SKIPPED_COLUMNS.get(name) if isinstance(cfg, KvSourceConfig) else None
-            sampled_keys = sorted(side.sampled)
-            doc: dict[str, Any] = {
-                "source": {
-                    "records": side.records,
-                    "keys": len(side.keys),
-                    "invalid": side.invalid,
-                },
-                "skipped_columns": skipped or "none",
-                "extra_checked": not others,
-                "extra_note": (
-                    f"not checked: {', '.join(others)} also feed(s) {name}, and rows do not"
-                    " record their source"
-                    if others
-                    else f"checked: {source_name} is the only configured source of {name}"
-                ),
-                "dead_letters": {
+            side = snapshot.sides.get(name) or SourceSide(stream)
+            others = [f for f in feeders.get(name, []) if f != source]
+            streams[name] = StreamComparison(
+                source=source,
+                stream=name,
+                records=side.records,
+                keys=len(side.keys),
+                invalid=side.invalid,
+                skipped_columns=snapshot.skipped.get(name),
+                others=others,
+                dead_letters={
                     sink: len(keys) for (s, sink), keys in sorted(letters.items()) if s == name
                 },
-                "sinks": {},
-            }
-            for sink in stream.sinks:
-                r = readers[sink]
-                in_sink = {
-                    tuple(
-                        canon(stream.columns[i], v)
-                        for i, v in zip(stream.key_indexes, k, strict=True)
+                sinks={
+                    sink: compare(
+                        stream,
+                        side,
+                        readers[sink],
+                        dead=letters.get((name, sink), set()),
+                        check_extra=not others,
+                        keeps_deleted=snapshot.keeps_deleted,
+                        limit=limit,
                     )
-                    for k in r.keys(stream)
-                }
-                absent = side.keys - in_sink
-                dead = letters.get((name, sink), set())
-                lettered = {k for k in absent if key_text(stream, k) in dead}
-                missing = absent - lettered
-                extra = in_sink - side.keys if not others else set()
-                differ: list[dict[str, Any]] = []
-                checked = 0
-                wanted = [k for k in sampled_keys if k in in_sink]
-                for row in r.rows(stream, wanted):
-                    norm = [canon(c, v) for c, v in zip(stream.columns, row, strict=True)]
-                    key = tuple(norm[i] for i in stream.key_indexes)
-                    candidates = side.sampled.get(key)
-                    if candidates is None:
-                        continue
-                    checked += 1
-                    skips = [_clock_skips(stream, c, now_ms, ttl_ms) for c in candidates]
-                    for d in _compare(stream, candidates, norm, skips):
-                        differ.append({"key": list(key), **d})
-                orphan_total = 0
-                orphan_keys: list[Key] = []
-                for fk in stream.foreign_keys:
-                    n, found = r.orphans(stream, fk, limit)
-                    orphan_total += n
-                    orphan_keys += found
-                sink_doc = {
-                    "rows": len(in_sink),
-                    "count": len(side.keys) - len(absent),
-                    "missing": _listed(missing, limit),
-                    "dead_lettered": _listed(lettered, limit),
-                    "extra": _listed(extra, limit) if not others else None,
-                    "sample": {
-                        "checked": checked,
-                        "differ": len({tuple(d["key"]) for d in differ}),
-                        "differences": differ[: limit * 4],
-                    },
-                    "orphans": {
-                        "total": orphan_total,
-                        "keys": [list(k) for k in orphan_keys[:limit]],
-                        "parent": ", ".join(
-                            f"{fk.column} → {fk.parent_table}.{fk.parent_column}"
-                            for fk in stream.foreign_keys
-                        )
-                        or None,
-                    },
-                }
-                if extra and keeps_deleted:
-                    # Watermark, and snapshot without deletes, never remove a row: a key the
-                    # table no longer holds is expected in the sinks.
-                    sink_doc["deleted_at_source"] = _listed(extra, limit)
-                    sink_doc["extra"] = _listed(set(), limit)
-                    extra = set()
-                sink_doc["ok"] = not (missing or extra or differ or orphan_total)
-                ok = ok and bool(sink_doc["ok"])
-                doc["sinks"][sink] = sink_doc
-            streams_doc[name] = doc
+                    for sink in stream.sinks
+                },
+            )
     finally:
         for r in readers.values():
             r.close()
-    return {
-        "source": source_name,
-        "kind": cfg.kind,
-        "capture": capture,
-        "ok": ok,
-        "sample": sample,
-        "seed": seed,
-        "limit": limit,
-        "streams": streams_doc,
-        "seconds": {
-            "source": round(source_seconds, 2),
-            "total": round(time.perf_counter() - started, 2),
-        },
-    }
-
-
-# -- the table ------------------------------------------------------------------------------------
-
-
-def _key(k: Sequence[Any]) -> str:
-    return "|".join(str(v) for v in k)
-
-
-def format_report(doc: dict[str, Any]) -> str:
-    verdict = "OK" if doc["ok"] else "MISMATCH"
-    lines = [
-        f"reconcile {doc['source']} ({doc['kind']}"
-        + (f", {doc['capture']} capture" if doc.get("capture") else "")
-        + f"): {verdict}"
-        f" — sample {doc['sample']} per stream, seed {doc['seed']};"
-        f" source read in {doc['seconds']['source']}s, total {doc['seconds']['total']}s",
-        "",
-        f"{'stream':<18}{'sink':<10}{'source':>9}{'invalid':>9}{'in sink':>9}{'missing':>9}"
-        f"{'dead-let':>9}{'extra':>7}{'sampled':>9}{'differ':>8}{'orphans':>9}",
-    ]
-    details: list[str] = []
-    notes: list[str] = []
-    for name, s in doc["streams"].items():
-        src = s["source"]
-        for sink, d in s["sinks"].items():
-            extra = "-" if d["extra"] is None else str(d["extra"]["total"])
-            orphans = "-" if d["orphans"]["parent"] is None else str(d["orphans"]["total"])
-            lines.append(
-                f"{name:<18}{sink:<10}{src['keys']:>9}{src['invalid']:>9}{d['count']:>9}"
-                f"{d['missing']['total']:>9}{d['dead_lettered']['total']:>9}{extra:>7}"
-                f"{d['sample']['checked']:>9}{d['sample']['differ']:>8}{orphans:>9}"
-                f"  {'ok' if d['ok'] else 'MISMATCH'}"
-            )
-            where = f"{name} in {sink}"
-            if d["missing"]["total"]:
-                details.append(
-                    f"missing {where} ({d['missing']['total']}): "
-                    + ", ".join(_key(k) for k in d["missing"]["keys"])
-                )
-            if d["dead_lettered"]["total"]:
-                details.append(
-                    f"dead-lettered, not in {sink}: {name} ({d['dead_lettered']['total']}): "
-                    + ", ".join(_key(k) for k in d["dead_lettered"]["keys"])
-                )
-            if d["extra"] and d["extra"]["total"]:
-                details.append(
-                    f"extra {where} ({d['extra']['total']}): "
-                    + ", ".join(_key(k) for k in d["extra"]["keys"])
-                )
-            if d.get("deleted_at_source", {}).get("total"):
-                gone = d["deleted_at_source"]
-                notes.append(
-                    f"{name}: kept in {sink} though gone from the table ({doc['capture']} capture"
-                    f" never deletes) ({gone['total']}): "
-                    + ", ".join(_key(k) for k in gone["keys"])
-                )
-            for diff in d["sample"]["differences"]:
-                details.append(
-                    f"differs {where}: key {_key(diff['key'])} {diff['column']}:"
-                    f" source {diff['source']!r}, sink {diff['sink']!r}"
-                )
-            if d["orphans"]["total"]:
-                details.append(
-                    f"orphans {where} ({d['orphans']['total']}, {d['orphans']['parent']}"
-                    " missing): " + ", ".join(_key(k) for k in d["orphans"]["keys"])
-                )
-        if s["dead_letters"]:
-            notes.append(
-                f"{name}: dead letters pending for {doc['source']}: "
-                + ", ".join(f"{k} {v}" for k, v in s["dead_letters"].items())
-            )
-        notes.append(
-            f"{name}: skipped columns: {s['skipped_columns']}; extra keys {s['extra_note']}"
-        )
-    return "\n".join([*lines, *(["", *details] if details else []), "", *notes])
+    return ReconcileReport(
+        source=source,
+        kind=cfg.kind,
+        capture=snapshot.capture,
+        sample=sample,
+        seed=seed,
+        limit=limit,
+        streams=streams,
+        source_seconds=source_seconds,
+        total_seconds=time.perf_counter() - started,
+    )

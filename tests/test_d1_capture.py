@@ -156,7 +156,7 @@ def test_reports_and_their_reruns_reach_both_sinks_without_writing_the_table(
     jobs(d1, REPLACE, [("2026-12-01", "analysis", "first, again", '{"rerun":true}', "manual")])
     assert sync(ctx) >= 1
     assert_same(env, d1)
-    doc = reconcile(ctx.settings, "reports", sample=10)
+    doc = reconcile(ctx.settings, "reports", sample=10).as_dict()
     assert doc["ok"], doc
     assert doc["capture"] == capture.split("-")[0]
 
@@ -186,7 +186,7 @@ def test_a_watermark_deletion_is_kept_and_reconcile_says_so(env: Env) -> None:
     conn.execute("DELETE FROM scheduled_job_results WHERE scheduled_date = '2026-12-02'")
     conn.commit()
     conn.close()
-    doc = reconcile(ctx.settings, "reports", sample=10)
+    doc = reconcile(ctx.settings, "reports", sample=10).as_dict()
     assert doc["ok"]
     gone = doc["streams"]["scheduled_job_results"]["sinks"]["postgres"]["deleted_at_source"]
     assert gone["total"] == 1

@@ -363,6 +363,10 @@ def test_d1_snapshot_reads_every_row_in_keyset_pages_and_changes_nothing(env: En
     assert isinstance(source, D1Source)
     try:
         rows = list(source.snapshot())
+        # A table's rows are read as they are: every stream column is compared.
+        assert source.unknown_columns(source.stream, rows[0][1]) == set()
+        assert source.skipped_columns("usage_events") is None
+        assert source.capture == "mark" and not source.keeps_deleted
     finally:
         source.close()
     conn = sqlite3.connect(source_db)
@@ -387,8 +391,6 @@ def dump(path: Path) -> list[str]:
 
 
 def test_cache_times_from_the_clock_are_skipped_and_data_times_compared(env: Env) -> None:
-    from sluice.ops.reconcile import _clock_skips
-
     export = env.dir / "kv.json"
     export.write_text(
         json.dumps(
@@ -409,11 +411,12 @@ def test_cache_times_from_the_clock_are_skipped_and_data_times_compared(env: Env
     now = NOW_MS + 5_000_000
     rows = {row[0]: row for _, row in source.snapshot(now_ms=now)}
     cache = settings.stream("cache")
-    ttl = 3_600_000
-    assert _clock_skips(cache, rows["fear_greed_cache"], now, ttl) == {"updated_at", "expires_at"}
-    assert _clock_skips(cache, rows["other_cache"], now, ttl) == set()
-    assert _clock_skips(settings.stream("users"), ["1", 1, now, now], now, ttl) == {
+    # The KV source knows which of its snapshot's values came from the snapshot's own clock.
+    assert source.unknown_columns(cache, rows["fear_greed_cache"]) == {"updated_at", "expires_at"}
+    assert source.unknown_columns(cache, rows["other_cache"]) == set()
+    assert source.unknown_columns(settings.stream("users"), ["1", 1, now, now]) == {
         "created_at",
         "updated_at",
     }
-    assert _clock_skips(cache, rows["fear_greed_cache"], None, ttl) == set()  # a D1 source
+    assert source.skipped_columns("users") and source.skipped_columns("executions") is None
+    assert not source.keeps_deleted and source.capture is None
