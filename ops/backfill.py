@@ -84,10 +84,15 @@ def run_backfill(
     end: datetime,
     say: Callable[[str], None] | None = None,
     max_windows: int | None = None,
+    *,
+    advance: Callable[[int, int, str], None] | None = None,
 ) -> BackfillSummary:
     """Enqueue every window of [start, end) not yet enqueued by an earlier run of the same
     backfill; stop after `max_windows` windows (None: all). Raises on a transient error or a
-    ban (progress kept); a permanent error only stops its partition (`failed`)."""
+    ban (progress kept); a permanent error only stops its partition (`failed`).
+
+    `say` gets messages; `advance(done, total, line)`, when given, gets the windows done so far
+    (earlier runs' included) with a line describing the last one, instead of `say`."""
     t0 = time.perf_counter()
     summary = BackfillSummary(source, format_cursor(start), format_cursor(end), "complete")
     if end <= start:
@@ -101,7 +106,8 @@ def run_backfill(
         src = open_source(ctx.settings, source)
         if not isinstance(src, HttpSource):
             raise SluiceError("backfill is for HTTP API sources only", source=source)
-        _backfill(ctx, src, start, end, say or (lambda _m: None), max_windows, summary, lock)
+        tell = say or (lambda _m: None)
+        _backfill(ctx, src, start, end, tell, advance, max_windows, summary, lock)
     finally:
         if src is not None:
             src.close()
@@ -116,6 +122,7 @@ def _backfill(
     start: datetime,
     end: datetime,
     say: Callable[[str], None],
+    advance: Callable[[int, int, str], None] | None,
     max_windows: int | None,
     summary: BackfillSummary,
     lock: SourceLock,
@@ -136,6 +143,8 @@ def _backfill(
         plans[p] = src.windows(resume, until)
     if summary.windows_done:
         say(f"{name}: resuming: {summary.windows_done}/{summary.windows_total} window(s) done")
+    if advance is not None:
+        advance(summary.windows_done, summary.windows_total, "")
     run_id = uuid.uuid4().hex
     stopped = False
     while plans and not stopped:
@@ -187,11 +196,15 @@ def _backfill(
                     source=name,
                 )
             letters = f", {summary.rejected} dead letter(s)" if summary.rejected else ""
-            say(
+            line = (
                 f"{name}: window {summary.windows_done}/{summary.windows_total} "
                 f"({p} {format_cursor(w_start)}..{format_cursor(w_end)}), "
                 f"{summary.pages} page(s), {summary.records} record(s){letters} enqueued"
             )
+            if advance is not None:
+                advance(summary.windows_done, summary.windows_total, line)
+            else:
+                say(line)
     problems = []
     if summary.failed:
         every = {f["partition"] for f in summary.failed} >= set(src.partitions())

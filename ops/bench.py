@@ -50,6 +50,8 @@ from sluice.shared.streams import USAGE_EVENTS
 SOURCE = "bench_d1"
 LIMIT_BATCH = 10_000
 RERUN_SECONDS = 5  # how often the pipeline bench re-runs the source while pages are in flight
+SINKS = ("postgres", "sqlite")  # the sinks a bench measures (the remote D1 bills each call)
+POOLS = ("solo", "prefork", "threads")  # worker layouts: see Bench._start
 
 
 @dataclass
@@ -472,8 +474,24 @@ def run_bench(
     say: Callable[[str], None],
     pool: str = "solo",
     prefill: int = 0,
+    advance: Callable[[int, int, str], None] | None = None,
 ) -> BenchResult:
+    """Measure `sink` `runs` times; `say` gets messages. `advance(done, total, line)`, when
+    given, gets the measurements done so far with a line giving the last one, instead of
+    `say`."""
     b = Bench(sink, records, page_size, workers, data_dir, say, pool, prefill)
+    baselines = sink == "postgres" and not prefill  # naive and dlt run on PostgreSQL only
+    total = runs * (2 + int(baselines and bool(naive_records)) + int(baselines))
+    done = 0
+
+    def measured(line: str) -> None:
+        nonlocal done
+        done += 1
+        if advance is not None:
+            advance(done, total, line)
+        else:
+            say(line)
+
     raw, _, _ = generate_rows(records)
     rows, _ = Validator(USAGE_EVENTS).validate(COLUMNS, [list(r) for r in raw])
     samples: dict[str, list[float]] = {"limit": [], "pipeline": [], "naive": [], "dlt": []}
@@ -482,24 +500,25 @@ def run_bench(
     notes: list[str] = []
     for run in range(1, runs + 1):
         samples["limit"].append(b.limit(rows))
-        say(f"run {run}: limit {samples['limit'][-1]:,.0f} rows/s")
+        measured(f"run {run}: limit {samples['limit'][-1]:,.0f} rows/s")
         rps, p99 = b.pipeline()
         samples["pipeline"].append(rps)
         rss = max(b.rss_by_worker.values(), default=0) / 2**20
         for name, peak in b.rss_by_worker.items():
             by_worker[name] = max(by_worker.get(name, 0.0), round(peak / 2**20, 1))
         p99s.append(p99)
-        say(
+        measured(
             f"run {run}: pipeline {rps:,.0f} records/s (worker peak {rss:.0f} MB, p99 page "
             f"{p99:.1f} ms)"
         )
-        if sink == "postgres" and naive_records and not prefill:
+        if baselines and naive_records:
             samples["naive"].append(b.naive(rows[:naive_records]))
-            say(f"run {run}: naive {samples['naive'][-1]:,.0f} records/s")
-        d = b.dlt(rows) if sink == "postgres" and not prefill else None
+            measured(f"run {run}: naive {samples['naive'][-1]:,.0f} records/s")
+        d = b.dlt(rows) if baselines else None
         if d is not None:
             samples["dlt"].append(d)
-            say(f"run {run}: dlt {d:,.0f} records/s")
+        if baselines:
+            measured(f"run {run}: dlt " + (f"{d:,.0f} records/s" if d is not None else "skipped"))
     if prefill:
         notes.append(f"{prefill:,} rows in the table before each run; naive and dlt skipped")
     elif sink != "postgres":

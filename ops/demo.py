@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,17 @@ def write_demo_config(data_dir: Path, d1_path: Path, page_size: int) -> Path:
 
 
 def run_demo(
-    records: int, data_dir: Path, workers: int, page_size: int = 1000, progress: Any = None
+    records: int,
+    data_dir: Path,
+    workers: int,
+    page_size: int = 1000,
+    progress: Any = None,
+    advance: Callable[[int, int, str], None] | None = None,
 ) -> DemoResult:
+    """Run the demo; `progress` gets messages, `advance(done, total, "")` the records every
+    sink has committed (read, less the pages still in flight)."""
     say = progress or (lambda _msg: None)
+    count = advance or (lambda _done, _total, _line: None)
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     d1_path = data_dir / "demo-d1.sqlite"
@@ -86,14 +95,17 @@ def run_demo(
         pool.start("postgres", ["ingest.postgres", "dead_letter", "progress"], workers)
         pool.start_sqlite_writer("sqlite")
         t0 = time.perf_counter()
+        count(0, records, "")
         while True:
             summary = run_source(ctx, SOURCE)
             if summary.status == "failed":
                 raise RuntimeError(f"source run failed: {summary.error}")
             run_ids.append(summary.run_id)
             result.fetched += summary.records
+            in_flight = ctx.progress.in_flight(SOURCE)
+            count(max(0, result.fetched - in_flight * page_size), records, "")
             if summary.pages == 0:
-                if ctx.progress.in_flight(SOURCE) == 0 and total_depth(ctx.redis) == 0:
+                if in_flight == 0 and total_depth(ctx.redis) == 0:
                     break
                 time.sleep(0.2)
         result.seconds = round(time.perf_counter() - t0, 2)

@@ -47,7 +47,8 @@ class Filters:
     limit: int | None = None
 
 
-def _since(value: str) -> datetime:
+def since_time(value: str) -> datetime:
+    """The time a `--since` value names: an ISO-8601 time (UTC if naive), or 30m/2h/7d ago."""
     m = _RELATIVE.match(value)
     if m:
         unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
@@ -78,7 +79,7 @@ def _where(store: StateStore, f: Filters) -> tuple[str, dict[str, Any], list[Any
         params["error"] = f"%{f.error}%"
     if f.since:
         clauses.append("last_failed_at >= :since")
-        params["since"] = store.ts(_since(f.since))
+        params["since"] = store.ts(since_time(f.since))
     if f.status:
         if f.status not in STATUSES:
             raise SluiceError(f"--status: expected one of {', '.join(STATUSES)}, got {f.status!r}")

@@ -134,6 +134,9 @@ class SluiceServer(ThreadingHTTPServer):
         inspect_timeout: float = 1.0,
         engine: Engine | None = None,
     ) -> None:
+        # Set before binding: when the bind fails (address in use), the base class calls
+        # server_close() before re-raising, and that must find no engine rather than none set.
+        self.engine: Engine | None = None
         super().__init__(address, Handler)
         self.ctx = ctx
         self.app = app

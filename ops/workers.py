@@ -21,6 +21,27 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+MALLOC_ARENAS = 2  # arenas a threads-pool worker keeps; see cap_malloc_arenas
+
+
+def cap_malloc_arenas(n: int) -> bool:
+    """Let glibc's malloc keep at most n arenas in this process (as MALLOC_ARENA_MAX=n would).
+
+    By default each thread that allocates gets an arena of its own, up to 8 per core, and memory
+    freed in one stays there. The SQLite writer's threads each decode pages of different sizes,
+    so without a cap its resident memory grows with the length of the run; with two arenas it
+    stays flat, at the same speed. Call it before any worker thread starts (`sluice worker
+    --pool threads` does). Returns False where libc is not glibc."""
+    import ctypes.util
+
+    m_arena_max = -8  # glibc's malloc.h
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(m_arena_max, n))
+    except (OSError, AttributeError):  # no libc by that name, or no mallopt (musl, macOS)
+        return False
+
+
 class WorkerPool:
     """Worker processes started with the same environment; stopped on exit (warm, then cold)."""
 

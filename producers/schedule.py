@@ -1,4 +1,11 @@
-"""The beat schedule: one `sluice.produce` entry per source that has a schedule in the config."""
+"""The beat schedule: one `sluice.produce` entry per source that has a schedule in the config.
+
+`sluice beat` runs it with celery-redbeat: the schedule and a lock live in Redis, so however many
+beats run, exactly one dispatches; the others wait on the lock (checking every
+BEAT_MAX_LOOP_INTERVAL seconds) and take over when it is released (a clean stop) or expires
+(BEAT_LOCK_TIMEOUT seconds after the active beat died). A beat that loses the lock exits: its
+supervisor restarts it, as a standby.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,11 @@ from typing import Any
 
 from celery.schedules import crontab
 
+from sluice.shared.errors import SluiceError
 from sluice.shared.settings import Settings
+
+BEAT_LOCK_TIMEOUT = 30  # seconds: a standby beat takes over this long after the active one died
+BEAT_MAX_LOOP_INTERVAL = 5  # seconds: the active beat extends its lock at least this often
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -31,3 +42,29 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "options": {"queue": "produce", "expires": 60},
         }
     return out
+
+
+def use_redbeat(
+    app: Any,
+    schedule: dict[str, dict[str, Any]],
+    redis_url: str,
+    *,
+    lock_timeout: int = BEAT_LOCK_TIMEOUT,
+    max_loop_interval: int = BEAT_MAX_LOOP_INTERVAL,
+) -> None:
+    """Configure the app's beat to keep `schedule` and its lock in Redis at `redis_url`."""
+    if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise SluiceError(
+            "sluice beat keeps its schedule and lock in Redis: set SLUICE_REDIS_URL when the"
+            " broker is not Redis",
+            broker=redis_url.split("://")[0],
+        )
+    app.conf.update(
+        beat_schedule=schedule,
+        beat_scheduler="redbeat.RedBeatScheduler",
+        beat_max_loop_interval=max_loop_interval,
+        redbeat_redis_url=redis_url,
+        redbeat_redis_options={"socket_connect_timeout": 10, "health_check_interval": 30},
+        redbeat_key_prefix="sluice:redbeat",
+        redbeat_lock_timeout=lock_timeout,
+    )

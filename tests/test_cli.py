@@ -126,7 +126,7 @@ def test_beat_runs_a_scheduled_source_through_workers(env: Env) -> None:
 
 ARENAS = """
 import ctypes, sys, threading
-from sluice.ops.cli import cap_malloc_arenas
+from sluice.ops.workers import cap_malloc_arenas
 if sys.argv[1] == "capped":
     assert cap_malloc_arenas(2)
 def decode_pages():  # what a writer thread does: allocate and free objects of many sizes
@@ -143,7 +143,7 @@ ctypes.CDLL("libc.so.6").malloc_stats()  # one "Arena N:" block per arena, on st
 
 
 def test_threads_worker_caps_mallocs_arenas() -> None:
-    """What `sluice worker --pool threads` does first (cmd_worker): cap glibc's malloc arenas.
+    """What `sluice worker --pool threads` does first: cap glibc's malloc arenas.
     16 threads then share 2; uncapped, each gets its own, and the SQLite writer's memory grew
     with the length of the run."""
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import requests
 
-from sluice.producers import d1_rest
+from sluice.shared import cloudflare
 from sluice.shared.cloudflare import D1Client, iter_row_chunks, rows_per_statement
 from sluice.shared.errors import D1Error
 from tests.fakes.d1_server import TRANSACTION_MESSAGE, FakeD1
@@ -339,9 +339,9 @@ def test_429_with_http_date_retry_after(
 def test_parse_retry_after_http_date() -> None:
     now = 1_700_000_000.0
     header = email.utils.formatdate(now + 12, usegmt=True)
-    assert d1_rest.parse_retry_after({"retry-after": header}, now=now) == 12.0
-    assert d1_rest.parse_retry_after({"retry-after": "soon"}) is None
-    assert d1_rest.parse_retry_after({}) is None
+    assert cloudflare.parse_retry_after({"retry-after": header}, now=now) == 12.0
+    assert cloudflare.parse_retry_after({"retry-after": "soon"}) is None
+    assert cloudflare.parse_retry_after({}) is None
 
 
 def test_429_without_header_uses_exponential_backoff(
@@ -350,7 +350,7 @@ def test_429_without_header_uses_exponential_backoff(
     delays: list[float],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(d1_rest, "_jitter", lambda: 1.0)  # jitter at its maximum
+    monkeypatch.setattr(cloudflare, "_jitter", lambda: 1.0)  # jitter at its maximum
     fake.fail_next("rate_limit", count=4)
 
     assert make_client(max_attempts=5).query(SELECT_ONE) == [{"one": 1}]
@@ -373,8 +373,8 @@ def test_out_of_range_retry_after_falls_back_to_backoff(
 
 
 def test_backoff_is_capped_at_8_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(d1_rest, "_jitter", lambda: 1.0)
-    assert [d1_rest.retry_delay(n) for n in (0, 3, 4, 10, 5000)] == [0.5, 4.0, 8.0, 8.0, 8.0]
+    monkeypatch.setattr(cloudflare, "_jitter", lambda: 1.0)
+    assert [cloudflare.retry_delay(n) for n in (0, 3, 4, 10, 5000)] == [0.5, 4.0, 8.0, 8.0, 8.0]
 
 
 @pytest.mark.parametrize("status", [500, 502, 503])

@@ -1,0 +1,38 @@
+"""`sluice status`: the whole pipeline on one screen."""
+
+from __future__ import annotations
+
+import click
+
+from sluice.ops.commands.common import (
+    ExitCode,
+    json_option,
+    pipeline_context,
+    print_json,
+    timeout_option,
+)
+from sluice.ops.status import collect_status, render_status
+from sluice.shared.celery_app import app
+
+
+@click.command()
+@json_option
+@timeout_option
+def status(as_json: bool, timeout: float) -> ExitCode:
+    """Show queues, dead letters, sources and workers.
+
+    Queue depths (waiting and unacked), dead letters pending by stream and error, each
+    source's lag and last run, and the workers online. Each part is read on its own: one that
+    cannot be read is reported, and the rest still shown. Exits 1 when the report is not ok.
+
+    \b
+    Examples:
+      sluice status
+      sluice status --json --timeout 3
+    """
+    report = collect_status(pipeline_context(), app, timeout=timeout)
+    if as_json:
+        print_json(report.as_dict())
+    else:
+        click.echo(render_status(report))
+    return ExitCode.OK if report.ok else ExitCode.FAILED
