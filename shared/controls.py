@@ -33,8 +33,7 @@ def paused(store: StateStore, source: str) -> Control | None:
     with store.read() as conn:
         row = conn.execute(
             text(
-                "SELECT source, paused, reason, changed_at FROM source_controls"
-                " WHERE source = :s"
+                "SELECT source, paused, reason, changed_at FROM source_controls WHERE source = :s"
             ),
             {"s": source},
         ).first()
