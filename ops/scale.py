@@ -7,7 +7,11 @@
 - autoscale MAX,MIN: `autoscale` on nodes started with `--autoscale` (it cannot be switched on
   remotely).
 
-A node whose autoscaler is on refuses pool_grow/pool_shrink ("not supported with autoscale");
+Nodes are chosen by name (`--node postgres@db1`), by role (`--role postgres`: every node named
+`postgres@…` or `postgres-N@…`, see ops/workers.py), or all. Only a prefork pool can be resized:
+a threads or solo pool has no grow/shrink (the threads pool fails with an AttributeError inside
+the worker), so such a node is reported as one that cannot be resized, without asking it. A
+node whose autoscaler is on refuses pool_grow/pool_shrink ("not supported with autoscale");
 that is reported per node with the way out. Afterwards the new sizes are read back from
 `inspect().stats()`, waiting up to `wait` seconds for new processes to start or old ones to
 exit (a busy process finishes its page first: a prefork pool shrinks only idle processes).
@@ -21,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from sluice.ops.status import pool_size
+from sluice.ops.workers import role_of
 from sluice.shared.errors import SluiceError
 
 
@@ -47,6 +52,29 @@ def _stats(app: Any, timeout: float, nodes: Sequence[str] | None) -> dict[str, A
     dest = list(nodes) if nodes else None
     limit = len(dest) if dest else None
     return app.control.inspect(timeout=timeout, destination=dest, limit=limit).stats() or {}
+
+
+RESIZABLE_POOLS = ("prefork",)
+
+
+def pool_kind(stats: dict[str, Any]) -> str | None:
+    """The pool's kind from `inspect().stats()`: "prefork", "thread", "solo", … (the module of
+    its implementation, `celery.concurrency.thread:TaskPool`)."""
+    impl = (stats.get("pool") or {}).get("implementation")
+    if not isinstance(impl, str):
+        return None
+    return impl.split(":", 1)[0].rsplit(".", 1)[-1]
+
+
+def not_resizable(stats: dict[str, Any]) -> str | None:
+    """Why this node's pool cannot be resized (None: it can)."""
+    kind = pool_kind(stats)
+    if kind is None or kind in RESIZABLE_POOLS:
+        return None
+    return (
+        f"cannot be resized: a {kind} pool has a fixed size (only prefork pools grow and"
+        " shrink); restart the worker with another --concurrency"
+    )
 
 
 def _autoscale_of(stats: dict[str, Any]) -> dict[str, int] | None:
@@ -88,9 +116,12 @@ def scale(
     set_to: int | None = None,
     autoscale: tuple[int, int] | None = None,
     nodes: Sequence[str] | None = None,
+    roles: Sequence[str] | None = None,
     timeout: float = 1.0,
     wait: float = 15.0,
 ) -> list[NodeResult]:
+    """Resize the pools of `nodes` (names), of the nodes of `roles`, or of every node online;
+    one result per node. Raises SluiceError when no chosen node answered."""
     if sum(x is not None for x in (grow, shrink, set_to, autoscale)) != 1:
         raise SluiceError("choose one of grow, shrink, set or autoscale")
     for label, n in (("grow", grow), ("shrink", shrink), ("set", set_to)):
@@ -98,8 +129,12 @@ def scale(
             raise SluiceError(f"--{label}: expected a number >= 1, got {n}")
 
     before = _stats(app, timeout, nodes)
+    if roles:
+        before = {n: st for n, st in before.items() if role_of(n) in roles}
     if not before:
         where = f" among {', '.join(nodes)}" if nodes else ""
+        if roles:
+            where += f" of role {', '.join(roles)}"
         raise SluiceError(
             f"no worker answered within {timeout}s{where}; `sluice status` lists workers online"
         )
@@ -128,6 +163,10 @@ def scale(
                     " `sluice worker --autoscale MAX,MIN`, or use --set/--grow/--shrink"
                 )
             continue
+        fixed = not_resizable(st)
+        if fixed is not None and autoscale is None:
+            r.error = fixed
+            continue
         if size is None:
             r.error = "pool size unknown (not a prefork pool?)"
             continue
@@ -152,6 +191,8 @@ def scale(
                 f" directly; change its range with `sluice scale --node {node} --autoscale"
                 f" MAX,MIN` (worker said: {r.error})"
             )
+        elif r.error and "has no attribute" in r.error:  # a pool kind this module does not know
+            r.error = f"cannot be resized (worker said: {r.error})"
         elif r.error is None:
             expected[node] = size + delta
 

@@ -13,6 +13,38 @@ from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
+# Worker roles: a node is named ROLE@host by default, its role read from the queues it consumes,
+# so two workers on one host never share a name (Celery would merge them in every reply) and an
+# operator can address a role (`sluice scale --role sqlite`).
+ROLES = ("postgres", "sqlite", "d1", "sluice")
+MIXED_ROLE = "sluice"  # every queue, or a mix of sinks' queues
+
+
+def role_for_queues(queues: Sequence[str]) -> str:
+    """The role of a worker consuming `queues`: the sink of its one ingest queue (`postgres`,
+    `sqlite`, `d1`; the PostgreSQL pool also takes dead letters, acknowledgements and runs),
+    else `sluice` (several sinks, or no sink at all)."""
+    names = [q.strip() for q in queues]
+    sinks = {q.removeprefix("ingest.") for q in names if q.startswith("ingest.")}
+    if len(sinks) == 1:
+        (sink,) = sinks
+        if sink in ROLES:
+            return sink
+    return MIXED_ROLE
+
+
+def default_hostname(queues: Sequence[str]) -> str:
+    """`ROLE@%h` for a worker consuming `queues` (Celery expands %h to this host's name)."""
+    return f"{role_for_queues(queues)}@%h"
+
+
+def role_of(node: str) -> str:
+    """A node's role: its name before `@`, less a `-N` suffix that tells apart two workers of
+    one role on one host (`postgres@db1` and `postgres-2@db1` → `postgres`)."""
+    name = node.split("@", 1)[0]
+    base, dash, n = name.rpartition("-")
+    return base if dash and base and n.isdigit() else name
+
 
 def _die_with_parent() -> None:
     """Runs in the child before exec: the kernel kills it if the process that started it dies,
@@ -53,8 +85,16 @@ class WorkerPool:
         self._specs: dict[int, tuple[str, list[str], int, list[str]]] = {}
 
     def start(
-        self, name: str, queues: Sequence[str], concurrency: int, extra: Sequence[str] = ()
+        self,
+        name: str,
+        queues: Sequence[str],
+        concurrency: int,
+        extra: Sequence[str] = (),
+        *,
+        by_role: bool = False,
     ) -> subprocess.Popen[bytes]:
+        """Start a worker named `name@%h`; with `by_role`, named as `sluice worker` names it
+        by default (`ROLE@%h`), `name` then naming only its log file."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = (self.log_dir / f"worker-{name}.log").open("ab")
         cmd = [
@@ -66,8 +106,7 @@ class WorkerPool:
             ",".join(queues),
             "--concurrency",
             str(concurrency),
-            "--hostname",
-            f"{name}@%h",
+            *([] if by_role else ["--hostname", f"{name}@%h"]),
             "--loglevel",
             self.loglevel,
             *extra,

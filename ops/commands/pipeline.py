@@ -13,7 +13,7 @@ from sluice.ops.commands.common import (
     pipeline_context,
     print_json,
 )
-from sluice.ops.workers import MALLOC_ARENAS, cap_malloc_arenas
+from sluice.ops.workers import MALLOC_ARENAS, cap_malloc_arenas, default_hostname
 from sluice.producers.schedule import BEAT_LOCK_TIMEOUT, BEAT_MAX_LOOP_INTERVAL
 from sluice.shared.celery_app import QUEUES
 
@@ -39,7 +39,12 @@ loglevel_option = click.option(
     help="Let the pool grow up to MAX and shrink down to MIN processes with the load"
     " (instead of --concurrency); `sluice scale --autoscale` changes the range later.",
 )
-@click.option("--hostname", "-n", help="Node name, e.g. pg@%h (%h: this host's name).")
+@click.option(
+    "--hostname",
+    "-n",
+    help="Node name (%h: this host's name). Default: ROLE@%h, the role read from --queues:"
+    " postgres, sqlite, d1 (one sink's queue), or sluice (several, or all).",
+)
 @click.option(
     "--pool",
     "-P",
@@ -62,22 +67,25 @@ def worker(
     Consumes pages from the ingest.<sink> queues and writes them to their sink, stores dead
     letters and acknowledges pages to their sources. Run as many as needed, on as many
     machines, all pointed at one broker; one worker per SQLite file, with --pool threads.
+    Each is named after its role (postgres@host, sqlite@host, …): `sluice status` lists
+    workers by role and `sluice scale --role` resizes one role.
 
     \b
     Examples:
       sluice worker --queues ingest.postgres,dead_letter,progress,produce -c 4
-      sluice worker --queues ingest.sqlite --pool threads -c 16 -n lite@%h
+      sluice worker --queues ingest.sqlite --pool threads -c 16
+      sluice worker --queues ingest.postgres -n postgres-2@%h
     """
     from sluice.shared.celery_app import app
 
     if pool == "threads":
         cap_malloc_arenas(MALLOC_ARENAS)
     app.configure(load_settings())
-    argv = ["worker", "-Q", queues or ",".join(QUEUES), "-l", loglevel]
+    consumed = queues or ",".join(QUEUES)
+    argv = ["worker", "-Q", consumed, "-l", loglevel]
     argv += ["--without-gossip", "--without-mingle"]
     argv += ["--autoscale", autoscale] if autoscale else ["-c", str(concurrency)]
-    if hostname:
-        argv += ["-n", hostname]
+    argv += ["-n", hostname or default_hostname(consumed.split(","))]
     if pool:
         argv += ["-P", pool]
     if include:

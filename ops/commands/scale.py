@@ -48,7 +48,15 @@ def _autoscale(
     "nodes",
     multiple=True,
     metavar="NAME",
-    help="Only this worker node, e.g. pg@host (repeatable). Default: every worker online.",
+    help="Only this worker node, e.g. postgres@host (repeatable). Default: every worker online.",
+)
+@click.option(
+    "--role",
+    "roles",
+    multiple=True,
+    metavar="ROLE",
+    help="Only the nodes of this role (repeatable): postgres, sqlite, d1 or sluice, the name"
+    " before @ that `sluice worker` gives by default.",
 )
 @timeout_option
 @click.option(
@@ -65,6 +73,7 @@ def scale(
     set_to: int | None,
     autoscale: tuple[int, int] | None,
     nodes: tuple[str, ...],
+    roles: tuple[str, ...],
     timeout: float,
     wait: float,
     as_json: bool,
@@ -74,12 +83,15 @@ def scale(
     Give exactly one of --grow, --shrink, --set or --autoscale. Each node answers for itself,
     and the new sizes are read back from the workers. More processes help while a node has
     idle CPU and its database keeps up; past that, add nodes (another `sluice worker`
-    elsewhere) instead. Exits 1 when a node refused or did not reach its new size.
+    elsewhere) instead. Only prefork pools can be resized: a threads pool (the SQLite writer)
+    is reported as one that cannot be. Exits 1 when a node refused, cannot be resized or did
+    not reach its new size.
 
     \b
     Examples:
+      sluice scale --role postgres --set 4
+      sluice scale --node postgres@db1 --set 8 --json
       sluice scale --grow 2
-      sluice scale --node pg@db1 --set 8 --json
       sluice scale --autoscale 8,2
     """
     chosen = [grow, shrink, set_to, autoscale]
@@ -93,6 +105,7 @@ def scale(
         set_to=set_to,
         autoscale=autoscale,
         nodes=list(nodes) or None,
+        roles=list(roles) or None,
         timeout=timeout,
         wait=wait,
     )
