@@ -86,13 +86,15 @@ def run_backfill(
     max_windows: int | None = None,
     *,
     advance: Callable[[int, int, str], None] | None = None,
+    run_id: str | None = None,
 ) -> BackfillSummary:
     """Enqueue every window of [start, end) not yet enqueued by an earlier run of the same
     backfill; stop after `max_windows` windows (None: all). Raises on a transient error or a
     ban (progress kept); a permanent error only stops its partition (`failed`).
 
     `say` gets messages; `advance(done, total, line)`, when given, gets the windows done so far
-    (earlier runs' included) with a line describing the last one, instead of `say`."""
+    (earlier runs' included) with a line describing the last one, instead of `say`. `run_id`
+    names the pages' run (the console's backfill gives one back before it starts)."""
     t0 = time.perf_counter()
     summary = BackfillSummary(source, format_cursor(start), format_cursor(end), "complete")
     if end <= start:
@@ -107,7 +109,18 @@ def run_backfill(
         if not isinstance(src, HttpSource):
             raise SluiceError("backfill is for HTTP API sources only", source=source)
         tell = say or (lambda _m: None)
-        _backfill(ctx, src, start, end, tell, advance, max_windows, summary, lock)
+        _backfill(
+            ctx,
+            src,
+            start,
+            end,
+            tell,
+            advance,
+            max_windows,
+            summary,
+            lock,
+            run_id or uuid.uuid4().hex,
+        )
     finally:
         if src is not None:
             src.close()
@@ -126,6 +139,7 @@ def _backfill(
     max_windows: int | None,
     summary: BackfillSummary,
     lock: SourceLock,
+    run_id: str,
 ) -> None:
     name, stream = src.name, src.stream
     store = CursorStore(ctx.state)
@@ -145,7 +159,6 @@ def _backfill(
         say(f"{name}: resuming: {summary.windows_done}/{summary.windows_total} window(s) done")
     if advance is not None:
         advance(summary.windows_done, summary.windows_total, "")
-    run_id = uuid.uuid4().hex
     stopped = False
     while plans and not stopped:
         for p in list(plans):

@@ -490,6 +490,23 @@ class D1Source:
             return read.keys
         return {"rowid": read.rowids, "key": read.keys}
 
+    def read_key(self, key: str) -> list[Any] | None:
+        """The row whose stream key reads as `key` (a dead letter's key: the key columns'
+        values joined with "|"), processed or not, in the stream's column order; None when the
+        table no longer holds it (a dead letter's re-fetch)."""
+        self.ensure_checked()
+        names = self.stream.key
+        parts = key.split("|", len(names) - 1) if len(names) > 1 else [key]
+        if key.startswith("sha1:") or len(parts) != len(names):
+            raise SourceError(
+                f"dead letter key {key!r} is not a key of {self.stream.name}: its record had"
+                " no usable key, so it cannot be found in the table",
+                source=self.name,
+            )
+        where = " AND ".join(f"{quote(c)} = ?" for c in names)
+        read = self.read(where, list(parts), self.key, 1)
+        return list(read.rows[0]) if read.rows else None
+
     def snapshot(self) -> Iterator[tuple[str, list[Any]]]:
         """(stream, row) for every row of the source table, processed or not, in the stream's
         column order; read-only (`sluice reconcile`). Keyset pages on the rowid (or the key of a

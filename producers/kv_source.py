@@ -46,6 +46,7 @@ from sluice.producers.kv_mapping import MAPPERS, KvEntry, MapContext, MappingErr
 from sluice.producers.source import SourcePage, SourceReject, SourceStatus
 from sluice.shared.cloudflare import CloudflareClient
 from sluice.shared.errors import KvError, SourceError, TransientSourceError
+from sluice.shared.records import record_key
 from sluice.shared.settings import KvSourceConfig, Settings
 from sluice.shared.state import StateStore, open_state
 from sluice.shared.streams import Stream
@@ -654,6 +655,46 @@ class KvSource:
                 )
             for row in mapped.rows:
                 yield stream, [row.get(c) for c in names]
+
+    def read_key(self, stream_name: str, key: str) -> list[list[Any]] | None:
+        """The records of `stream_name` the namespace holds now for `key`, read alone (a dead
+        letter's re-fetch): `key` is a KV key one of the stream's patterns maps (every record
+        it maps to), or a record key (the record of the stream with that key). None when the
+        namespace no longer holds it; a value that still cannot be mapped raises, naming why."""
+        stream = self.settings.stream(stream_name)
+        patterns = [
+            compile_pattern(k.pattern) for k in self.cfg.ordered_keys() if k.stream == stream_name
+        ]
+        if not patterns:
+            raise SourceError(
+                f"no key pattern of this source maps to stream {stream_name!r}", source=self.name
+            )
+        ctx = MapContext(
+            now_ms=int(time.time() * 1000), cache_ttl_ms=int(self.cfg.cache_ttl_seconds * 1000)
+        )
+        problems: list[Problem] = []
+        for rx, _ in patterns:
+            m = rx.match(key)
+            if m is None:
+                continue
+            info = next((i for i in self.store.list_keys(key) if i.name == key), None)
+            if info is None:
+                return None
+            rows = list(self._map_batch([(info, m.groupdict())], stream, ctx, problems.append))
+            if problems:
+                raise SourceError(problems[0].message, source=self.name, key=key)
+            return [row for _, row in rows] or None
+        for rx, prefix in patterns:  # a record key: find the KV key that holds the record
+            for info in self.store.list_keys(prefix):
+                m = rx.match(info.name)
+                if m is None:
+                    continue
+                for _, row in self._map_batch(
+                    [(info, m.groupdict())], stream, ctx, problems.append
+                ):
+                    if record_key(stream, row) == key:
+                        return [row]
+        return None
 
     def snapshot(self, now_ms: int | None = None) -> Iterator[tuple[str, list[Any]]]:
         """(stream, row) for every record the namespace holds, read-only: nothing is enqueued,

@@ -106,6 +106,7 @@ def run_source(
     """One run of the source; `run_id` names it (the console's "run now" gives one back before
     the run starts). Recorded in `source_runs`: as `running` while it goes, then its outcome."""
     cfg = ctx.settings.source(name)  # an unknown name is an error, not a failed run
+    asked_id = run_id
     run_id = run_id or uuid.uuid4().hex
     t0 = time.perf_counter()
     started = datetime.now(UTC)
@@ -117,7 +118,10 @@ def run_source(
         return summary
     lock = SourceLock(ctx.redis, name)
     if not lock.acquire():
-        return RunSummary(name, run_id, "skipped", error="another run of this source is active")
+        summary = RunSummary(name, run_id, "skipped", error="another run of this source is active")
+        if asked_id is not None:  # a run asked for by id (run now) is followed by that id
+            _record_run(ctx, summary, started, stream_name(ctx, name))
+        return summary
     summary = RunSummary(name, run_id, "running")
     _record_run(ctx, summary, started, stream_name(ctx, name))
     summary.status = "ok"
@@ -293,7 +297,7 @@ def _record_run(ctx: Context, s: RunSummary, started: datetime, stream: str) -> 
                     text(
                         "UPDATE source_runs SET status = 'died', finished_at = :now, error ="
                         " 'the run stopped without recording its end (its process was killed?)'"
-                        " WHERE source = :source AND status = 'running'"
+                        " WHERE source = :source AND status = 'running' AND kind = 'produce'"
                     ),
                     {"source": s.source, "now": state.now()},
                 )

@@ -140,6 +140,11 @@ class Progress:
             return None
         return [msgpack.unpackb(v) for v in self.r.hvals(self._resume(source))]
 
+    def forget_resume(self, source: str) -> None:
+        """Drop the source's resume points, so its next run starts from its cursors (an
+        operator reset them). Pages in flight still commit and acknowledge as usual."""
+        self.r.delete(self._inflight(source), self._resume(source))
+
     def in_flight(self, source: str) -> int:
         return int(self.r.zcard(self._inflight(source)))
 
