@@ -17,6 +17,8 @@ from sluice.ops.workers import MALLOC_ARENAS, cap_malloc_arenas, default_hostnam
 from sluice.producers.schedule import BEAT_LOCK_TIMEOUT, BEAT_MAX_LOOP_INTERVAL
 from sluice.shared.celery_app import QUEUES
 
+OPS_TASKS = "sluice.ops.sources"  # the module of the tasks the operator's commands send
+
 loglevel_option = click.option(
     "--loglevel",
     "-l",
@@ -88,8 +90,8 @@ def worker(
     argv += ["-n", hostname or default_hostname(consumed.split(","))]
     if pool:
         argv += ["-P", pool]
-    if include:
-        argv += ["--include", include]
+    # Operators' tasks (a backfill started from the console) run on the workers too.
+    argv += ["--include", ",".join(filter(None, [OPS_TASKS, include]))]
     if pool == "threads":
         # Each thread already holds a page; prefetching more per thread only keeps more decoded
         # pages waiting in memory, for no gain in throughput.
