@@ -29,9 +29,11 @@ COMMANDS = {
     "migrate": "migrate",
     "produce": "pipeline",
     "reconcile": "reconcile",
+    "runs": "runs",
     "scale": "scale",
     "serve": "web",
     "services": "services",
+    "source": "source",
     "status": "status",
     "worker": "pipeline",
 }
