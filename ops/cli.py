@@ -28,6 +28,7 @@ COMMANDS = {
     "flower": "web",
     "migrate": "migrate",
     "produce": "pipeline",
+    "prune": "prune",
     "reconcile": "reconcile",
     "runs": "runs",
     "scale": "scale",

@@ -31,6 +31,7 @@ import redis
 from sqlalchemy import text
 from sqlalchemy.engine import Engine, make_url
 
+from sluice.ops.prune_history import last_prunes
 from sluice.ops.status_report import (
     DeadLetterGroup,
     LastRun,
@@ -491,6 +492,7 @@ def collect_status(
                 report.dead_letters = _part(
                     errors, "dead_letters", partial(dead_letters_pending, store)
                 )
+                report.prunes = _part(errors, "prunes", partial(last_prunes, store))
             report.sources = collect_sources(ctx, pg, store if state_up else None, errors)
             report.workers = _part(errors, "workers", workers.result)
     finally:

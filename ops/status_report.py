@@ -171,6 +171,8 @@ class StatusReport:
     sources: dict[str, SourceReport] = field(default_factory=dict)
     workers: dict[str, WorkerReport] | None = None
     errors: dict[str, str] = field(default_factory=dict)
+    # The latest prune of each target (`sluice prune`), by target; None: not read.
+    prunes: dict[str, dict[str, Any]] | None = None
 
     @property
     def dead_letters_pending(self) -> int | None:
@@ -202,6 +204,12 @@ class StatusReport:
             "workers": {node: w.as_dict() for node, w in self.workers.items()}
             if self.workers is not None
             else None,
+            "prunes": {
+                target: {**p, "started_at": _iso(p.get("started_at"))}
+                for target, p in self.prunes.items()
+            }
+            if self.prunes is not None
+            else None,
             "errors": dict(self.errors),
             "ok": self.ok,
         }
@@ -213,6 +221,8 @@ class StatusReport:
 def render_status(report: StatusReport) -> str:
     """The report on one screen. Ages ("3s ago") are counted to the report's time."""
     parts = [_queues(report), _dead_letters(report), _sources(report), _workers(report)]
+    if report.prunes:
+        parts.append(_prunes(report))
     if report.errors:
         parts.append(_errors(report.errors))
     return "\n\n".join(parts)
@@ -310,6 +320,21 @@ def _workers(report: StatusReport) -> str:
         if w.autoscale:
             size += f" (autoscale {w.autoscale[0]}..{w.autoscale[1]})"
         lines.append(f"  {node:<32}{size:<32}{','.join(w.queues)}")
+    return "\n".join(lines)
+
+
+def _prunes(report: StatusReport) -> str:
+    """The latest prune of each target: when, what it deleted and kept, and why it kept."""
+    lines = ["last prunes"]
+    for target, p in (report.prunes or {}).items():
+        took = f" in {p['seconds']}s" if p.get("seconds") is not None else ""
+        text = (
+            f"{p['status']} {_age(report, p.get('started_at'))} ago: {p['deleted']} deleted,"
+            f" {p['kept']} kept{took}"
+        )
+        if p.get("note"):
+            text += f" — {str(p['note'])[:80]}"
+        lines.append(f"  {target:<24}{text}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""The beat schedule: one `sluice.produce` entry per source that has a schedule in the config.
+"""The beat schedule: one `sluice.produce` entry per source that has a schedule in the config,
+and one `sluice.prune` when `[retention]` prunes anything (daily by default).
 
 `sluice beat` runs it with celery-redbeat: the schedule and a lock live in Redis, so however many
 beats run, exactly one dispatches; the others wait on the lock (checking every
@@ -41,7 +42,25 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "args": [name],
             "options": {"queue": "produce", "expires": 60},
         }
+    retention = settings.retention
+    if retention.enabled:
+        # Run by a worker of the produce queue (the task lives in ops/prune_task.py); one
+        # still waiting an hour later is dropped, the next day's takes over.
+        assert retention.schedule.cron is not None or retention.schedule.every is not None
+        every = retention.schedule.every
+        out["prune"] = {
+            "task": "sluice.prune",
+            "schedule": every if every is not None else _crontab(str(retention.schedule.cron)),
+            "options": {"queue": "produce", "expires": 3600},
+        }
     return out
+
+
+def _crontab(cron: str) -> Any:
+    minute, hour, day, month, weekday = cron.split()
+    return crontab(
+        minute=minute, hour=hour, day_of_month=day, month_of_year=month, day_of_week=weekday
+    )
 
 
 def use_redbeat(

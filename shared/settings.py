@@ -408,11 +408,47 @@ class PipelineConfig(_Model):
     state: Literal["auto", "postgres", "sqlite"] = "auto"
 
 
+class RetentionConfig(_Model):
+    """What `sluice prune` deletes, and when beat runs it. A number of days of 0 (the default)
+    keeps that kind of row forever.
+
+    - `d1_days`: processed rows of mark-capture D1 sources older than this (by `processed_at`),
+      and only those whose key every sink of the stream holds; `sources` overrides it per
+      source (`{ events = 14 }`; 0 keeps that source's rows).
+    - `letters_days`: dead letters replayed or discarded, by the time of their latest failure.
+    - `runs_days`: `source_runs` and the sinks' `ingestion_runs`, rolled up into daily totals
+      first (metrics and history keep the long view).
+    - `cache_days`: rows of the `cache` table expired this long ago."""
+
+    d1_days: Annotated[int, Field(ge=0)] = 0
+    sources: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    letters_days: Annotated[int, Field(ge=0)] = 0
+    runs_days: Annotated[int, Field(ge=0)] = 0
+    cache_days: Annotated[int, Field(ge=0)] = 0
+    # Rows per batch: each D1 batch is read, checked against every sink and deleted in one go.
+    batch_size: Annotated[int, Field(ge=1, le=10_000)] = 1000
+    # How long a sink may take to answer whether it holds a batch's keys (a locked table waits
+    # this long); past it the batch is kept and the prune says why.
+    sink_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    schedule: Schedule = Field(default_factory=lambda: Schedule(cron="30 3 * * *"))
+
+    def days_for(self, source: str) -> int:
+        """Days a D1 source's processed rows are kept (0: forever)."""
+        return self.sources.get(source, self.d1_days)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is ever pruned (beat schedules a prune only then)."""
+        days = [self.d1_days, self.letters_days, self.runs_days, self.cache_days]
+        return any(days) or any(self.sources.values())
+
+
 class FileConfig(_Model):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     streams: dict[str, StreamConfig] = Field(default_factory=dict)
     sources: dict[str, AnySourceConfig] = Field(default_factory=dict)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
 
 @dataclass(frozen=True)
@@ -427,6 +463,7 @@ class Settings:
     sources: dict[str, AnySource]  # every configured source, of every kind, by name
     env: Mapping[str, str] = field(repr=False, default_factory=dict)
     d1_sink: D1SinkConfig | None = None  # [sinks.d1]: the remote D1 sink, when configured
+    retention: RetentionConfig = field(default_factory=lambda: RetentionConfig())
 
     @property
     def sinks_used(self) -> tuple[str, ...]:
@@ -492,6 +529,7 @@ class Settings:
             sources=sources,
             env=env,
             d1_sink=cfg.sinks.d1,
+            retention=cfg.retention,
         )
 
     def stream(self, name: str) -> Stream:
@@ -580,6 +618,20 @@ def parse_config(raw: dict[str, Any], file: str) -> FileConfig:
             problems.append(
                 f"streams.{name}.sinks: 'd1' needs a [sinks.d1] table"
                 " (account_id, database_id, api_token_env)"
+            )
+    retention = raw.get("retention")
+    kept = retention.get("sources") if isinstance(retention, dict) else None
+    for name in kept if isinstance(kept, dict) else ():
+        src = sources.get(name) if isinstance(sources, dict) else None
+        if not (isinstance(src, dict) and src.get("kind") == "d1"):
+            d1 = sorted(
+                n
+                for n, v in (sources or {}).items()
+                if isinstance(v, dict) and v.get("kind") == "d1"
+            )
+            problems.append(
+                f"retention.sources.{name}: not a configured D1 source"
+                f" (D1 sources: {', '.join(d1) or 'none'})"
             )
     if problems or cfg is None:
         raise ConfigError(problems, file)

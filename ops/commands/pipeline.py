@@ -18,6 +18,7 @@ from sluice.producers.schedule import BEAT_LOCK_TIMEOUT, BEAT_MAX_LOOP_INTERVAL
 from sluice.shared.celery_app import QUEUES
 
 OPS_TASKS = "sluice.ops.sources"  # the module of the tasks the operator's commands send
+PRUNE_TASK = "sluice.ops.prune_task"
 
 loglevel_option = click.option(
     "--loglevel",
@@ -91,7 +92,8 @@ def worker(
     if pool:
         argv += ["-P", pool]
     # Operators' tasks (a backfill started from the console) run on the workers too.
-    argv += ["--include", ",".join(filter(None, [OPS_TASKS, include]))]
+    # The scheduled prune (ops/prune_task.py) runs in whichever worker consumes `produce`.
+    argv += ["--include", ",".join(filter(None, [OPS_TASKS, PRUNE_TASK, include]))]
     if pool == "threads":
         # Each thread already holds a page; prefetching more per thread only keeps more decoded
         # pages waiting in memory, for no gain in throughput.

@@ -1,0 +1,291 @@
+"""`sluice prune`: what retention deletes, and that it never deletes a record a sink lacks.
+
+Real worker processes ingest a D1 file into real PostgreSQL and SQLite sinks; the prune then
+runs as the operator runs it (`sluice prune`, a subprocess) or as beat schedules it (the
+`sluice.prune` task, in a worker).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+
+from sluice.ops.prune import last_prunes
+from sluice.ops.sample import Sample, write_d1_file
+from sluice.ops.workers import WorkerPool
+from sluice.producers.schedule import beat_schedule
+from sluice.shared.celery_app import app
+from sluice.shared.context import Context
+from sluice.shared.database import libpq_dsn
+from sluice.shared.migrations import migrate_sqlite
+from sluice.shared.settings import Settings
+from sluice.shared.state import open_state
+from tests.conftest import Env
+from tests.helpers import d1_config, drain, pg_keys, sqlite_keys
+
+PG_QUEUES = ["ingest.postgres", "dead_letter", "progress", "produce"]
+OLD = "2020-01-01T00:00:00.000Z"
+
+
+def retention(**values: Any) -> str:
+    body = "\n[retention]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+    return body
+
+
+@pytest.fixture
+def workers(env: Env) -> Iterator[WorkerPool]:
+    pool = WorkerPool(env.vars, env.dir / "logs")
+    yield pool
+    pool.stop()
+
+
+def ingest(env: Env, workers: WorkerPool, n: int, **keep: Any) -> tuple[Context, Sample, Path]:
+    """A D1 file of n rows, ingested into both sinks by real workers; every row processed."""
+    d1 = env.dir / "d1.sqlite"
+    sample = write_d1_file(d1, n)
+    env.write_config(d1_config(d1, page_size=500, max_batches=100) + retention(**keep))
+    ctx = app.configure(Settings.load(env.vars))
+    migrate_sqlite(env.sqlite_path)
+    workers.start("pg", PG_QUEUES, 2)
+    workers.start_sqlite_writer()
+    drain(ctx, "d1_usage")
+    return ctx, sample, d1
+
+
+def d1_rows(path: Path) -> dict[str, tuple[str, str | None]]:
+    """id -> (idempotency_key, processed_at) of every row of the D1 file."""
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute("SELECT id, idempotency_key, processed_at FROM usage_events")
+        return {r[0]: (r[1], r[2]) for r in rows}
+    finally:
+        conn.close()
+
+
+def age(path: Path, when: str = OLD, where: str = "processed_at IS NOT NULL") -> int:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        return conn.execute(
+            f"UPDATE usage_events SET processed_at = ? WHERE {where}", (when,)
+        ).rowcount
+    finally:
+        conn.close()
+
+
+def sluice(
+    env: Env, *args: str, vars_: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sluice.ops.cli", *args],
+        env=vars_ or env.vars,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def prune_json(
+    env: Env, *args: str, vars_: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
+    r = sluice(env, "prune", "--json", *args, vars_=vars_)
+    assert r.stdout, r.stderr
+    doc = json.loads(r.stdout)
+    return r.returncode, {t["target"]: t for t in doc["targets"]}
+
+
+def assert_deleted_only_what_sinks_hold(
+    env: Env, before: dict[str, Any], after: dict[str, Any]
+) -> int:
+    """Every row the prune removed from D1 has its key in both sinks; returns how many went."""
+    gone = {i: before[i][0] for i in before if i not in after}
+    held = set(pg_keys(env.pg_url)) & set(sqlite_keys(env.sqlite_path))
+    lost = {i: k for i, k in gone.items() if k not in held}
+    assert lost == {}, f"{len(lost)} rows deleted whose key a sink lacks"
+    return len(gone)
+
+
+# -- D1 rows -------------------------------------------------------------------------------------
+
+
+def test_prune_deletes_old_processed_rows_every_sink_holds(env: Env, workers: WorkerPool) -> None:
+    ctx, sample, d1 = ingest(env, workers, 3_000, d1_days=7, batch_size=400)
+    # A sink restored from an older backup lacks some keys: their rows must stay in D1.
+    lacking = sorted(sample.distinct_valid_keys)[:25]
+    conn = psycopg2.connect(libpq_dsn(env.pg_url))
+    with conn, conn.cursor() as cur:
+        cur.execute("DELETE FROM usage_events WHERE idempotency_key = ANY(%s)", (lacking,))
+    conn.close()
+    assert age(d1) == 3_000
+    # Recent rows stay whatever the sinks hold.
+    recent = age(d1, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z"), "rowid > 2900")
+    before = d1_rows(d1)
+
+    code, dry = prune_json(env, "--dry-run")
+    assert code == 0
+    assert d1_rows(d1) == before  # a dry run deletes nothing
+    code, real = prune_json(env)
+    assert code == 0, real
+    after = d1_rows(d1)
+
+    gone = assert_deleted_only_what_sinks_hold(env, before, after)
+    assert real["d1:d1_usage"]["deleted"] == gone == dry["d1:d1_usage"]["deleted"]
+    assert real["d1:d1_usage"]["kept"] == dry["d1:d1_usage"]["kept"]
+    # What stays: the recent rows, and the old ones whose key a sink lacks (restored from a
+    # backup, or a record that was dead-lettered): exactly those.
+    held = set(pg_keys(env.pg_url)) & set(sqlite_keys(env.sqlite_path))
+    old = [i for i, (_, processed) in before.items() if processed == OLD]
+    assert len(old) == 3_000 - recent
+    expected = {i for i in old if before[i][0] not in held}
+    assert {i for i in old if i in after} == expected
+    assert any(before[i][0] in lacking for i in expected)
+    assert any(before[i][0].startswith("idem_bad_") for i in expected)
+    assert len(after) == recent + len(expected) == recent + real["d1:d1_usage"]["kept"]
+    # Recorded, and shown by status.
+    store = open_state(ctx.settings)
+    try:
+        last = last_prunes(store)
+    finally:
+        store.dispose()
+    assert last["d1:d1_usage"]["deleted"] == gone
+    assert last["d1:d1_usage"]["status"] == "ok"
+    status = json.loads(sluice(env, "status", "--json").stdout)
+    assert status["prunes"]["d1:d1_usage"]["deleted"] == gone
+
+    # Again: nothing left to delete; the kept rows are still kept.
+    code, again = prune_json(env)
+    assert code == 0 and again["d1:d1_usage"]["deleted"] == 0
+    assert d1_rows(d1) == after
+
+
+def test_a_sink_that_is_down_keeps_every_row(env: Env, workers: WorkerPool) -> None:
+    _, _, d1 = ingest(env, workers, 1_000, d1_days=7)
+    age(d1)
+    before = d1_rows(d1)
+    down = dict(env.vars, SLUICE_POSTGRES_URL="postgresql://sluice@127.0.0.1:1/nothing")
+    # PostgreSQL (a sink, and the state store) is unreachable: nothing may go.
+    code, out = prune_json(env, "--only", "d1", vars_=down)
+    assert code == 3  # UNAVAILABLE
+    assert out["d1:d1_usage"]["deleted"] == 0
+    assert out["d1:d1_usage"]["status"] == "failed"
+    assert "postgres" in " ".join(out["d1:d1_usage"]["notes"])
+    assert d1_rows(d1) == before
+
+
+def test_a_locked_sink_table_keeps_the_batch(env: Env, workers: WorkerPool) -> None:
+    _, _, d1 = ingest(env, workers, 1_000, d1_days=7, batch_size=300, sink_timeout_seconds=1)
+    age(d1)
+    before = d1_rows(d1)
+    locker = psycopg2.connect(libpq_dsn(env.pg_url))
+    try:
+        with locker.cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE")
+            t0 = time.monotonic()
+            code, out = prune_json(env, "--only", "d1")
+            took = time.monotonic() - t0
+        locker.rollback()
+    finally:
+        locker.close()
+    assert code == 3
+    assert out["d1:d1_usage"]["deleted"] == 0 and out["d1:d1_usage"]["kept"] == 300
+    assert "could not answer" in " ".join(out["d1:d1_usage"]["notes"])
+    assert d1_rows(d1) == before
+    assert took < 30
+    # Once the lock is gone the same prune deletes what both sinks hold.
+    code, out = prune_json(env, "--only", "d1")
+    assert code == 0
+    assert (
+        out["d1:d1_usage"]["deleted"]
+        == assert_deleted_only_what_sinks_hold(env, before, d1_rows(d1))
+        > 800
+    )
+
+
+def test_prune_during_a_running_ingestion(env: Env, workers: WorkerPool) -> None:
+    """Old processed rows are pruned while new rows of the same table are read, written and
+    marked by real workers: nothing a sink lacks is deleted, and the ingestion completes."""
+    ctx, sample, d1 = ingest(env, workers, 4_000, d1_days=7, batch_size=200)
+    age(d1)
+    # New rows arrive (copies of the sample under new ids and keys) and are ingested now.
+    conn = sqlite3.connect(d1, isolation_level=None)
+    conn.execute(
+        "INSERT INTO usage_events (id, organisation_id, project_id, idempotency_key, metric_name,"
+        " metric_value, unit, \"timestamp\", metadata) SELECT id || '-new', organisation_id,"
+        " project_id, idempotency_key || '-new', metric_name, metric_value, unit, \"timestamp\","
+        " metadata FROM usage_events"
+    )
+    conn.close()
+    before = d1_rows(d1)
+    lacking = sorted(sample.distinct_valid_keys)[:10]
+    sink = sqlite3.connect(env.sqlite_path, isolation_level=None)
+    sink.execute(
+        f"DELETE FROM usage_events WHERE idempotency_key IN ({','.join('?' * len(lacking))})",
+        lacking,
+    )
+    sink.close()
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            drain(ctx, "d1_usage", timeout=240)
+        except BaseException as exc:
+            errors.append(exc)
+
+    ingestion = threading.Thread(target=run)
+    ingestion.start()
+    time.sleep(0.5)
+    code, out = prune_json(env, "--only", "d1")
+    ingestion.join()
+    assert errors == []
+    assert code == 0, out
+    after = d1_rows(d1)
+    gone = assert_deleted_only_what_sinks_hold(env, before, after)
+    assert gone == out["d1:d1_usage"]["deleted"] > 3_000
+    # Every new row was ingested and marked; none of them was old enough to go.
+    new = {i for i in before if i.endswith("-new")}
+    assert new <= set(after)
+    assert all(after[i][1] is not None for i in new)
+    assert {f"{k}-new" for k in sample.distinct_valid_keys} <= set(pg_keys(env.pg_url))
+
+
+# -- the schedule --------------------------------------------------------------------------------
+
+
+def test_beat_schedules_a_daily_prune_that_runs_in_a_worker(env: Env, workers: WorkerPool) -> None:
+    ctx, _, d1 = ingest(env, workers, 1_000, d1_days=3)
+    entry = beat_schedule(ctx.settings)["prune"]
+    assert entry["task"] == "sluice.prune" and entry["options"]["queue"] == "produce"
+    assert str(entry["schedule"]).startswith("<crontab: 30 3 * * *")
+    age(d1)
+    before = d1_rows(d1)
+    app.send_task("sluice.prune", queue="produce")
+    store = open_state(ctx.settings)
+    try:
+        deadline = time.monotonic() + 60
+        while not (last := last_prunes(store)) and time.monotonic() < deadline:
+            time.sleep(0.3)
+    finally:
+        store.dispose()
+    assert last["d1:d1_usage"]["status"] == "ok"
+    assert (
+        last["d1:d1_usage"]["deleted"]
+        == assert_deleted_only_what_sinks_hold(env, before, d1_rows(d1))
+        > 800
+    )
+
+
+def test_no_retention_schedules_no_prune(env: Env) -> None:
+    env.write_config(d1_config(env.dir / "d1.sqlite"))
+    assert "prune" not in beat_schedule(Settings.load(env.vars))
