@@ -1,45 +1,43 @@
-"""`sluice serve`: /metrics (Prometheus), /health and /status over HTTP, with the standard library.
+"""`sluice serve`: the console (ops/console/) and the endpoints beside it, on uvicorn: one
+process, one port.
 
-- /metrics: ops/metrics.py, derived from the databases at each scrape.
+- /metrics: ops/metrics.py, derived from the databases at each scrape. Open, as Prometheus
+  expects; it holds counts and ages, never a record or a secret.
 - /health: 200 with JSON when the broker, PostgreSQL and the SQLite sink file are all reachable;
-  503 naming the failing one(s) otherwise. Each check has a short timeout and they run side by
-  side, so a dead server costs at most CHECK_TIMEOUT seconds.
-- /status: the `sluice status --json` document.
+  503 naming the failing one(s) otherwise. Open, as orchestrators expect. Each check has a short
+  timeout and they run side by side, so a dead server costs at most CHECK_TIMEOUT seconds.
+- /status: the `sluice status --json` document; /stats: rows per sink table, the schema
+  version and records per minute (ops/stats.py). Both need the console's credentials.
+- /, /letters, /runs, /sources: the console's pages; /api/v1/: its JSON API.
 
-Bind it to localhost or a private network: it has no authentication (like Flower's /metrics).
+Without credentials in the environment it only listens on a loopback address.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
-import signal
+import socket
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import FrameType
 from typing import Any
-from urllib.parse import urlsplit
 
 import psycopg2
-import redis
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.registry import CollectorRegistry
-from sqlalchemy.engine import Engine
 
-from sluice.ops.metrics import registry_for
 from sluice.ops.status import (
     broker_kind,
-    collect_status,
-    ops_engine,
     sqlite_reader,
     uses_postgres,
 )
 from sluice.shared.context import Context
 from sluice.shared.database import libpq_dsn
+from sluice.shared.redis_client import open_redis
 from sluice.shared.state import state_kind
 
 log = logging.getLogger("sluice.serve")
@@ -47,10 +45,10 @@ log = logging.getLogger("sluice.serve")
 CHECK_TIMEOUT = 3.0
 
 
-def check_broker(url: str) -> None:
+def check_broker(url: str, master_name: str | None = None) -> None:
     if broker_kind(url) == "redis":
-        client = redis.Redis.from_url(
-            url, socket_connect_timeout=CHECK_TIMEOUT, socket_timeout=CHECK_TIMEOUT
+        client = open_redis(
+            url, master_name, socket_connect_timeout=CHECK_TIMEOUT, socket_timeout=CHECK_TIMEOUT
         )
         try:
             client.ping()
@@ -87,12 +85,13 @@ def check_sqlite(ctx: Context) -> None:
 
 
 def health_checks(ctx: Context) -> dict[str, Callable[[], None]]:
-    checks: dict[str, Callable[[], None]] = {"broker": lambda: check_broker(ctx.broker_url)}
+    master = ctx.settings.broker_master
+    checks: dict[str, Callable[[], None]] = {"broker": lambda: check_broker(ctx.broker_url, master)}
     if uses_postgres(ctx.settings):
         checks["postgres"] = lambda: check_postgres(ctx.postgres_url)
     tracking = ctx.settings.env.get("SLUICE_REDIS_URL")
     if tracking and tracking != ctx.broker_url:
-        checks["redis"] = lambda: check_broker(tracking)
+        checks["redis"] = lambda: check_broker(tracking, master)
     if any("sqlite" in s.sinks for s in ctx.settings.streams.values()) or (
         state_kind(ctx.settings) == "sqlite"
     ):
@@ -122,97 +121,83 @@ def health(ctx: Context) -> tuple[int, dict[str, Any]]:
     return (503 if failing else 200), doc
 
 
-class SluiceServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        ctx: Context,
-        app: Any,
-        *,
-        inspect_timeout: float = 1.0,
-        engine: Engine | None = None,
-    ) -> None:
-        # Set before binding: when the bind fails (address in use), the base class calls
-        # server_close() before re-raising, and that must find no engine rather than none set.
-        self.engine: Engine | None = None
-        super().__init__(address, Handler)
-        self.ctx = ctx
-        self.app = app
-        self.inspect_timeout = inspect_timeout
-        if engine is None and uses_postgres(ctx.settings):
-            engine = ops_engine(ctx.postgres_url)
-        self.engine = engine
-        self.registry: CollectorRegistry = registry_for(ctx, self.engine)
-        self.status_lock = threading.Lock()
-
-    def status(self) -> dict[str, Any]:
-        # One remote-control broadcast at a time: concurrent /status requests wait their turn.
-        with self.status_lock:
-            report = collect_status(
-                self.ctx, self.app, timeout=self.inspect_timeout, engine=self.engine
-            )
-        return report.as_dict()
-
-    def server_close(self) -> None:
-        super().server_close()
-        if self.engine is not None:
-            self.engine.dispose()
+ENDPOINTS = ("/", "/health", "/metrics", "/status", "/stats", "/api/v1/docs")
 
 
-class Handler(BaseHTTPRequestHandler):
-    server: SluiceServer
-    protocol_version = "HTTP/1.1"
+def _json(code: int, doc: Any) -> Response:
+    return JSONResponse(json.loads(json.dumps(doc, default=str)), status_code=code)
 
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path.rstrip("/") or "/"
-        try:
-            if path == "/metrics":
-                self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
-            elif path == "/health":
-                code, doc = health(self.server.ctx)
-                self._json(code, doc)
-            elif path == "/status":
-                self._json(200, self.server.status())
-            elif path == "/":
-                self._json(200, {"endpoints": ["/metrics", "/health", "/status"]})
-            else:
-                self._json(404, {"error": f"no such endpoint: {path}"})
-        except Exception as exc:
-            log.exception("GET %s failed", path)
-            self._json(500, {"error": f"{type(exc).__name__}: {exc}"})
 
-    def _json(self, code: int, doc: Any) -> None:
-        body = json.dumps(doc, default=str, indent=1).encode() + b"\n"
-        self._send(code, body, "application/json")
+def open_routes() -> APIRouter:
+    """/health and /metrics (open), /status and /stats (behind the console's credentials)."""
+    from sluice.ops.console.app import console_of, guard
 
-    def _send(self, code: int, body: bytes, content_type: str) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
+    router = APIRouter(include_in_schema=False)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
+    @router.get("/health")
+    def health_route(request: Request) -> Response:
+        code, doc = health(console_of(request).ctx)
+        return _json(code, doc)
+
+    @router.get("/metrics")
+    def metrics_route(request: Request) -> Response:
+        body = generate_latest(console_of(request).registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    @router.get("/status", dependencies=[Depends(guard)])
+    def status_route(request: Request) -> Response:
+        return _json(200, console_of(request).status().as_dict())
+
+    @router.get("/stats", dependencies=[Depends(guard)])
+    def stats_route(request: Request) -> Response:
+        return _json(200, console_of(request).stats().as_dict())
+
+    return router
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is a loopback one (127.0.0.0/8, ::1)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    return bool(found) and all(ipaddress.ip_address(f[4][0]).is_loopback for f in found)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, bound before the server starts, so a taken port or an
+    unknown host is an OSError here rather than a log line from inside uvicorn."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def serve(ctx: Context, app: Any, host: str, port: int, inspect_timeout: float = 1.0) -> None:
-    server = SluiceServer((host, port), ctx, app, inspect_timeout=inspect_timeout)
-    print(
-        f"sluice serve: http://{host}:{server.server_port} (/metrics /health /status)", flush=True
-    )
+    """Run the console until SIGTERM or Ctrl-C. Raises OSError when host:port cannot be bound."""
+    import uvicorn
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        # shutdown() waits for serve_forever to return, so it must run on another thread.
-        threading.Thread(target=server.shutdown, daemon=True).start()
+    from sluice.ops.console import create_app
 
-    signal.signal(signal.SIGTERM, stop)
+    web = create_app(ctx, app, inspect_timeout=inspect_timeout)
+    sock = bind(host, port)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"sluice serve: http://{shown}:{bound}/ ({' '.join(ENDPOINTS[1:])})", flush=True)
+    config = uvicorn.Config(web, log_level="warning", access_log=False, lifespan="on")
     try:
-        server.serve_forever(poll_interval=0.5)
-    except KeyboardInterrupt:
-        pass
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
-        server.server_close()
+        sock.close()

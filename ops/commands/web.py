@@ -1,4 +1,4 @@
-"""Sluice over HTTP: `sluice serve` (/metrics, /health, /status) and `sluice flower` (Flower)."""
+"""Sluice over HTTP: `sluice serve` (the console, /metrics, /health) and `sluice flower`."""
 
 from __future__ import annotations
 
@@ -32,22 +32,37 @@ _BIND_ERRORS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 )
 @timeout_option
 def serve(host: str, port: int, timeout: float) -> ExitCode:
-    """Serve /metrics (Prometheus), /health and /status over HTTP.
+    """Serve the console (pages and /api/v1), /metrics, /health, /status and /stats.
 
-    /metrics is read from the databases at each scrape; /health answers 200 when the broker,
-    PostgreSQL and the SQLite file are reachable and 503 naming the failing ones; /status is
-    `sluice status --json`. It has no authentication: bind it to localhost or a private
-    network. Runs until stopped (Ctrl-C or SIGTERM).
+    The console and its API need $SLUICE_CONSOLE_TOKEN (Bearer token, or the login form) or
+    $SLUICE_CONSOLE_USER and $SLUICE_CONSOLE_PASSWORD (basic auth); without them it listens on
+    a loopback address only. /metrics and /health stay open for Prometheus and orchestrators,
+    and show no records or secrets. Runs until stopped (Ctrl-C or SIGTERM).
 
     \b
     Example:
-      sluice serve --host 0.0.0.0 --port 9808
+      SLUICE_CONSOLE_TOKEN=$(openssl rand -hex 32) sluice serve --host 0.0.0.0 --port 9808
     """
+    import socket
+
+    from sluice.ops.console.auth import ConsoleAuth
+    from sluice.ops.serve import is_loopback
     from sluice.ops.serve import serve as run
 
-    ctx = pipeline_context()
+    settings = load_settings()
+    auth = ConsoleAuth.from_env(settings.env)
+    if not auth.configured and not is_loopback(host):
+        raise CommandError(
+            f"refusing to serve on {host} without authentication: set SLUICE_CONSOLE_TOKEN (or"
+            " SLUICE_CONSOLE_USER and SLUICE_CONSOLE_PASSWORD), or listen on 127.0.0.1"
+        )
+    ctx = pipeline_context(settings)
     try:
         run(ctx, app, host, port, inspect_timeout=timeout)
+    except socket.gaierror as exc:
+        raise CommandError(
+            f"cannot listen on {host}:{port}: unknown host ({exc.strerror})", ExitCode.UNAVAILABLE
+        ) from exc
     except OSError as exc:
         if exc.errno not in _BIND_ERRORS:
             raise
