@@ -10,7 +10,13 @@ import click
 
 from sluice.ops import sources
 from sluice.ops.commands.backfill import _iso_time
-from sluice.ops.commands.common import ExitCode, json_option, pipeline_context, print_json
+from sluice.ops.commands.common import (
+    CommandError,
+    ExitCode,
+    json_option,
+    pipeline_context,
+    print_json,
+)
 
 # Outcomes after which a backfill being followed is over.
 _BACKFILL_DONE = ("complete", "stopped", "partial", "failed", "skipped")
@@ -112,15 +118,17 @@ def reset(name: str, to: datetime, yes: bool, as_json: bool) -> ExitCode:
 
     Every partition of NAME is read from --to on at its next run (less its lookback): back in
     time re-reads data (the keyed writes absorb it), forward skips it. Asks to confirm unless
-    --yes. D1 and KV sources keep no time cursor: refused.
+    --yes (declined: exit 1, nothing changed). D1 and KV sources keep no time cursor: refused.
 
     \b
     Example:
       sluice source reset binance --to 2024-06-01T00:00:00Z --yes
     """
     ctx = pipeline_context()
-    if not yes:
-        click.confirm(f"reset every cursor of {name} to {to.isoformat()}?", abort=True, err=True)
+    if not yes and not click.confirm(
+        f"reset every cursor of {name} to {to.isoformat()}?", err=True
+    ):
+        raise CommandError("not confirmed: no cursor changed", ExitCode.FAILED)
     r = sources.reset_cursor(ctx, name, to)
     if as_json:
         print_json(asdict(r))
@@ -165,13 +173,12 @@ def backfill(name: str, start: datetime, end: datetime, follow: bool, as_json: b
         else:
             click.echo(run_id)
         return ExitCode.OK
-    if not as_json:
-        click.echo(f"backfill {run_id} queued", err=True)
+    click.echo(f"backfill {run_id} queued", err=True)  # progress on stderr, as --json says
     seen = None
     while True:
         p = sources.backfill_progress(ctx.state, run_id)
         line = f"{p.status}: {p.windows_done}/{p.windows_total} window(s), {p.records} record(s)"
-        if line != seen and not as_json:
+        if line != seen:
             click.echo(line, err=True)
             seen = line
         if p.status in _BACKFILL_DONE:
