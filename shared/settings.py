@@ -562,6 +562,16 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError([f"file not found: {path}"], str(path)) from None
+    except IsADirectoryError:
+        # What Docker leaves when it bind-mounts a file that does not exist on the host.
+        raise ConfigError(
+            [
+                f"{path} is a directory, not a TOML file (with Docker Compose: create"
+                " ./sluice.toml before `docker compose up`, e.g. cp sluice.example.toml"
+                " sluice.toml, then remove the directory Docker made in its place)"
+            ],
+            str(path),
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"not valid TOML: {exc}"], str(path)) from None
 
