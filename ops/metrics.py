@@ -9,8 +9,8 @@ processes report the same values.
 Cost: each scrape aggregates the whole `ingestion_runs` table of each sink once (one row per page
 per sink: about 1,000 rows per million records at the default page size), plus max() over the
 stream's time column for the lag, and a count of a local D1 source's backlog. That is
-milliseconds for millions of records and grows linearly; past a few hundred million records a
-rollup table (or `committed_at` windows) would be the next step.
+milliseconds for millions of records and grows linearly. `sluice prune` keeps the tables short
+(`[retention] runs_days`): the pages and runs it removes are counted from their daily totals.
 
 | metric | type | labels |
 |---|---|---|
@@ -123,13 +123,41 @@ def _totals(rows: Sequence[Sequence[Any]]) -> dict[str, RunTotals]:
 
 
 def postgres_totals(engine: Engine, sink: str = "postgres") -> dict[str, RunTotals]:
-    """Per stream, the rows the postgres sink wrote into its own ingestion_runs table."""
+    """Per stream, the rows the postgres sink wrote into its own ingestion_runs table, and the
+    daily totals of those `sluice prune` removed."""
     with engine.connect() as conn:
-        return _totals(conn.execute(text(_PG_TOTALS), {"sink": sink}).all())
+        out = _totals(conn.execute(text(_PG_TOTALS), {"sink": sink}).all())
+        return with_rollups(out, conn.execute(text(_ROLLUPS), {"sink": sink}).all())
 
 
 def sqlite_totals(conn: sqlite3.Connection, sink: str = "sqlite") -> dict[str, RunTotals]:
-    return _totals(conn.execute(_SQLITE_TOTALS, (sink,)).fetchall())
+    out = _totals(conn.execute(_SQLITE_TOTALS, (sink,)).fetchall())
+    return with_rollups(out, conn.execute(_ROLLUPS.replace(":sink", "?"), (sink,)).fetchall())
+
+
+# Pages `sluice prune` rolled up into daily totals, by latency bucket (`le`: a bucket's upper
+# bound, or "+Inf"): the counters keep counting them, so a prune is never a counter reset.
+_ROLLUPS = (
+    "SELECT stream, le, sum(pages), sum(received), sum(inserted), sum(duplicates),"
+    " sum(invalid), sum(seconds) FROM ingestion_runs_daily WHERE sink = :sink GROUP BY 1, 2"
+)
+
+
+def with_rollups(out: dict[str, RunTotals], rows: Sequence[Sequence[Any]]) -> dict[str, RunTotals]:
+    """The totals with the rolled-up pages added, each in its latency bucket and those above."""
+    for stream, le, pages, received, inserted, duplicates, invalid, seconds in rows:
+        t = out.setdefault(str(stream), RunTotals())
+        t.pages += int(pages or 0)
+        t.received += int(received or 0)
+        t.inserted += int(inserted or 0)
+        t.duplicates += int(duplicates or 0)
+        t.invalid += int(invalid or 0)
+        t.seconds += float(seconds or 0.0)
+        bound = float(le)
+        for i, b in enumerate(BUCKETS):
+            if bound <= b:
+                t.buckets[i] += int(pages or 0)
+    return out
 
 
 class SluiceCollector(Collector):
@@ -179,7 +207,11 @@ class SluiceCollector(Collector):
                 ),
                 "runs": list(
                     conn.execute(
-                        text("SELECT source, status, count(*) FROM source_runs GROUP BY 1, 2")
+                        text(
+                            "SELECT source, status, sum(n) FROM (SELECT source, status, count(*)"
+                            " AS n FROM source_runs GROUP BY 1, 2 UNION ALL SELECT source, status,"
+                            " sum(runs) FROM source_runs_daily GROUP BY 1, 2) r GROUP BY 1, 2"
+                        )
                     ).all()
                 ),
             }

@@ -20,18 +20,22 @@ from typing import Any
 
 import psycopg2
 import pytest
+from sqlalchemy import text
 
+from sluice.ops.metrics import postgres_totals, sqlite_totals
 from sluice.ops.prune import last_prunes
 from sluice.ops.sample import Sample, write_d1_file
 from sluice.ops.workers import WorkerPool
+from sluice.producers.produce import run_source
 from sluice.producers.schedule import beat_schedule
 from sluice.shared.celery_app import app
 from sluice.shared.context import Context
-from sluice.shared.database import libpq_dsn
+from sluice.shared.database import libpq_dsn, postgres_engine
 from sluice.shared.migrations import migrate_sqlite
 from sluice.shared.settings import Settings
 from sluice.shared.state import open_state
 from tests.conftest import Env
+from tests.fakes.d1_server import FakeD1
 from tests.helpers import d1_config, drain, pg_keys, sqlite_keys
 
 PG_QUEUES = ["ingest.postgres", "dead_letter", "progress", "produce"]
@@ -289,3 +293,235 @@ def test_beat_schedules_a_daily_prune_that_runs_in_a_worker(env: Env, workers: W
 def test_no_retention_schedules_no_prune(env: Env) -> None:
     env.write_config(d1_config(env.dir / "d1.sqlite"))
     assert "prune" not in beat_schedule(Settings.load(env.vars))
+
+
+# -- through the D1 REST API ---------------------------------------------------------------------
+
+DB_ID = "11111111-2222-3333-4444-555555555555"
+
+
+def test_remote_prune_keeps_within_d1_limits(env: Env, workers: WorkerPool) -> None:
+    """A remote D1 source pruned through the REST API (a fake D1 enforcing its limits: 100
+    bound parameters, statement size): what a sink lacks stays, the rest goes."""
+    with FakeD1() as fake:
+        d1 = env.dir / "remote.sqlite"
+        sample = write_d1_file(d1, 2_000)
+        fake.add_database(DB_ID, d1)
+        env.vars["TEST_D1_TOKEN"] = fake.token
+        env.write_config(
+            f"""
+[pipeline]
+page_size = 500
+
+[sources.d1_usage]
+kind = "d1"
+stream = "usage_events"
+mode = "remote"
+account_id = "{fake.account_id}"
+database_id = "{DB_ID}"
+base_url = "{fake.base_url}"
+api_token_env = "TEST_D1_TOKEN"
+batch_size = 500
+max_batches = 10
+"""
+            + retention(d1_days=2, batch_size=700)
+        )
+        ctx = app.configure(Settings.load(env.vars))
+        migrate_sqlite(env.sqlite_path)
+        workers.start("pg", PG_QUEUES, 2)
+        workers.start_sqlite_writer()
+        drain(ctx, "d1_usage")
+        age(d1)
+        lacking = sorted(sample.distinct_valid_keys)[:5]
+        sink = sqlite3.connect(env.sqlite_path, isolation_level=None)
+        sink.execute(
+            f"DELETE FROM usage_events WHERE idempotency_key IN ({','.join('?' * 5)})", lacking
+        )
+        sink.close()
+        before = d1_rows(d1)
+        fake.requests.clear()
+        code, dry = prune_json(env, "--only", "d1", "--dry-run")
+        code, out = prune_json(env, "--only", "d1")
+        assert code == 0, out
+        gone = assert_deleted_only_what_sinks_hold(env, before, d1_rows(d1))
+        assert gone == out["d1:d1_usage"]["deleted"] == dry["d1:d1_usage"]["deleted"] > 1_900
+        assert {before[i][0] for i in d1_rows(d1)} >= set(lacking)
+        statements = [
+            s
+            for r in fake.requests
+            if isinstance(r.body, dict)
+            for s in (r.body.get("batch") or [r.body])
+        ]
+        deletes = [s for s in statements if str(s.get("sql", "")).startswith("DELETE")]
+        assert deletes and all(len(s.get("params") or []) <= 100 for s in statements)
+        assert sum(len(s["params"]) - 1 for s in deletes) == 2 * gone  # rowid and id per row
+
+
+# -- run history, dead letters, the cache table --------------------------------------------------
+
+
+def history_totals(env: Env, ctx: Context) -> dict[str, Any]:
+    """Everything the rollups must keep: per store, the sums over remaining rows plus daily
+    totals, and what the metrics report."""
+    engine = postgres_engine(env.pg_url)
+    lite = sqlite3.connect(env.sqlite_path)
+    try:
+        cols = "received, inserted, duplicates, invalid, updated, unchanged, deleted, attempts"
+        sums = ", ".join(f"sum({c})" for c in cols.split(", "))
+        out: dict[str, Any] = {}
+        q_pages = f"SELECT count(*), {sums} FROM ingestion_runs"
+        q_daily = f"SELECT sum(pages), {sums} FROM ingestion_runs_daily"
+        with engine.connect() as conn:
+            out["pg_pages"] = [
+                int(a or 0) + int(b or 0)
+                for a, b in zip(
+                    conn.execute(text(q_pages)).one(),
+                    conn.execute(text(q_daily)).one(),
+                    strict=True,
+                )
+            ]
+            q_runs = "SELECT count(*), sum(pages), sum(records) FROM source_runs"
+            q_rdaily = "SELECT sum(runs), sum(pages), sum(records) FROM source_runs_daily"
+            out["runs"] = [
+                int(a or 0) + int(b or 0)
+                for a, b in zip(
+                    conn.execute(text(q_runs)).one(),
+                    conn.execute(text(q_rdaily)).one(),
+                    strict=True,
+                )
+            ]
+        out["lite_pages"] = [
+            int(a or 0) + int(b or 0)
+            for a, b in zip(
+                lite.execute(q_pages).fetchone(), lite.execute(q_daily).fetchone(), strict=True
+            )
+        ]
+        for name, totals in (("pg", postgres_totals(engine)), ("lite", sqlite_totals(lite))):
+            out[f"metrics_{name}"] = {
+                stream: (t.received, t.inserted, t.duplicates, t.invalid, t.pages, t.buckets)
+                for stream, t in totals.items()
+            }
+        return out
+    finally:
+        engine.dispose()
+        lite.close()
+
+
+def backdate_history(env: Env, days: int, every: int) -> None:
+    """Move every `every`-th page and run `days` days back (keeping their durations)."""
+    conn = psycopg2.connect(libpq_dsn(env.pg_url))
+    with conn, conn.cursor() as cur:
+        shift = f"interval '{days} days'"
+        cur.execute(
+            f"UPDATE ingestion_runs SET started_at = started_at - {shift},"
+            f" committed_at = committed_at - {shift} WHERE page_id IN (SELECT page_id FROM"
+            f" (SELECT page_id, row_number() OVER (ORDER BY page_id) AS n FROM ingestion_runs) x"
+            f" WHERE n % {every} = 0)"
+        )
+        cur.execute(
+            f"UPDATE source_runs SET started_at = started_at - {shift},"
+            f" finished_at = finished_at - {shift} WHERE run_id IN (SELECT run_id FROM"
+            f" (SELECT run_id, row_number() OVER (ORDER BY run_id) AS n FROM source_runs) x"
+            f" WHERE n % {every} = 0)"
+        )
+    conn.close()
+    lite = sqlite3.connect(env.sqlite_path, isolation_level=None)
+    lite.execute(
+        "UPDATE ingestion_runs SET started_at = strftime('%Y-%m-%dT%H:%M:%fZ', started_at,"
+        f" '-{days} days'), committed_at = strftime('%Y-%m-%dT%H:%M:%fZ', committed_at,"
+        f" '-{days} days') WHERE rowid % {every} = 0"
+    )
+    lite.close()
+
+
+def test_rollups_keep_history_and_metrics_exact(env: Env, workers: WorkerPool) -> None:
+    ctx, _, _ = ingest(env, workers, 6_000, runs_days=5, batch_size=3)
+    for _ in range(3):  # a few more runs: history of several runs, some empty
+        run_source(ctx, "d1_usage")
+    before = history_totals(env, ctx)
+    assert before["pg_pages"][0] >= 12 and before["runs"][0] >= 4
+    backdate_history(env, 9, 2)
+    backdate_history(env, 30, 3)
+    code, dry = prune_json(env, "--only", "runs", "--dry-run")
+    assert code == 0
+    code, out = prune_json(env, "--only", "runs")
+    assert code == 0, out
+    for target in ("source_runs", "ingestion_runs:postgres", "ingestion_runs:sqlite"):
+        assert out[target]["deleted"] == dry[target]["deleted"] > 0, target
+    after = history_totals(env, ctx)
+    assert after == before
+    # Rows of days already rolled up: added to the same daily rows.
+    backdate_history(env, 9, 1)
+    code, out = prune_json(env, "--only", "runs")
+    assert code == 0 and all(out[t]["deleted"] > 0 for t in out)
+    assert history_totals(env, ctx) == before
+    with postgres_engine(env.pg_url).connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM ingestion_runs")).scalar() == 0
+        days = conn.execute(text("SELECT DISTINCT day FROM ingestion_runs_daily")).all()
+    assert len(days) >= 2
+
+
+def test_resolved_letters_go_pending_stay(env: Env, workers: WorkerPool) -> None:
+    ingest(env, workers, 10_000, letters_days=7, batch_size=2)
+    conn = psycopg2.connect(libpq_dsn(env.pg_url))
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT id FROM failed_ingestions ORDER BY id")
+        ids = [r[0] for r in cur.fetchall()]
+        assert len(ids) >= 8
+        # Old: two discarded, two replayed, the rest pending; one recent discarded letter.
+        plan = {ids[0]: "discarded", ids[1]: "discarded", ids[2]: "replayed", ids[3]: "replayed"}
+        for i, status in plan.items():
+            cur.execute("UPDATE failed_ingestions SET status = %s WHERE id = %s", (status, i))
+        cur.execute(
+            "UPDATE failed_ingestions SET last_failed_at = now() - interval '30 days'"
+            " WHERE id <> %s",
+            (ids[4],),
+        )
+        cur.execute("UPDATE failed_ingestions SET status = 'discarded' WHERE id = %s", (ids[4],))
+    code, dry = prune_json(env, "--only", "letters", "--dry-run")
+    code, out = prune_json(env, "--only", "letters")
+    assert code == 0
+    assert out["letters"]["deleted"] == dry["letters"]["deleted"] == 4
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT id, status FROM failed_ingestions ORDER BY id")
+        left = dict(cur.fetchall())
+    conn.close()
+    assert set(left) == set(ids) - set(plan)
+    assert left[ids[4]] == "discarded"  # resolved, but not old enough
+    assert sum(1 for s in left.values() if s == "pending") == len(ids) - 5
+
+
+def test_expired_cache_rows_go(env: Env) -> None:
+    env.write_config(retention(cache_days=1))
+    migrate_sqlite(env.sqlite_path)
+    now_ms = int(time.time() * 1000)
+    rows = [
+        ("expired-long-ago", now_ms - 10 * 86_400_000),
+        ("expired-an-hour-ago", now_ms - 3_600_000),
+        ("fresh", now_ms + 3_600_000),
+    ]
+    pg = psycopg2.connect(libpq_dsn(env.pg_url))
+    with pg, pg.cursor() as cur:
+        for key, expires in rows:
+            cur.execute(
+                "INSERT INTO cache (cache_key, cache_value, expires_at, updated_at)"
+                " VALUES (%s, '{}', %s, %s)",
+                (key, expires, now_ms),
+            )
+    lite = sqlite3.connect(env.sqlite_path, isolation_level=None)
+    lite.executemany(
+        "INSERT INTO cache (cache_key, cache_value, expires_at, updated_at) VALUES (?, '{}', ?, ?)",
+        [(k, e, now_ms) for k, e in rows],
+    )
+    code, out = prune_json(env, "--only", "cache")
+    assert code == 0, out
+    assert out["cache:postgres"]["deleted"] == out["cache:sqlite"]["deleted"] == 1
+    with pg, pg.cursor() as cur:
+        cur.execute("SELECT cache_key FROM cache ORDER BY 1")
+        assert [r[0] for r in cur.fetchall()] == ["expired-an-hour-ago", "fresh"]
+    pg.close()
+    assert [r[0] for r in lite.execute("SELECT cache_key FROM cache ORDER BY 1")] == [
+        "expired-an-hour-ago",
+        "fresh",
+    ]
+    lite.close()
