@@ -75,6 +75,22 @@ def test_serve_on_a_busy_port_names_the_address(env: Env, busy_port: int) -> Non
     assert "Address already in use" in line and "--port" in line
 
 
+def test_serve_beyond_loopback_without_credentials_is_refused(env: Env) -> None:
+    env.write_config("")
+    run = sluice("serve", "--host", "0.0.0.0", "--port", "0", env=env.vars, timeout=60)
+    line = one_line_failure(run, ExitCode.USAGE)
+    assert "without authentication" in line and "SLUICE_CONSOLE_TOKEN" in line
+
+
+def test_serve_on_a_host_that_does_not_resolve(env: Env) -> None:
+    env.write_config("")
+    token = dict(env.vars, SLUICE_CONSOLE_TOKEN="t" * 32)
+    run = sluice("serve", "--host", "no-such-host.invalid", "--port", "0", env=token, timeout=60)
+    line = one_line_failure(run, ExitCode.UNAVAILABLE)
+    assert "cannot listen on no-such-host.invalid:0" in line
+    assert "t" * 32 not in run.stderr + run.stdout
+
+
 def test_a_missing_config_file(env: Env, tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "sluice.toml"
     run = sluice("produce", "usage", env=dict(env.vars, SLUICE_CONFIG=str(missing)))

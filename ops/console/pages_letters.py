@@ -114,26 +114,37 @@ async def apply(request: Request) -> Response:
     return _see_other(f"/letters?{selection.query(done=action, n=n)}")
 
 
-@router.get("/letters/{letter_id}")
-def letter(request: Request, letter_id: int, done: str | None = None) -> HTMLResponse:
-    console = console_of(request)
-    found = dlq.show_letter(console.store, letter_id)
+def _letter_page(
+    request: Request,
+    found: dict[str, Any],
+    *,
+    editable: str | None = None,
+    notice: str | None = None,
+    problem: str | None = None,
+    status_code: int = 200,
+) -> HTMLResponse:
+    """A letter's page: its record as {column: value} when it is one (else as stored), and an
+    edit form holding those values (or what the operator typed, when it was refused)."""
+    values = dlq.record_values(found)
     record = found.pop("record", None)
-    editable = None
-    if isinstance(record, dict):
-        try:
-            editable = json.dumps(dlq.record_values({**found, "record": record}), indent=2)
-        except (SluiceError, KeyError, TypeError, ValueError):
-            editable = None
+    if editable is None and values:
+        editable = json.dumps(values, indent=2, ensure_ascii=False, default=str)
     return render(
         request,
         "letter.html",
+        status_code=status_code,
         letter=found,
-        record=record,
+        record=values or record,
         editable=editable,
-        notice=_DONE.get(done or "", "").format(n=1) or None,
-        problem=None,
+        notice=notice,
+        problem=problem,
     )
+
+
+@router.get("/letters/{letter_id}")
+def letter(request: Request, letter_id: int, done: str | None = None) -> HTMLResponse:
+    found = dlq.show_letter(console_of(request).store, letter_id)
+    return _letter_page(request, found, notice=_DONE.get(done or "", "").format(n=1) or None)
 
 
 @router.post("/letters/{letter_id}/refetch")
@@ -156,14 +167,5 @@ def edit(request: Request, letter_id: int, record: Annotated[str, Form()]) -> Re
         dlq.edit(console.ctx, letter_id, values)
     except (ValueError, SluiceError) as exc:
         found = dlq.show_letter(console.store, letter_id)
-        return render(
-            request,
-            "letter.html",
-            status_code=422,
-            letter=found,
-            record=found.pop("record", None),
-            editable=record,
-            notice=None,
-            problem=str(exc),
-        )
+        return _letter_page(request, found, editable=record, problem=str(exc), status_code=422)
     return _see_other(f"/letters/{letter_id}?done=edit")
