@@ -187,7 +187,7 @@ def test_every_metric_the_rules_and_dashboard_name_is_exported(
     workers.start_sqlite_writer()
     drain(ctx, "d1_usage")
     with served.serving(env.vars) as base:
-        code, body = served.get(base + "/metrics")
+        code, body = served.get(base.rstrip("/") + "/metrics")
     assert code == 200, body
     exported = exported_names(body)
     named = set(METRIC.findall(RULES.read_text())) | {
