@@ -98,5 +98,8 @@ def test_poison_then_replay_brings_records_in_once(env: Env) -> None:
         pg_scalar(env.pg_url, "SELECT count(*) FROM failed_ingestions WHERE status = 'pending'")
         == 0
     )
-    discarded = sluice("dlq", "discard", "--status", "all", env=env.vars).stdout
+    # Every letter at once only when asked for in so many words.
+    refused = sluice("dlq", "discard", "--status", "all", env=env.vars)
+    assert refused.returncode == 2 and "--all" in refused.stderr
+    discarded = sluice("dlq", "discard", "--status", "all", "--all", env=env.vars).stdout
     assert "discarded 3 dead letter(s)" in discarded
