@@ -27,6 +27,7 @@ from typing import Any
 import redis
 from celery import Task
 
+from sluice.shared import ingest_delay
 from sluice.shared.acknowledge import acknowledge_page
 from sluice.shared.celery_app import app
 from sluice.shared.context import Context
@@ -118,6 +119,9 @@ def ingest(self: Task, body: object) -> dict[str, Any]:
         log.error("page %s to %s failed: %s", page.id, page.sink, exc)
         rejected += [Rejected(r, None, str(exc), type(exc).__name__) for r in rows]
         result = WriteResult(0, 0)
+    else:
+        if page.op != "delete" and not result.already_committed:
+            _observe_delay(ctx, stream, page.sink, rows)
 
     if rejected:
         # The page waits for its letters: held before they are sent, released once stored.
@@ -139,6 +143,17 @@ def ingest(self: Task, body: object) -> dict[str, Any]:
         "dead_letters": len(rejected),
         "ms": round((time.perf_counter() - t0) * 1000, 2),
     }
+
+
+def _observe_delay(ctx: Context, stream: Stream, sink: str, rows: Sequence[Sequence[Any]]) -> None:
+    """Count the page's ingest delays (commit time - record time) where `sluice serve` reads
+    them. A metric is not worth failing a committed page for: a Redis error is logged."""
+    try:
+        ingest_delay.record(
+            ctx.redis, stream.name, sink, ingest_delay.observe(stream, rows, datetime.now(UTC))
+        )
+    except redis.RedisError as exc:
+        log.warning("page to %s: ingest delay not recorded: %s", sink, exc)
 
 
 def _orders(page: Page) -> Sequence[int | None]:

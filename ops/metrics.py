@@ -4,11 +4,12 @@ Nothing is counted in process memory: every counter is a sum over the sinks' own
 tables (PostgreSQL for the postgres sink, the SQLite file for the sqlite sink), written in the
 same transaction as the records. So the counters survive worker restarts, never count a page
 twice (a redelivered page finds its row and adds nothing), and any number of `sluice serve`
-processes report the same values.
+processes report the same values. The one exception is the ingest delay histogram, observed per
+record as each page commits: the workers add it up in Redis (shared/ingest_delay.py).
 
 Cost: each scrape aggregates the whole `ingestion_runs` table of each sink once (one row per page
-per sink: about 1,000 rows per million records at the default page size), plus max() over the
-stream's time column for the lag, and a count of a local D1 source's backlog. That is
+per sink: about 1,000 rows per million records at the default page size), plus a count and
+min() over a local D1 source's unprocessed rows (one row read on a remote D1). That is
 milliseconds for millions of records and grows linearly. `sluice prune` keeps the tables short
 (`[retention] runs_days`): the pages and runs it removes are counted from their daily totals.
 
@@ -24,7 +25,8 @@ milliseconds for millions of records and grows linearly. `sluice prune` keeps th
 | sluice_page_seconds | histogram: committed_at - started_at per page | stream, sink |
 | sluice_dead_letters_pending | gauge | stream, sink, error_class |
 | sluice_source_runs_total | counter | source, status |
-| sluice_source_lag_seconds | gauge: now - newest event (D1) or cursor (HTTP) | source, stream |
+| sluice_source_backlog_age_seconds | gauge: oldest item still to process, 0: caught up | source |
+| sluice_ingest_delay_seconds | histogram: commit time - record time, per record | stream, sink |
 | sluice_source_last_commit_timestamp_seconds | gauge | source |
 | sluice_source_unprocessed_rows | gauge (local D1 sources) | source |
 | sluice_source_pages_in_flight | gauge | source |
@@ -65,6 +67,7 @@ from sluice.ops.status import (
     sqlite_reader,
     uses_postgres,
 )
+from sluice.shared import ingest_delay
 from sluice.shared.context import Context
 
 log = logging.getLogger("sluice.metrics")
@@ -236,6 +239,7 @@ class SluiceCollector(Collector):
             if lite is not None:
                 totals["sqlite"] = lite
         yield from self._runs(totals)
+        yield from self._ingest_delays(up)
 
         state = self._read(up, "state", self._state)
         if state is not None:
@@ -329,12 +333,28 @@ class SluiceCollector(Collector):
             runs.add_metric([source, status], float(n))
         yield runs
 
+    def _ingest_delays(self, up: GaugeMetricFamily) -> Iterator[Metric]:
+        """The histogram the consumers keep in Redis (shared/ingest_delay.py)."""
+        found = self._read(up, "ingest_delay", lambda: ingest_delay.read(self.ctx.redis))
+        if found is None:
+            return
+        hist = HistogramMetricFamily(
+            "sluice_ingest_delay_seconds",
+            "Ingest delay per record: from its own time (its stream's first timestamp column)"
+            " to the commit of its page in the sink",
+            labels=["stream", "sink"],
+        )
+        for (stream, sink), h in sorted(found.items()):
+            hist.add_metric([stream, sink], h.cumulative(), h.total)
+        yield hist
+
     def _sources(self, up: GaugeMetricFamily, pg_up: bool, state_up: bool) -> Iterator[Metric]:
-        lag = GaugeMetricFamily(
-            "sluice_source_lag_seconds",
-            "Now minus the newest event time committed for the source's stream (D1 sources),"
-            " or minus its partition cursor furthest behind (HTTP sources)",
-            labels=["source", "stream"],
+        age = GaugeMetricFamily(
+            "sluice_source_backlog_age_seconds",
+            "Age of the oldest item the source has not processed yet, 0 when caught up: a D1"
+            " table's oldest unprocessed row (its event time), an HTTP source's cursor furthest"
+            " behind, a KV migration still running (since it started)",
+            labels=["source"],
         )
         commit = GaugeMetricFamily(
             "sluice_source_last_commit_timestamp_seconds",
@@ -365,12 +385,15 @@ class SluiceCollector(Collector):
             self.state if state_up else None,
             errors,
             runs=False,
+            lag=False,
         )
+        for name, s in sources.items():
+            errors.update({f"{fact}:{name}": message for fact, message in s.errors.items()})
         for part, message in errors.items():
             log.warning("metrics: cannot read %s: %s", part, message)
         for name, s in sources.items():
-            if s.lag_seconds is not None:
-                lag.add_metric([name, s.stream], s.lag_seconds)
+            if s.backlog_age_seconds is not None:
+                age.add_metric([name], s.backlog_age_seconds)
             if s.last_commit is not None:
                 commit.add_metric([name], s.last_commit.timestamp())
             if s.unprocessed is not None:
@@ -379,7 +402,7 @@ class SluiceCollector(Collector):
                 flight.add_metric([name], float(s.pages_in_flight))
                 oldest.add_metric([name], s.oldest_in_flight_seconds or 0.0)
         up.add_metric(["sources"], 0 if errors else 1)
-        yield from (lag, commit, backlog, flight, oldest)
+        yield from (age, commit, backlog, flight, oldest)
 
     def _d1_sizes(self, up: GaugeMetricFamily) -> Iterator[Metric]:
         size = GaugeMetricFamily(

@@ -41,13 +41,14 @@ from sluice.ops.status_report import (
     WorkerReport,
     render_status,
 )
+from sluice.ops.workers import role_of
 from sluice.producers.registry import open_source
 from sluice.producers.source import SourceStatus
-from sluice.shared.celery_app import QUEUES
+from sluice.shared.celery_app import QUEUES, ingest_queue
 from sluice.shared.context import Context
 from sluice.shared.database import postgres_engine, quote
 from sluice.shared.errors import SluiceError
-from sluice.shared.settings import Settings
+from sluice.shared.settings import SINK_NAMES, Settings
 from sluice.shared.state import StateStore, sqlite_engine, state_kind
 from sluice.shared.streams import Stream
 
@@ -358,11 +359,17 @@ def collect_sources(
     errors: dict[str, str],
     *,
     runs: bool = True,
+    lag: bool = True,
 ) -> dict[str, SourceReport]:
     """Each configured source, of every kind, by name. `pg` is None when PostgreSQL is
     unreachable (or not used), `store` when the state store is: what lives there (runs,
     cursors, and lag and commit when the stream goes to PostgreSQL) is then unknown (None).
-    `runs=False` leaves out each source's last run (the metrics count runs themselves).
+    `runs=False` leaves out each source's last run (the metrics count runs themselves);
+    `lag=False` the newest event time of each stream (a max() over its table).
+
+    What cannot be read of one source is kept with it (`SourceReport.errors`), so one source
+    that cannot be opened leaves the others; `errors` gets what belongs to a stream. Each
+    source's backlog age is what its kind says of its oldest item still to process.
 
     Lag is measured as the source's kind says: for a source that owns its stream (D1), now
     minus the newest event time committed for the stream; for one that shares it (HTTP), now
@@ -376,19 +383,20 @@ def collect_sources(
         report = SourceReport(name=name, kind=cfg.kind, stream=stream.name)
         if in_sink:
             report.last_commit = _part(
-                errors, f"commit:{name}", partial(last_commit, ctx, pg, stream, name)
+                report.errors, "commit", partial(last_commit, ctx, pg, stream, name)
             )
             report.last_commit_seconds_ago = _seconds_since(now, report.last_commit)
-        in_flight = _part(errors, f"in_flight:{name}", partial(_in_flight, ctx, name))
+        in_flight = _part(report.errors, "in_flight", partial(_in_flight, ctx, name))
         if in_flight is not None:
             count, age = in_flight
             report.pages_in_flight = count
             report.oldest_in_flight_seconds = round(age, 1) if age is not None else None
-        own = _part(errors, f"source:{name}", partial(source_status, ctx.settings, name, store))
+        own = _part(report.errors, "source", partial(source_status, ctx.settings, name, store))
         if own is not None:
             report.own = own
-            errors.update({f"{fact}:{name}": msg for fact, msg in own.errors.items()})
-            if own.lag_from == "stream":
+            report.errors.update(own.errors)
+            report.backlog_age_seconds = own.backlog_age(now)
+            if own.lag_from == "stream" and lag:
                 if stream.name not in newest:  # sources of one stream read it once
                     newest[stream.name] = (
                         _part(
@@ -406,7 +414,7 @@ def collect_sources(
             elif own.lag_from == "cursors":
                 report.lag_seconds = cursor_lag(now, own.cursors)
         if runs and store is not None:
-            report.last_run = _part(errors, f"last_run:{name}", partial(last_run, store, name))
+            report.last_run = _part(report.errors, "last_run", partial(last_run, store, name))
         out[name] = report
     return out
 
@@ -452,6 +460,7 @@ def workers_online(
             pid=st.get("pid"),
             uptime_seconds=st.get("uptime"),
             tasks=sum((st.get("total") or {}).values()),
+            role=role_of(node),
         )
     return out
 
@@ -462,6 +471,24 @@ def workers_online(
 def _ping(engine: Engine) -> None:
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
+
+
+def _ping_sqlite(path: Path) -> None:
+    conn = sqlite_reader(path)  # never creates the file
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    finally:
+        conn.close()
+
+
+def queues_needed(settings: Settings) -> list[str]:
+    """The queues some worker must consume for this configuration: each sink's a stream
+    writes to, dead letters and acknowledgements, and `produce` when a source is scheduled."""
+    needed = [ingest_queue(s) for s in SINK_NAMES if s in settings.sinks_fed]
+    needed += ["dead_letter", "progress"]
+    if any(getattr(cfg, "schedule", None) for cfg in settings.sources.values()):
+        needed.append("produce")
+    return needed
 
 
 def collect_status(
@@ -475,18 +502,33 @@ def collect_status(
         eng = ops_engine(ctx.postgres_url)
     store = ops_state(ctx.settings, eng)
     report = StatusReport(
-        time=datetime.now(UTC), broker=broker_kind(ctx.broker_url), state=store.name
+        time=datetime.now(UTC),
+        broker=broker_kind(ctx.broker_url),
+        state=store.name,
+        queues_needed=queues_needed(ctx.settings),
     )
+    down = report.unreachable
     try:
         with ThreadPoolExecutor(1) as pool:
             # The workers' broadcast waits `timeout`; read the databases meanwhile.
             workers = pool.submit(workers_online, app, timeout)
             report.queues = _part(errors, "queues", lambda: broker_queue_depths(ctx))
+            if report.queues is None:
+                down[report.broker_name] = errors["queues"]
             if eng is not None:
                 _part(errors, "postgres", partial(_ping, eng))
+                if "postgres" in errors:
+                    down["postgres"] = errors["postgres"]
             pg = None if eng is None or "postgres" in errors else eng
             if store.dialect == "sqlite":
-                _part(errors, "state", partial(_ping, store.engine))
+                # Through a reader that never creates the file (the store's engine would).
+                _part(errors, "state", partial(_ping_sqlite, ctx.settings.sqlite_path))
+                if "state" in errors:
+                    down["sqlite"] = errors["state"]
+            elif "sqlite" in ctx.settings.sinks_fed:
+                _part(errors, "sqlite", partial(_ping_sqlite, ctx.settings.sqlite_path))
+                if "sqlite" in errors:
+                    down["sqlite"] = errors["sqlite"]
             state_up = "state" not in errors and (store.dialect == "sqlite" or pg is not None)
             if state_up:
                 report.dead_letters = _part(
@@ -494,6 +536,10 @@ def collect_status(
                 )
                 report.prunes = _part(errors, "prunes", partial(last_prunes, store))
             report.sources = collect_sources(ctx, pg, store if state_up else None, errors)
+            if not state_up:
+                why = report.unknown_because(store.name) or f"{store.name} unreadable"
+                for source in report.sources.values():
+                    source.runs_unknown = why
             report.workers = _part(errors, "workers", workers.result)
     finally:
         if store.dialect == "sqlite":

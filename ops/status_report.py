@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from sluice.ops.workers import role_of
 from sluice.producers.source import SourceStatus
 
 
@@ -97,11 +98,22 @@ class SourceReport:
     pages_in_flight: int | None = None
     oldest_in_flight_seconds: float | None = None
     last_run: LastRun | None = None
+    # Seconds since the oldest item still to process (0: caught up; None: unknown).
+    backlog_age_seconds: float | None = None
+    # Why the runs are unknown ("postgres unreachable"), rather than "never ran".
+    runs_unknown: str | None = None
+    # What could not be read of this source, by fact: shown with it, and a problem.
+    errors: dict[str, str] = field(default_factory=dict)
 
     @property
     def failed(self) -> bool:
         """Whether the source's latest run failed."""
         return self.last_run is not None and self.last_run.status == "failed"
+
+    @property
+    def unknown(self) -> dict[str, str]:
+        """Facts this process cannot know (no API token here), with why: not a problem."""
+        return dict(self.own.unknown) if self.own is not None else {}
 
     @property
     def unprocessed(self) -> int | None:
@@ -122,11 +134,16 @@ class SourceReport:
             if self.future_times:
                 out["future_times"] = self.future_times
         out.update(
+            backlog_age_seconds=self.backlog_age_seconds,
+            oldest_unprocessed=_iso(self.own.oldest_unprocessed) if self.own else None,
             last_commit=_iso(self.last_commit),
             last_commit_seconds_ago=self.last_commit_seconds_ago,
             pages_in_flight=self.pages_in_flight,
             oldest_in_flight_seconds=self.oldest_in_flight_seconds,
             last_run=self.last_run.as_dict() if self.last_run else None,
+            runs_unknown=self.runs_unknown,
+            errors=dict(self.errors),
+            unknown=self.unknown,
         )
         return out
 
@@ -143,10 +160,12 @@ class WorkerReport:
     pid: int | None
     uptime_seconds: float | None
     tasks: int
+    role: str = ""  # the node's name before @ (see ops/workers.py)
 
     def as_dict(self) -> dict[str, Any]:
         auto = self.autoscale
         return {
+            "role": self.role,
             "concurrency": self.concurrency,
             "max_concurrency": self.max_concurrency,
             "autoscale": {"max": auto[1], "min": auto[0]} if auto else None,
@@ -171,6 +190,10 @@ class StatusReport:
     sources: dict[str, SourceReport] = field(default_factory=dict)
     workers: dict[str, WorkerReport] | None = None
     errors: dict[str, str] = field(default_factory=dict)
+    # Stores that could not be reached, by name ("postgres", "redis", "sqlite"), with why.
+    unreachable: dict[str, str] = field(default_factory=dict)
+    # The queues the configuration needs a worker on (None: not known).
+    queues_needed: list[str] | None = None
     # The latest prune of each target (`sluice prune`), by target; None: not read.
     prunes: dict[str, dict[str, Any]] | None = None
 
@@ -180,10 +203,63 @@ class StatusReport:
             return None
         return sum(d.count for d in self.dead_letters)
 
+    def _explained(self) -> set[str]:
+        """Parts of `errors` already said by an unreachable store."""
+        parts = set(self.unreachable)
+        if self.broker_name in self.unreachable:
+            parts |= {"queues", "workers"}
+        if self.state in self.unreachable:
+            parts |= {"state", "dead_letters"}
+        return parts
+
+    @property
+    def broker_name(self) -> str:
+        """The broker as an operator names it: redis, rabbitmq, …"""
+        return "rabbitmq" if self.broker == "amqp" else self.broker
+
+    def unknown_because(self, *stores: str) -> str | None:
+        """Why a part is unknown ("postgres unreachable"), when one of `stores` is down."""
+        down = [s for s in stores if s in self.unreachable]
+        return f"{', '.join(down)} unreachable" if down else None
+
+    def consumers(self, queue: str) -> list[str]:
+        """The workers online that consume `queue`."""
+        return sorted(n for n, w in (self.workers or {}).items() if queue in w.queues)
+
+    @property
+    def roles(self) -> dict[str, list[str]]:
+        """Workers online by role: role → node names."""
+        out: dict[str, list[str]] = {}
+        for node, w in sorted((self.workers or {}).items()):
+            out.setdefault(w.role or role_of(node), []).append(node)
+        return dict(sorted(out.items()))
+
+    @property
+    def problems(self) -> list[str]:
+        """What is wrong, one line each: a store unreachable, a part that could not be read, a
+        source whose last run failed, dead letters pending, a queue no worker consumes."""
+        out = [f"{store} unreachable" for store in self.unreachable]
+        explained = self._explained()
+        out += [f"cannot read {part}" for part in self.errors if part not in explained]
+        for name, s in self.sources.items():
+            if s.failed:
+                out.append(f"source {name}: last run failed")
+            out += [f"source {name}: cannot read {fact}" for fact in s.errors]
+        pending = self.dead_letters_pending
+        if pending:
+            out.append(f"{pending} dead letters pending")
+        if self.workers is not None:
+            waiting = {q: d.total for q, d in (self.queues or {}).items() if d.total}
+            for q in sorted(set(self.queues_needed or ()) | set(waiting)):
+                if not self.consumers(q):
+                    held = f" ({waiting[q]} pages waiting)" if q in waiting else ""
+                    out.append(f"no worker consumes {q}{held}")
+        return out
+
     @property
     def ok(self) -> bool:
-        """False when a part could not be read or a source's latest run failed."""
-        return not self.errors and not any(s.failed for s in self.sources.values())
+        """True when nothing is wrong (`problems` is empty)."""
+        return not self.problems
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON document: `sluice status --json` and `/status`."""
@@ -204,6 +280,9 @@ class StatusReport:
             "workers": {node: w.as_dict() for node, w in self.workers.items()}
             if self.workers is not None
             else None,
+            "roles": self.roles if self.workers is not None else None,
+            "queues_needed": self.queues_needed,
+            "unreachable": dict(self.unreachable),
             "prunes": {
                 target: {**p, "started_at": _iso(p.get("started_at"))}
                 for target, p in self.prunes.items()
@@ -211,6 +290,7 @@ class StatusReport:
             if self.prunes is not None
             else None,
             "errors": dict(self.errors),
+            "problems": self.problems,
             "ok": self.ok,
         }
 
@@ -223,6 +303,9 @@ def render_status(report: StatusReport) -> str:
     parts = [_queues(report), _dead_letters(report), _sources(report), _workers(report)]
     if report.prunes:
         parts.append(_prunes(report))
+    problems = report.problems
+    if problems:
+        parts.append("\n".join(["problems:", *(f"  {p}" for p in problems)]))
     if report.errors:
         parts.append(_errors(report.errors))
     return "\n\n".join(parts)
@@ -249,7 +332,7 @@ def _age(report: StatusReport, then: datetime | None) -> str:
 
 def _queues(report: StatusReport) -> str:
     if report.queues is None:
-        return "queues: unavailable"
+        return f"queues: {_unknown(report, report.broker_name)}"
     lines = [f"{'queue':<18}{'waiting':>10}{'unacked':>10}{'total':>10}"]
     for q, d in report.queues.items():
         unacked = "?" if d.unacked is None else d.unacked
@@ -259,9 +342,15 @@ def _queues(report: StatusReport) -> str:
     return "\n".join(lines)
 
 
+def _unknown(report: StatusReport, *stores: str) -> str:
+    """ "unknown: postgres unreachable" when a store it needs is down, else "unavailable"."""
+    why = report.unknown_because(*stores)
+    return f"unknown: {why}" if why else "unavailable"
+
+
 def _dead_letters(report: StatusReport) -> str:
     if report.dead_letters is None:
-        return "dead letters pending: unavailable"
+        return f"dead letters pending: {_unknown(report, report.state)}"
     lines = [f"dead letters pending: {report.dead_letters_pending}"]
     if report.dead_letters:
         lines.append(f"  {'stream':<22}{'sink':<10}{'error':<26}{'count':>7}  newest")
@@ -277,13 +366,13 @@ def _sources(report: StatusReport) -> str:
     lines = [f"sources ({len(report.sources)})"]
     if report.sources:
         lines.append(
-            f"  {'source':<18}{'lag':>9}{'commit':>9}{'backlog':>9}{'flight':>7}  last run"
+            f"  {'source':<18}{'age':>9}{'commit':>9}{'backlog':>9}{'flight':>7}  last run"
         )
     for name, s in report.sources.items():
         backlog = "—" if s.unprocessed is None else s.unprocessed
         flight = "—" if s.pages_in_flight is None else s.pages_in_flight
         lines.append(
-            f"  {name:<18}{ago(s.lag_seconds):>9}{ago(s.last_commit_seconds_ago):>9}"
+            f"  {name:<18}{ago(s.backlog_age_seconds):>9}{ago(s.last_commit_seconds_ago):>9}"
             f"{backlog!s:>9}{flight!s:>7}  {_run_text(report, s)}"
         )
     return "\n".join(lines)
@@ -291,7 +380,9 @@ def _sources(report: StatusReport) -> str:
 
 def _run_text(report: StatusReport, s: SourceReport) -> str:
     run = s.last_run
-    if run is None:
+    if run is None and s.runs_unknown:
+        text = f"unknown: {s.runs_unknown}"
+    elif run is None:
         text = "never ran"
     else:
         took = f" in {run.seconds}s" if run.seconds is not None else ""
@@ -308,18 +399,28 @@ def _run_text(report: StatusReport, s: SourceReport) -> str:
     own = s.own.summary() if s.own is not None else None
     if own:
         text += f"; {own}"
+    for why in dict.fromkeys(s.unknown.values()):  # each reason once
+        text += f"; unknown here: {why}"
+    for fact, msg in s.errors.items():
+        first = msg.splitlines()[0] if msg else ""
+        text += f"; cannot read {fact}: {first[:80]}"
     return text
 
 
 def _workers(report: StatusReport) -> str:
     if report.workers is None:
-        return "workers: unavailable"
+        return f"workers: {_unknown(report, report.broker_name)}"
     lines = [f"workers online: {len(report.workers)}"]
-    for node, w in report.workers.items():
-        size = f"concurrency {w.concurrency}"
-        if w.autoscale:
-            size += f" (autoscale {w.autoscale[0]}..{w.autoscale[1]})"
-        lines.append(f"  {node:<32}{size:<32}{','.join(w.queues)}")
+    if report.workers:
+        lines.append(f"  {'role':<10}{'node':<32}{'pool':<28}queues")
+    for role, nodes in report.roles.items():
+        for node in nodes:
+            w = report.workers[node]
+            kind = (w.pool or "?").split(":", 1)[0].rsplit(".", 1)[-1]  # prefork, thread, …
+            size = f"{kind} {w.concurrency}"
+            if w.autoscale:
+                size += f" (autoscale {w.autoscale[0]}..{w.autoscale[1]})"
+            lines.append(f"  {role:<10}{node:<32}{size:<28}{','.join(w.queues)}")
     return "\n".join(lines)
 
 

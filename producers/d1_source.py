@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from sluice.producers.source import LagBasis, SourcePage, SourceStatus
 from sluice.shared.cloudflare import D1Client
 from sluice.shared.database import is_busy, quote, sqlite_connect
-from sluice.shared.errors import D1Error, SourceError, TransientSourceError
+from sluice.shared.errors import D1Error, MissingSecretError, SourceError, TransientSourceError
 from sluice.shared.settings import D1SourceConfig, Settings
 from sluice.shared.state import StateStore, open_state
 from sluice.shared.streams import Stream
@@ -180,8 +180,16 @@ _OVERREACH = "sluice: too many rows changed"
 
 
 class RemoteD1:
-    def __init__(self, client: D1Client) -> None:
-        self._client = client
+    """A remote D1 through its REST API. The client is made on first use, so a process without
+    the API token (an operator's `sluice status`) still opens the source and reports the facts
+    that need no request."""
+
+    def __init__(self, client: Callable[[], D1Client]) -> None:
+        self._make_client = client
+
+    @cached_property
+    def _client(self) -> D1Client:
+        return self._make_client()
 
     def query(self, sql: str, params: Sequence[object] = ()) -> list[dict[str, Any]]:
         return self._client.query(sql, params)
@@ -546,14 +554,32 @@ class D1Source:
 
     def status(self, state: StateStore | None) -> D1Status:
         """Mode and capture; the rows not processed yet of a local mark-mode table (a remote
-        one is not counted: D1 bills every row a count reads); the watermark cursor."""
+        one is not counted: D1 bills every row a count reads) and the event time of the oldest
+        (`oldest_unprocessed`); the watermark cursor."""
         out = D1Status(mode=self.cfg.mode, capture=self.cfg.capture)
-        if self.cfg.capture == "mark" and self.cfg.mode == "local":
-            sql = f"SELECT count(*) AS n FROM {self.table} WHERE processed_at IS NULL"
-            out.unprocessed = out.read("unprocessed", lambda: int(self.db.query(sql)[0]["n"]))
+        if self.cfg.capture == "mark":
+            out.read("unprocessed", lambda: self._backlog(out))
         if self.cfg.capture == "watermark" and state is not None:
             out.cursor = out.read("cursor", lambda: self.changes.cursor(state))
         return out
+
+    def _backlog(self, out: D1Status) -> None:
+        """Rows not processed yet: locally their count and least event time (the stream's first
+        timestamp column); on a remote D1, where every row read is billed, only the event time
+        of the first one found (arrival order, with an index on processed_at)."""
+        col = next((c.name for c in self.stream.columns if c.type == "timestamp"), None)
+        time_sql = quote(col) if col else "NULL"
+        pending = f"FROM {self.table} WHERE processed_at IS NULL"
+        if self.cfg.mode == "local":
+            found = self.db.query(f"SELECT count(*) AS n, min({time_sql}) AS t {pending}")[0]
+            out.unprocessed = int(found["n"])
+            out.caught_up = out.unprocessed == 0
+            oldest = found["t"] if out.unprocessed else None
+        else:
+            first = self.db.query(f"SELECT {time_sql} AS t {pending} LIMIT 1")
+            out.caught_up = not first
+            oldest = first[0]["t"] if first else None
+        out.oldest_unprocessed = event_time(oldest)
 
     def acknowledge(self, ack: Any) -> None:
         if isinstance(ack, dict) and "capture" in ack:
@@ -636,6 +662,21 @@ class D1Source:
             self.state.dispose()
 
 
+def event_time(value: Any) -> datetime | None:
+    """A row's event time as the table holds it (ISO-8601 text, naive meaning UTC, or epoch
+    seconds or milliseconds), in UTC; None when it is none of these."""
+    try:
+        if isinstance(value, str):
+            t = datetime.fromisoformat(value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            t = datetime.fromtimestamp(value / 1000 if abs(value) >= 1e11 else value, UTC)
+        else:
+            return None
+    except (ValueError, OverflowError, OSError):
+        return None
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
 def open_d1_source(name: str, cfg: D1SourceConfig, settings: Settings) -> D1Source:
     stream = settings.stream(cfg.stream)
     db: D1Database
@@ -647,16 +688,21 @@ def open_d1_source(name: str, cfg: D1SourceConfig, settings: Settings) -> D1Sour
             path = d1_path(Path(cfg.wrangler_state), cfg.database_id)
         db = LocalD1(path, settings.pipeline.sqlite_busy_timeout_ms)
     else:
-        token = settings.secret(cfg.api_token_env)
-        if not token:
-            raise SourceError(f"remote D1 needs an API token in ${cfg.api_token_env}", source=name)
         assert cfg.account_id and cfg.database_id
-        db = RemoteD1(
-            D1Client(
-                account_id=cfg.account_id,
-                database_id=cfg.database_id,
+        account_id, database_id = cfg.account_id, cfg.database_id
+
+        def client() -> D1Client:
+            token = settings.secret(cfg.api_token_env)
+            if not token:
+                raise MissingSecretError(
+                    f"remote D1 needs an API token in ${cfg.api_token_env}", source=name
+                )
+            return D1Client(
+                account_id=account_id,
+                database_id=database_id,
                 api_token=token,
                 base_url=cfg.base_url,
             )
-        )
+
+        db = RemoteD1(client)
     return D1Source(name, cfg, stream, db, settings)

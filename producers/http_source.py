@@ -398,6 +398,9 @@ class HttpSource:
         out = HttpStatus()
         if state is not None:
             out.cursors = out.read("cursor", lambda: CursorStore(state).get_all(self.name))
+        if out.cursors:
+            # What is still to read starts at the cursor furthest behind.
+            out.oldest_unprocessed = min(out.cursors.values())
         return out
 
     def close(self) -> None:

@@ -735,6 +735,11 @@ class KvSource:
                 return MigrationProgress.of(found) if found is not None else None
 
             out.migration = out.read("migration", migration)
+        m = out.migration
+        if m is not None:
+            # Keys not yet committed everywhere have waited since the migration started.
+            out.caught_up = m.status == "complete"
+            out.oldest_unprocessed = None if out.caught_up else m.started_at
         return out
 
     # -- the Source interface -----------------------------------------------------------------

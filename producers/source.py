@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
+from sluice.shared.errors import MissingSecretError
 from sluice.shared.state import StateStore
 from sluice.shared.streams import Stream
 
@@ -72,15 +73,35 @@ class SourceStatus:
     cursors: dict[str, datetime] | None = None
     # Rows the source holds and has not processed yet, when the kind can count them cheaply.
     unprocessed: int | None = None
+    # The time of the oldest item still to process: a D1 row's event time, an HTTP source's
+    # cursor furthest behind, the start of a KV migration still running. None when unknown,
+    # or when nothing waits (`caught_up`).
+    oldest_unprocessed: datetime | None = None
+    caught_up: bool = False
     errors: dict[str, str] = field(default_factory=dict)
+    # Facts this process cannot know (a remote database whose API token is not in its
+    # environment), by name, with why: shown, but not a failure of the source.
+    unknown: dict[str, str] = field(default_factory=dict)
 
     def read(self, fact: str, fn: Callable[[], T]) -> T | None:
         """`fn()`, or None with the error recorded under `fact`."""
         try:
             return fn()
+        except MissingSecretError as exc:
+            self.unknown[fact] = exc.message
+            return None
         except Exception as exc:
             self.errors[fact] = f"{type(exc).__name__}: {exc}".strip()
             return None
+
+    def backlog_age(self, now: datetime) -> float | None:
+        """Seconds since the oldest item still to process (0 when caught up; never negative,
+        whatever the source's clock; None when unknown)."""
+        if self.caught_up:
+            return 0.0
+        if self.oldest_unprocessed is None:
+            return None
+        return round(max(0.0, (now - self.oldest_unprocessed).total_seconds()), 1)
 
     def facts(self) -> dict[str, Any]:
         """The kind's own facts as JSON values, under the keys `sluice status --json` shows."""

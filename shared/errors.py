@@ -48,6 +48,11 @@ class TransientSourceError(SourceError):
     transient = True
 
 
+class MissingSecretError(SourceError):
+    """A remote source's secret (an API token) is not in this process's environment: what it
+    would read is unknown here, which is not a failure of the source where it runs."""
+
+
 class CloudflareError(SourceError):
     """A Cloudflare REST API answered with an error (HTTP status, Cloudflare code, message)."""
 

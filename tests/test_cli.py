@@ -69,7 +69,11 @@ def test_produce_and_status_json(env: Env) -> None:
     summary = json.loads(run.stdout)
     assert (summary["status"], summary["pages"], summary["records"]) == ("ok", 2, 1_000)
     status = sluice("status", "--json", env=env.vars)
-    assert status.returncode == 0, status.stderr
+    assert status.returncode == 1, status.stderr  # pages wait and no worker consumes them
+    assert (
+        "no worker consumes ingest.postgres (2 pages waiting)"
+        in json.loads(status.stdout)["problems"]
+    )
     queues = json.loads(status.stdout)["queues"]
     assert queues["ingest.postgres"] == {"waiting": 2, "unacked": 0, "total": 2}
     assert queues["ingest.sqlite"]["total"] == 2

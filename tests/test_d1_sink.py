@@ -558,8 +558,8 @@ max_batches = 20
         # streams would use, does not exist in this test).
         up = {s.labels["part"]: s.value for s in families["sluice_collector_up"].samples}
         assert up.pop("sqlite") == 0 and set(up.values()) == {1}, up
-        lag = families["sluice_source_lag_seconds"].samples
-        assert [s.labels["source"] for s in lag] == ["d1_usage"]
+        age = families["sluice_source_backlog_age_seconds"].samples
+        assert [(s.labels["source"], s.value) for s in age] == [("d1_usage", 0.0)]
 
         # The same rows again, in a fresh source file: all duplicates, nothing written twice.
         write_d1_file(source_db, 6_000)

@@ -17,6 +17,7 @@ from sluice.producers.http_source import floor_time
 from sluice.producers.produce import run_source
 from sluice.shared.celery_app import app
 from sluice.shared.database import postgres_engine
+from sluice.shared.migrations import migrate_sqlite
 from sluice.shared.settings import Settings
 from sluice.shared.state import StateStore
 from tests.conftest import Env
@@ -51,6 +52,7 @@ def test_status_metrics_and_config_check_show_http_sources(env: Env) -> None:
         env.write_config(d1_config(d1) + binance(fake.base_url, start))
         settings = Settings.load(env.vars)
         ctx = app.configure(settings)
+        migrate_sqlite(env.sqlite_path)  # the SQLite sink's file, which status reads
         assert set(settings.sources) == {"d1_usage", "bn"}
 
         check = sluice("config", "check", env=env.vars, timeout=60)
@@ -85,18 +87,21 @@ def test_status_metrics_and_config_check_show_http_sources(env: Env) -> None:
             assert set(bn["cursors"]) == {"BTCUSDT", "ETHUSDT"}
 
             text = generate_latest(registry_for(ctx, engine)).decode()
-            lag = [
+            # The backlog of an HTTP source starts at its cursor furthest behind.
+            age = [
                 line
                 for line in text.splitlines()
-                if line.startswith('sluice_source_lag_seconds{source="bn"')
+                if line.startswith('sluice_source_backlog_age_seconds{source="bn"}')
             ]
-            assert len(lag) == 1 and 3 * 3600 - 5 <= float(lag[0].split()[-1]) <= 3 * 3600 + 60
+            assert len(age) == 1 and 3 * 3600 - 5 <= float(age[0].split()[-1]) <= 3 * 3600 + 60
+            assert 3 * 3600 - 5 <= bn["backlog_age_seconds"] <= 3 * 3600 + 60
             assert 'sluice_source_pages_in_flight{source="bn"} 2.0' in text
             assert 'sluice_source_unprocessed_rows{source="d1_usage"} 100.0' in text
             assert 'sluice_source_unprocessed_rows{source="bn"}' not in text
 
             shown = sluice("status", env=env.vars, timeout=60)
-            assert shown.returncode == 0, shown.stderr
+            assert shown.returncode == 1, shown.stderr  # pages wait, and no worker runs
+            assert "no worker consumes ingest.postgres (2 pages waiting)" in shown.stdout
             assert "sources (2)" in shown.stdout
             assert any(line.strip().startswith("bn ") for line in shown.stdout.splitlines())
         finally:

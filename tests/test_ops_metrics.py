@@ -15,8 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sluice.ops.metrics import registry_for
 from sluice.ops.sample import write_d1_file
 from sluice.ops.serve import health
 from sluice.ops.workers import WorkerPool
@@ -159,7 +161,8 @@ def test_metrics_show_the_counts_of_a_finished_run(env: Env, workers: WorkerPool
             assert sample(m, "sluice_queue_depth", queue=q) == 0
         assert sample(m, "sluice_source_unprocessed_rows", source="d1_usage") == 0
         assert sample(m, "sluice_source_pages_in_flight", source="d1_usage") == 0
-        assert sample(m, "sluice_source_lag_seconds", source="d1_usage", stream=stream) > 0
+        assert sample(m, "sluice_source_backlog_age_seconds", source="d1_usage") == 0
+        assert not any(name == "sluice_source_lag_seconds" for name, _ in m)
         assert sample(m, "sluice_source_runs_total", source="d1_usage", status="ok") >= 2
 
         # Derived from the databases: stopping the workers changes nothing, and a second
@@ -182,6 +185,89 @@ def test_metrics_show_the_counts_of_a_finished_run(env: Env, workers: WorkerPool
         assert status["queues"]["ingest.postgres"]["total"] == 0
         assert status["dead_letters"]["pending"] == 2 * data.invalid
         assert status["sources"]["d1_usage"]["last_run"]["status"] == "ok"
+
+
+def observed(m: Samples, sink: str) -> dict[str, float]:
+    """The ingest delay histogram of usage_events in `sink`: cumulative count per bound."""
+    out = {
+        dict(labels)["le"]: v
+        for (name, labels), v in m.items()
+        if name == "sluice_ingest_delay_seconds_bucket"
+        and dict(labels)["sink"] == sink
+        and dict(labels)["stream"] == "usage_events"
+    }
+    out["count"] = sample(m, "sluice_ingest_delay_seconds_count", stream="usage_events", sink=sink)
+    out["sum"] = sample(m, "sluice_ingest_delay_seconds_sum", stream="usage_events", sink=sink)
+    return out
+
+
+def test_backlog_age_and_ingest_delay_read_true_values(env: Env, workers: WorkerPool) -> None:
+    """Rows written just now and ingested at once: no backlog, and delays of seconds. A row that
+    waits unprocessed: the backlog's age is its age, and its delay is counted when it lands."""
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 1_000)
+    lite = sqlite3.connect(d1)
+    with lite:  # every well-formed event time becomes "now", as for events arriving live
+        lite.execute(
+            "UPDATE usage_events SET timestamp = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+            " WHERE timestamp GLOB '[0-9][0-9][0-9][0-9]-*'"
+        )
+    env.write_config(d1_config(d1, page_size=250))
+    ctx = configure(env)
+    workers.start("pg", PG_QUEUES, 2)
+    workers.start_sqlite_writer()
+    drain(ctx, "d1_usage")
+
+    # The collector `sluice serve` registers, scraped in this process.
+    registry = registry_for(ctx)
+
+    def scrape_here() -> Samples:
+        out: Samples = {}
+        for family in text_string_to_metric_families(generate_latest(registry).decode()):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    m = scrape_here()
+    assert sample(m, "sluice_collector_up", part="ingest_delay") == 1
+    assert sample(m, "sluice_source_backlog_age_seconds", source="d1_usage") == 0
+    for sink in ("postgres", "sqlite"):
+        h = observed(m, sink)
+        # One observation per record written: at least every new key, at most every valid
+        # record received (repeats of a key within a page are written once).
+        totals = "SELECT sum(inserted) || ' ' || sum(received - invalid) FROM ingestion_runs"
+        found = (
+            pg_scalar(env.pg_url, f"{totals} WHERE sink = 'postgres'")
+            if sink == "postgres"
+            else sqlite_scalar(env.sqlite_path, totals)
+        )
+        inserted, valid = map(float, str(found).split())
+        assert 0 < inserted <= h["count"] <= valid
+        assert h["1.0"] <= h["60.0"] == h["count"]  # every record landed within a minute
+        assert h["+Inf"] == h["count"] and 0 <= h["sum"] / h["count"] < 60
+
+    # A row that arrived two hours ago and was never processed.
+    two_hours_ago = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-2 hours')"
+    with lite:
+        lite.execute(
+            "INSERT INTO usage_events (id, organisation_id, idempotency_key, metric_name,"
+            " metric_value, timestamp)"
+            f" VALUES ('late', 'org', 'late-1', 'm', 1, {two_hours_ago})"
+        )
+    m = scrape_here()
+    age = sample(m, "sluice_source_backlog_age_seconds", source="d1_usage")
+    assert 7200 <= age < 7200 + 60
+    before = {sink: observed(m, sink) for sink in ("postgres", "sqlite")}
+
+    drain(ctx, "d1_usage")
+    m = scrape_here()
+    assert sample(m, "sluice_source_backlog_age_seconds", source="d1_usage") == 0
+    for sink in ("postgres", "sqlite"):
+        h, was = observed(m, sink), before[sink]
+        assert h["count"] == was["count"] + 1
+        assert h["3600.0"] == was["3600.0"] and h["21600.0"] == was["21600.0"] + 1
+        assert 7200 <= h["sum"] - was["sum"] < 7200 + 120
+    lite.close()
 
 
 def test_health_names_a_stopped_postgres(env: Env) -> None:

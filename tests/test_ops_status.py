@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from sluice.shared.state import StateStore
 from tests.conftest import Env, _port_open
 from tests.helpers import d1_config, drain, pg_scalar
 from tests.test_cli import sluice
+from tests.test_worker_roles import wait_online
 
 PG_QUEUES = ["dead_letter", "ingest.postgres", "progress"]
 RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
@@ -50,7 +52,8 @@ def workers(env: Env) -> Iterator[WorkerPool]:
 
 
 def status_json(env: dict[str, str], code: int = 0) -> dict[str, object]:
-    """`sluice status --json`; it exits 1 when a part cannot be read or a source's run failed."""
+    """`sluice status --json`; it exits 1 when the report lists a problem, 3 when a store is
+    unreachable."""
     r = sluice("status", "--json", env=env, timeout=60)
     assert r.returncode == code, r.stderr
     doc: dict[str, object] = json.loads(r.stdout)
@@ -64,10 +67,16 @@ def test_status_during_and_after_a_run(env: Env, workers: WorkerPool) -> None:
     ctx = app.configure(Settings.load(env.vars))
     migrate_sqlite(env.sqlite_path)
 
-    # During: the run enqueued 6 pages per sink and no worker is up yet.
+    # During: the run enqueued 6 pages per sink and no worker is up yet: a problem, said.
     assert run_source(ctx, "d1_usage").pages == 6
-    doc = status_json(env.vars)
-    assert doc["errors"] == {} and doc["ok"] is True
+    doc = status_json(env.vars, code=1)
+    assert doc["errors"] == {} and doc["ok"] is False and doc["unreachable"] == {}
+    assert doc["problems"] == [
+        "no worker consumes dead_letter",
+        "no worker consumes ingest.postgres (6 pages waiting)",
+        "no worker consumes ingest.sqlite (6 pages waiting)",
+        "no worker consumes progress",
+    ]
     queues = doc["queues"]
     assert isinstance(queues, dict)
     assert queues["ingest.postgres"] == {"waiting": 6, "unacked": 0, "total": 6}
@@ -78,14 +87,20 @@ def test_status_during_and_after_a_run(env: Env, workers: WorkerPool) -> None:
     assert src["unprocessed"] == 3_000
     assert src["pages_in_flight"] == 6
     assert src["lag_seconds"] is None  # nothing committed yet
+    # The backlog's age: since the event time of the oldest row not processed yet.
+    oldest = sqlite3.connect(d1).execute("SELECT min(timestamp) FROM usage_events").fetchone()[0]
+    age = (datetime.now(UTC) - datetime.fromisoformat(oldest)).total_seconds()
+    assert age - 60 < src["backlog_age_seconds"] <= age
+    assert src["oldest_unprocessed"] == datetime.fromisoformat(oldest).isoformat()
     assert doc["workers"] == {}
     assert doc["dead_letters"] == {"pending": 0, "by_stream": []}
 
-    # After: workers drained everything; invalid rows are dead letters, once per sink.
-    workers.start("pg", PG_QUEUES, 2)
-    workers.start("lite", ["ingest.sqlite"], 1)
+    # After: workers drained everything; invalid rows are dead letters, once per sink, and
+    # pending dead letters are the one problem left.
+    workers.start("pg", PG_QUEUES, 2, by_role=True)
+    workers.start("lite", ["ingest.sqlite"], 1, by_role=True)
     drain(ctx, "d1_usage")
-    doc = status_json(env.vars)
+    doc = status_json(env.vars, code=1)
     assert doc["errors"] == {}
     assert all(q["total"] == 0 for q in doc["queues"].values())  # type: ignore[attr-defined]
     dl = doc["dead_letters"]
@@ -103,36 +118,103 @@ def test_status_during_and_after_a_run(env: Env, workers: WorkerPool) -> None:
     )
     assert got == expected
     assert {d["sink"] for d in dl["by_stream"]} == {"postgres", "sqlite"}
+    assert doc["problems"] == [f"{pending} dead letters pending"]
 
     src = doc["sources"]["d1_usage"]  # type: ignore[index]
     assert src["unprocessed"] == 0 and src["pages_in_flight"] == 0
+    assert src["backlog_age_seconds"] == 0 and src["oldest_unprocessed"] is None  # caught up
     assert src["last_run"]["status"] == "ok"
     assert src["lag_seconds"] > 0  # the sample's event times are in the past
     assert 0 <= src["last_commit_seconds_ago"] < 120
 
+    # Workers started with no --hostname are named, and listed, by role.
     host = socket.gethostname()
+    pg, lite = f"postgres@{host}", f"sqlite@{host}"
     w = doc["workers"]
     assert isinstance(w, dict)
-    assert set(w) == {f"pg@{host}", f"lite@{host}"}
-    assert w[f"pg@{host}"]["concurrency"] == 2
-    assert w[f"pg@{host}"]["queues"] == PG_QUEUES
-    assert w[f"lite@{host}"]["concurrency"] == 1
-    assert w[f"lite@{host}"]["queues"] == ["ingest.sqlite"]
+    assert set(w) == {pg, lite}
+    assert doc["roles"] == {"postgres": [pg], "sqlite": [lite]}
+    assert (w[pg]["role"], w[pg]["concurrency"], w[pg]["queues"]) == ("postgres", 2, PG_QUEUES)
+    assert (w[lite]["role"], w[lite]["concurrency"]) == ("sqlite", 1)
+    assert w[lite]["queues"] == ["ingest.sqlite"]
 
     text = sluice("status", env=env.vars, timeout=60)
-    assert text.returncode == 0, text.stderr
+    assert text.returncode == 1, text.stderr
     assert f"dead letters pending: {pending}" in text.stdout
     assert "workers online: 2" in text.stdout
+    lines = text.stdout.splitlines()
+    assert any(line.split()[:3] == ["postgres", pg, "prefork"] for line in lines)
+    assert any(line.split()[:2] == ["sqlite", lite] for line in lines)
+    assert text.stdout.rstrip().endswith(f"problems:\n  {pending} dead letters pending")
     assert "d1_usage" in text.stdout and "ingest.sqlite" in text.stdout
 
 
 def test_status_reports_what_it_can_when_postgres_is_down(env: Env) -> None:
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 10)
+    env.write_config(d1_config(d1))
+    migrate_sqlite(env.sqlite_path)
     down = dict(env.vars, SLUICE_POSTGRES_URL="postgresql://postgres@127.0.0.1:1/x")
-    doc = status_json(down, code=1)
+    doc = status_json(down, code=3)  # unreachable, not merely a problem
     assert "postgres" in doc["errors"]  # type: ignore[operator]
-    assert doc["ok"] is False
+    assert list(doc["unreachable"]) == ["postgres"]  # type: ignore[call-overload]
+    assert doc["ok"] is False and doc["problems"][0] == "postgres unreachable"  # type: ignore[index]
     assert doc["queues"] is not None and doc["workers"] == {}
     assert doc["dead_letters"] == {"pending": None, "by_stream": None}
+    src = doc["sources"]["d1_usage"]  # type: ignore[index]
+    assert src["last_run"] is None and src["runs_unknown"] == "postgres unreachable"
+    assert src["unprocessed"] == 10  # read from the source itself
+
+    text = sluice("status", env=down, timeout=60)
+    assert text.returncode == 3
+    assert "dead letters pending: unknown: postgres unreachable" in text.stdout
+    line = next(ln for ln in text.stdout.splitlines() if ln.startswith("  d1_usage "))
+    assert line.endswith("unknown: postgres unreachable") and "never ran" not in text.stdout
+
+
+def test_status_says_a_sqlite_state_store_is_unreachable(env: Env) -> None:
+    """A deployment without PostgreSQL keeps its runs in the SQLite file: when that file cannot
+    be read, the runs are unknown, not "never ran", and status exits 3."""
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 10)
+    env.vars.pop("SLUICE_POSTGRES_URL")
+    env.write_config(d1_config(d1) + '\n[streams.usage_events]\nsinks = ["sqlite"]\n')
+    gone = dict(env.vars, SLUICE_SQLITE_PATH=str(env.dir / "missing" / "sink.sqlite"))
+    doc = status_json(gone, code=3)
+    assert doc["state"] == "sqlite" and list(doc["unreachable"]) == ["sqlite"]  # type: ignore[call-overload]
+    assert doc["sources"]["d1_usage"]["runs_unknown"] == "sqlite unreachable"  # type: ignore[index]
+    assert not (env.dir / "missing").exists()  # status never creates the file
+
+
+def test_a_source_without_its_token_here_does_not_fail_status(
+    env: Env, workers: WorkerPool
+) -> None:
+    """A remote D1 source whose API token is only in the workers' environment: status opens it
+    all the same, says what it cannot know for that source alone, and exits 0."""
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 10)
+    env.write_config(
+        d1_config(d1)
+        + '\n[sources.remote]\nkind = "d1"\nstream = "usage_events"\nmode = "remote"\n'
+        'account_id = "acc"\ndatabase_id = "db"\napi_token_env = "SLUICE_TEST_NO_SUCH_TOKEN"\n'
+    )
+    migrate_sqlite(env.sqlite_path)
+    workers.start("pg", PG_QUEUES, 1, by_role=True)
+    workers.start("lite", ["ingest.sqlite"], 1, by_role=True)
+    app.configure(Settings.load(env.vars))
+    host = socket.gethostname()
+    wait_online([f"postgres@{host}", f"sqlite@{host}"])
+    doc = status_json(env.vars, code=0)
+    assert doc["problems"] == [] and doc["errors"] == {}
+    remote = doc["sources"]["remote"]  # type: ignore[index]
+    why = "remote D1 needs an API token in $SLUICE_TEST_NO_SUCH_TOKEN"
+    assert remote["unknown"] == {"unprocessed": why} and remote["errors"] == {}
+    assert remote["mode"] == "remote" and remote["backlog_age_seconds"] is None
+    assert doc["sources"]["d1_usage"]["unprocessed"] == 10  # type: ignore[index]
+    text = sluice("status", env=env.vars, timeout=60)
+    assert text.returncode == 0
+    line = next(ln for ln in text.stdout.splitlines() if ln.startswith("  remote "))
+    assert line.endswith(f"never ran; unknown here: {why}")
 
 
 @pytest.mark.skipif(not _port_open(5672), reason="no RabbitMQ on 127.0.0.1:5672")
@@ -166,10 +248,14 @@ def test_rabbitmq_queue_depths() -> None:
 
 @pytest.mark.skipif(not _port_open(5672), reason="no RabbitMQ on 127.0.0.1:5672")
 def test_status_with_a_rabbitmq_broker(env: Env) -> None:
-    # Page tracking stays on Redis (SLUICE_REDIS_URL); only reads are made on RabbitMQ.
-    doc = status_json(dict(env.vars, SLUICE_BROKER_URL=RABBITMQ, SLUICE_REDIS_URL=env.redis_url))
+    # Page tracking stays on Redis (SLUICE_REDIS_URL); only reads are made on RabbitMQ. No
+    # worker runs: that is the one problem.
+    migrate_sqlite(env.sqlite_path)
+    rabbit = dict(env.vars, SLUICE_BROKER_URL=RABBITMQ, SLUICE_REDIS_URL=env.redis_url)
+    doc = status_json(rabbit, code=1)
     assert doc["broker"] == "amqp"
-    assert doc["errors"] == {}
+    assert doc["errors"] == {} and doc["unreachable"] == {}
+    assert all(p.startswith("no worker consumes") for p in doc["problems"])  # type: ignore[attr-defined]
     queues = doc["queues"]
     assert isinstance(queues, dict)
     assert list(queues) == list(QUEUES)
@@ -219,8 +305,14 @@ def test_a_report_made_by_hand_renders_and_serialises_without_any_server() -> No
         name="usage",
         kind="d1",
         stream="usage_events",
-        own=D1Status(mode="local", capture="mark", unprocessed=10_000),
+        own=D1Status(
+            mode="local",
+            capture="mark",
+            unprocessed=10_000,
+            oldest_unprocessed=now - timedelta(hours=5),
+        ),
         lag_seconds=365 * 86400 + 22 * 3600.0,
+        backlog_age_seconds=5 * 3600.0,
         newest_record=now - timedelta(days=365, hours=22),
         last_commit=now - timedelta(seconds=2),
         last_commit_seconds_ago=2.0,
@@ -234,6 +326,7 @@ def test_a_report_made_by_hand_renders_and_serialises_without_any_server() -> No
         stream="historical_prices",
         own=HttpStatus(cursors={"BTCUSDT": now - timedelta(hours=3)}),
         lag_seconds=10_800.0,
+        backlog_age_seconds=10_800.0,
         pages_in_flight=0,
         oldest_in_flight_seconds=None,
     )
@@ -254,7 +347,15 @@ def test_a_report_made_by_hand_renders_and_serialises_without_any_server() -> No
         sources={"bot": bot, "prices": prices, "usage": usage},
         workers={
             "pg@vm": WorkerReport(
-                2, 2, None, "prefork", ["dead_letter", "ingest.postgres"], 7, 9.0, 3
+                2,
+                2,
+                None,
+                "celery.concurrency.prefork:TaskPool",
+                ["dead_letter", "ingest.postgres"],
+                7,
+                9.0,
+                3,
+                role="pg",
             )
         },
     )
@@ -268,8 +369,9 @@ def test_a_report_made_by_hand_renders_and_serialises_without_any_server() -> No
     assert "dead letters pending: 8" in lines
     assert "  usage_events          sqlite    ValidationError                 8  0s ago" in lines
     assert "sources (3)" in lines
+    assert "  source                  age   commit  backlog flight  last run" in lines
     assert (
-        "  usage               365d22h       2s    10000     10  ok 3s ago: 10 pages,"
+        "  usage                 5h00m       2s    10000     10  ok 3s ago: 10 pages,"
         " 10000 records in 0.393s"
     ) in lines
     assert "  prices                3h00m        —        —      0  never ran" in lines
@@ -277,6 +379,20 @@ def test_a_report_made_by_hand_renders_and_serialises_without_any_server() -> No
     assert "failed 2m00s ago: 0 pages, 0 records in 1.5s; 2 failed in 24h — boom" in bot_line
     assert bot_line.endswith("; migration complete: 5 keys, 9 records, 1 dead letters, pages 3/3")
     assert "workers online: 1" in lines and "errors:" not in lines
+    assert lines[lines.index("workers online: 1") + 2].split() == [
+        "pg",
+        "pg@vm",
+        "prefork",
+        "2",
+        "dead_letter,ingest.postgres",
+    ]
+    # What is wrong is listed: the failed run, the dead letters, a queue nobody consumes.
+    assert lines[lines.index("problems:") :] == [
+        "problems:",
+        "  source bot: last run failed",
+        "  8 dead letters pending",
+        "  no worker consumes ingest.sqlite (12 pages waiting)",
+    ]
 
     doc = json.loads(json.dumps(report.as_dict()))  # plain JSON values only
     assert doc["ok"] is False  # bot's last run failed
@@ -285,6 +401,9 @@ def test_a_report_made_by_hand_renders_and_serialises_without_any_server() -> No
     assert doc["sources"]["usage"]["unprocessed"] == 10_000
     assert doc["sources"]["usage"]["mode"] == "local"
     assert doc["sources"]["usage"]["newest_record"] == "2025-11-25T17:47:00+00:00"
+    assert doc["sources"]["usage"]["backlog_age_seconds"] == 18_000
+    assert doc["sources"]["usage"]["oldest_unprocessed"] == "2026-11-26T10:47:00+00:00"
+    assert doc["roles"] == {"pg": ["pg@vm"]}
     assert doc["sources"]["prices"]["cursors"] == {"BTCUSDT": "2026-11-26T12:47:00+00:00"}
     assert "unprocessed" not in doc["sources"]["prices"] and "mode" not in doc["sources"]["prices"]
     assert "lag_seconds" not in doc["sources"]["bot"]  # a one-time migration has no lag
@@ -295,8 +414,30 @@ def test_a_report_made_by_hand_renders_and_serialises_without_any_server() -> No
     unread = StatusReport(time=now, broker="amqp", state="sqlite", errors={"queues": "down\nmore"})
     text_ = render_status(unread)
     assert "queues: unavailable" in text_ and "dead letters pending: unavailable" in text_
-    assert text_.endswith("errors:\n  queues: down")
+    assert text_.endswith("problems:\n  cannot read queues\n\nerrors:\n  queues: down")
     assert not unread.ok and unread.as_dict()["queues"] is None
+
+    # A store that cannot be reached: what lives there is unknown, said as such.
+    cut = StatusReport(
+        time=now,
+        broker="redis",
+        state="postgres",
+        sources={
+            "usage": SourceReport(
+                "usage", "d1", "usage_events", runs_unknown="postgres unreachable"
+            )
+        },
+        unreachable={"postgres": "refused", "redis": "refused"},
+        errors={"postgres": "refused", "queues": "refused", "workers": "refused"},
+    )
+    shown = render_status(cut).splitlines()
+    assert shown[0] == "queues: unknown: redis unreachable"
+    assert "dead letters pending: unknown: postgres unreachable" in shown
+    assert "workers: unknown: redis unreachable" in shown
+    assert any(
+        ln.startswith("  usage ") and ln.endswith("unknown: postgres unreachable") for ln in shown
+    )
+    assert cut.problems == ["postgres unreachable", "redis unreachable"]
 
 
 def test_a_d1_source_reports_its_backlog_or_its_cursor(env: Env) -> None:

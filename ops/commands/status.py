@@ -22,8 +22,11 @@ def status(as_json: bool, timeout: float) -> ExitCode:
     """Show queues, dead letters, sources and workers.
 
     Queue depths (waiting and unacked), dead letters pending by stream and error, each
-    source's lag and last run, and the workers online. Each part is read on its own: one that
-    cannot be read is reported, and the rest still shown. Exits 1 when the report is not ok.
+    source's backlog age and last run, and the workers online by role. Each part is read on
+    its own: one that cannot be read is reported, and the rest still shown. Exits 3 when
+    PostgreSQL, the broker or the SQLite file cannot be reached (what lives there is shown as
+    unknown), 1 when the report lists a problem (a failed run, dead letters pending, a queue
+    no worker consumes, a part that cannot be read), 0 when it lists none.
 
     \b
     Examples:
@@ -35,4 +38,6 @@ def status(as_json: bool, timeout: float) -> ExitCode:
         print_json(report.as_dict())
     else:
         click.echo(render_status(report))
+    if report.unreachable:
+        return ExitCode.UNAVAILABLE
     return ExitCode.OK if report.ok else ExitCode.FAILED
