@@ -525,3 +525,24 @@ def test_expired_cache_rows_go(env: Env) -> None:
         "fresh",
     ]
     lite.close()
+
+
+def test_retention_overrides_name_d1_sources(env: Env) -> None:
+    env.write_config(
+        d1_config(env.dir / "d1.sqlite") + "\n[retention]\nsources = { nope = 2, d1_usage = 0 }\n"
+    )
+    r = sluice(env, "config", "check")
+    assert r.returncode == 2
+    assert "retention.sources.nope: not a configured D1 source (D1 sources: d1_usage)" in r.stderr
+
+
+def test_status_shows_the_last_prune_of_each_target(env: Env) -> None:
+    env.write_config(retention(letters_days=30, cache_days=2))
+    migrate_sqlite(env.sqlite_path)
+    code, _ = prune_json(env)
+    assert code == 0
+    text_ = sluice(env, "status").stdout
+    section = text_.split("last prunes", 1)[1]
+    for target in ("letters", "cache:postgres", "cache:sqlite"):
+        assert f"  {target}" in section and "ok" in section
+    assert "0 deleted, 0 kept" in section
