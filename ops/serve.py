@@ -18,11 +18,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import signal
 import socket
 import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
 from typing import Any
 
 import psycopg2
@@ -197,7 +199,16 @@ def serve(ctx: Context, app: Any, host: str, port: int, inspect_timeout: float =
     shown = f"[{host}]" if ":" in host else host
     print(f"sluice serve: http://{shown}:{bound}/ ({' '.join(ENDPOINTS[1:])})", flush=True)
     config = uvicorn.Config(web, log_level="warning", access_log=False, lifespan="on")
+    # uvicorn stops gracefully on SIGTERM or Ctrl-C, then raises the signal again for the
+    # handler in place before it: a no-op here, so a stop requested that way exits 0.
+    previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stopped(signum: int, frame: FrameType | None) -> None:
+    """The server has already stopped when this runs."""

@@ -1374,9 +1374,8 @@ def test_the_sqlite_writer_pod_serves_beside_its_file(
     tmp_path: Path, pg_url: str, redis_url: str
 ) -> None:
     docs = rendered("overlays/example")
-    pod = Pod(
-        docs, "sluice-sqlite-writer", tmp_path, {"broker-url": redis_url, "postgres-url": pg_url}
-    )
+    secrets = {"broker-url": redis_url, "postgres-url": pg_url, "console-token": "c" * 32}
+    pod = Pod(docs, "sluice-sqlite-writer", tmp_path, secrets)
     for init in pod.spec["initContainers"]:
         done = pod.run(init["name"])
         assert done.returncode == 0, f"{init['name']}: {done.stdout}{done.stderr}"
