@@ -27,3 +27,26 @@ CREATE INDEX IF NOT EXISTS idx_failed_ingestions_class_times
     ON failed_ingestions (status, error_class, first_failed_at, last_failed_at);
 -- A run's dead letters, by the pages it wrote.
 CREATE INDEX IF NOT EXISTS idx_failed_ingestions_page ON failed_ingestions (page_id);
+
+-- Text search in keys and errors (`--text`): trigram indexes, where the server has pg_trgm and
+-- lets this database create it; without them the search reads the letters it filters. The block
+-- is a quoted string (not $$) so that statement splitters that know only quotes keep it whole.
+DO '
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = ''pg_trgm'') THEN
+        BEGIN
+            CREATE EXTENSION IF NOT EXISTS pg_trgm;
+        EXCEPTION WHEN insufficient_privilege THEN
+            RAISE NOTICE ''pg_trgm not created (%): text search reads every letter'', SQLERRM;
+        END;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = ''pg_trgm'') THEN
+        CREATE INDEX IF NOT EXISTS idx_failed_ingestions_key_trgm
+            ON failed_ingestions USING gin (record_key gin_trgm_ops);
+        CREATE INDEX IF NOT EXISTS idx_failed_ingestions_class_trgm
+            ON failed_ingestions USING gin (error_class gin_trgm_ops);
+        CREATE INDEX IF NOT EXISTS idx_failed_ingestions_message_trgm
+            ON failed_ingestions USING gin (error_message gin_trgm_ops);
+    END IF;
+END
+';
