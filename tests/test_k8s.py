@@ -720,6 +720,11 @@ def check_queues(docs: list[Doc]) -> None:
         "d1": {ingest_queue("d1")},
     }
     assert queues == expected, f"worker roles and their queues: {queues}, expected {expected}"
+    from sluice.ops.workers import role_for_queues
+
+    for role, on in queues.items():  # the name `sluice worker` gives a worker of these queues
+        named = role_for_queues(sorted(on))
+        assert role == named, f"{role}@%h consumes {sorted(on)}: sluice worker names it {named}@%h"
     consumed = set().union(*queues.values())
     assert consumed == set(QUEUES), f"queues nobody consumes: {set(QUEUES) - consumed}"
 

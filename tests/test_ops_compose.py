@@ -21,6 +21,7 @@ import yaml
 
 from sluice.ops.cli import cli
 from sluice.ops.sample import write_d1_file
+from sluice.ops.workers import default_hostname
 from sluice.shared.migrations import migrate_sqlite
 from tests.conftest import Env
 from tests.helpers import d1_config
@@ -206,6 +207,8 @@ def test_every_service_restarts_and_reports_its_health(
     for name, node in NODES.items():
         command = services_[name]["command"]
         assert command[command.index("--hostname") + 1] == node, name
+        # The name `sluice worker` would give it by default: the role of its queues.
+        assert default_hostname(command[command.index("--queues") + 1].split(",")) == node, name
         test = services_[name]["healthcheck"]["test"]
         assert test[-1] == node, f"{name}: its healthcheck pings {test[-1]}, it runs as {node}"
         script = test[-2]
