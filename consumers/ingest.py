@@ -49,6 +49,10 @@ from sluice.shared.streams import Stream
 
 log = logging.getLogger("sluice.ingest")
 
+# The longest wait before a retry. The worker holds a page it retries later and keeps renewing
+# it (shared/heartbeat.py), so the wait need not stay under the broker's visibility timeout.
+RETRY_CAP_SECONDS = 300.0
+
 
 def backoff(attempt: int, cap: float) -> float:
     """Full jitter: uniform in [0, min(cap, 0.5 s · 2^attempt)] (spreads retries of many pages)."""
@@ -90,8 +94,7 @@ def ingest(self: Task, body: object) -> dict[str, Any]:
             result = sink.write(stream, rows, meta)
     except TransientSinkError as exc:
         if self.request.retries < max_retries:
-            cap = ctx.settings.pipeline.visibility_timeout / 10
-            delay = backoff(self.request.retries, cap)
+            delay = backoff(self.request.retries, RETRY_CAP_SECONDS)
             log.warning(
                 "page %s to %s: %s; retry %d/%d in %.1fs",
                 page.id,
@@ -202,8 +205,7 @@ def _waits_for_parent(stream: Stream, retries: int, fk_retries: int) -> bool:
 def _retry_for_parent(task: Task, page: Page, exc: ForeignKeyViolationError | Exception) -> Any:
     ctx = app.context
     retries = task.request.retries
-    cap = ctx.settings.pipeline.visibility_timeout / 10
-    delay = min(cap, ctx.settings.pipeline.fk_retry_seconds * 2**retries)
+    delay = min(RETRY_CAP_SECONDS, ctx.settings.pipeline.fk_retry_seconds * 2**retries)
     log.info(
         "page %s to %s: parent rows missing; retry %d in %.1fs",
         page.id,

@@ -48,6 +48,7 @@ from sluice.shared.celery_app import QUEUES, ingest_queue
 from sluice.shared.context import Context
 from sluice.shared.database import postgres_engine, quote
 from sluice.shared.errors import SluiceError
+from sluice.shared.redis_client import open_redis
 from sluice.shared.settings import SINK_NAMES, Settings
 from sluice.shared.state import StateStore, sqlite_engine, state_kind
 from sluice.shared.streams import Stream
@@ -109,7 +110,7 @@ def amqp_queue_depths(
 
 def broker_kind(url: str) -> str:
     scheme = url.split("://", 1)[0].split("+", 1)[0]
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in ("redis", "rediss", "unix", "sentinel"):
         return "redis"
     if scheme in ("amqp", "amqps", "pyamqp"):
         return "amqp"
@@ -133,7 +134,9 @@ def broker_queue_depths(ctx: Context) -> dict[str, QueueDepth]:
     tracking = ctx.settings.env.get("SLUICE_REDIS_URL")
     if not tracking or tracking == url:
         return _depths(queue_depths(ctx.redis))
-    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=CONNECT_TIMEOUT)
+    client = open_redis(
+        url, ctx.settings.broker_master, socket_timeout=10, socket_connect_timeout=CONNECT_TIMEOUT
+    )
     try:
         return _depths(queue_depths(client))
     finally:

@@ -48,6 +48,7 @@ from sluice.producers.rate_limit import Budget, SharedRateLimiter
 from sluice.producers.source import LagBasis, SourcePage, SourceReject, SourceStatus
 from sluice.shared.database import broker_url
 from sluice.shared.errors import HttpSourceError, SourceError, TransientSourceError
+from sluice.shared.redis_client import open_redis
 from sluice.shared.settings import HttpSourceConfig, Settings
 from sluice.shared.state import StateStore, open_state
 from sluice.shared.streams import Stream
@@ -221,7 +222,9 @@ class HttpSource:
     @cached_property
     def redis(self) -> redis.Redis:
         url = self.settings.env.get("SLUICE_REDIS_URL") or broker_url(self.settings)
-        return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10)
+        return open_redis(
+            url, self.settings.broker_master, socket_timeout=30, socket_connect_timeout=10
+        )
 
     @cached_property
     def limiter(self) -> SharedRateLimiter:

@@ -15,6 +15,7 @@ from typing import Any
 from celery.schedules import crontab
 
 from sluice.shared.errors import SluiceError
+from sluice.shared.redis_client import is_redis_url, redbeat_options
 from sluice.shared.settings import Settings
 
 BEAT_LOCK_TIMEOUT = 30  # seconds: a standby beat takes over this long after the active one died
@@ -70,20 +71,25 @@ def use_redbeat(
     *,
     lock_timeout: int = BEAT_LOCK_TIMEOUT,
     max_loop_interval: int = BEAT_MAX_LOOP_INTERVAL,
+    master_name: str | None = None,
 ) -> None:
-    """Configure the app's beat to keep `schedule` and its lock in Redis at `redis_url`."""
-    if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+    """Configure the app's beat to keep `schedule` and its lock in Redis at `redis_url` (a
+    sentinel:// URL with the master's name: the lock follows the master through a failover)."""
+    if not is_redis_url(redis_url):
         raise SluiceError(
             "sluice beat keeps its schedule and lock in Redis: set SLUICE_REDIS_URL when the"
             " broker is not Redis",
             broker=redis_url.split("://")[0],
         )
+    if master_name is None and getattr(app, "_context", None) is not None:
+        master_name = app.context.settings.broker_master
+    url, options = redbeat_options(redis_url, master_name)
     app.conf.update(
         beat_schedule=schedule,
         beat_scheduler="redbeat.RedBeatScheduler",
         beat_max_loop_interval=max_loop_interval,
-        redbeat_redis_url=redis_url,
-        redbeat_redis_options={"socket_connect_timeout": 10, "health_check_interval": 30},
+        redbeat_redis_url=url,
+        redbeat_redis_options=options,
         redbeat_key_prefix="sluice:redbeat",
         redbeat_lock_timeout=lock_timeout,
     )

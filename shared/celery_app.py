@@ -1,10 +1,12 @@
 """The Celery app: the one piece of module-level state, configured from Settings.
 
 Reliability settings: late acks so a page is acknowledged only after its commit; requeue when a
-pool process dies; a visibility timeout far above the longest page so Redis only redelivers what a
-dead worker held (Celery's Redis transport redelivers any message unacknowledged for that long,
-https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html). msgpack
-keeps page messages compact.
+pool process dies; a short visibility timeout that each live worker keeps renewing for the messages
+it holds (shared/heartbeat.py), so Redis redelivers only what a dead worker held, soon after it
+died (Celery's Redis transport redelivers any message unacknowledged for that long,
+https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html). A
+sentinel:// broker URL is followed to its current master (shared/redis_client.py). msgpack keeps
+page messages compact.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from celery import Celery, Task, signals
 from kombu import Queue
 
 from sluice.shared.context import Context, SourceOpener
+from sluice.shared.heartbeat import Heartbeat
 from sluice.shared.page import Page
+from sluice.shared.redis_client import is_sentinel
 from sluice.shared.settings import SINK_NAMES, Settings
 
 
@@ -73,16 +77,19 @@ class SluiceCelery(Celery):  # type: ignore[misc]
             self.amqp._producer_pool = None
         ctx = Context(settings, self._open_source)
         vt = settings.pipeline.visibility_timeout
+        transport: dict[str, Any] = {
+            "visibility_timeout": vt,
+            # Restore a dead worker's messages soon after the timeout (kombu 5.7 defaults
+            # sweep only about every 100 s).
+            "unacked_restore_interval": min(10, max(1, vt // 10)),
+            "unacked_restore_throttle": 1,
+        }
+        if is_sentinel(ctx.broker_url):
+            transport["master_name"] = settings.broker_master
         self.conf.update(
             broker_url=ctx.broker_url,
             broker_connection_retry_on_startup=True,
-            broker_transport_options={
-                "visibility_timeout": vt,
-                # Restore a dead worker's messages soon after the timeout (kombu 5.7 defaults
-                # sweep only about every 100 s).
-                "unacked_restore_interval": min(10, max(1, vt // 10)),
-                "unacked_restore_throttle": 1,
-            },
+            broker_transport_options=transport,
             task_serializer="msgpack",
             result_serializer="msgpack",
             accept_content=["msgpack", "json"],
@@ -122,6 +129,7 @@ app = SluiceCelery(
     ],
     task_cls=SluiceTask,
 )
+app.steps["consumer"].add(Heartbeat)
 
 
 @signals.worker_process_init.connect

@@ -17,6 +17,7 @@ from sluice.shared.database import broker_url, postgres_engine, postgres_url
 from sluice.shared.errors import SluiceError
 from sluice.shared.progress import Progress
 from sluice.shared.records import Validator
+from sluice.shared.redis_client import is_redis_url, open_redis
 from sluice.shared.settings import Settings
 from sluice.shared.sinks import Sink
 from sluice.shared.state import StateStore, open_state, state_kind
@@ -49,15 +50,25 @@ class Context:
 
     @cached_property
     def redis(self) -> redis.Redis:
-        url = self.settings.env.get("SLUICE_REDIS_URL") or self.broker_url
-        if not url.startswith(("redis://", "rediss://", "unix://")):
+        url = self.redis_url
+        if not is_redis_url(url):
             raise SluiceError(
                 "page tracking needs Redis: set SLUICE_REDIS_URL when the broker is not Redis",
                 broker=url.split("://")[0],
             )
-        return redis.Redis.from_url(
-            url, socket_timeout=30, socket_connect_timeout=10, health_check_interval=30
+        return open_redis(
+            url,
+            self.settings.broker_master,
+            socket_timeout=30,
+            socket_connect_timeout=10,
+            health_check_interval=30,
         )
+
+    @property
+    def redis_url(self) -> str:
+        """Where pages in flight, locks and rate limits are kept: SLUICE_REDIS_URL, else the
+        broker."""
+        return self.settings.env.get("SLUICE_REDIS_URL") or self.broker_url
 
     @cached_property
     def progress(self) -> Progress:

@@ -391,7 +391,9 @@ class StreamConfig(_Model):
 class PipelineConfig(_Model):
     page_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
     data_dir: str | None = None
-    visibility_timeout: Annotated[int, Field(ge=5)] = 3600
+    # How long after a worker's last heartbeat the pages it took go back to their queue: the
+    # worker renews them every sixth of this while it is alive, however long a page takes.
+    visibility_timeout: Annotated[int, Field(ge=5)] = 60
     # A page in flight longer than this is presumed lost and its rows are read again.
     inflight_lease: Annotated[float, Field(gt=0)] = 4 * 3600
     max_retries: Annotated[int, Field(ge=0, le=100)] = 8
@@ -443,8 +445,15 @@ class RetentionConfig(_Model):
         return any(days) or any(self.sources.values())
 
 
+class BrokerConfig(_Model):
+    # With a sentinel:// broker URL (or SLUICE_REDIS_URL): the name the sentinels monitor the
+    # master under. SLUICE_BROKER_MASTER overrides it.
+    master_name: str | None = None
+
+
 class FileConfig(_Model):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
     streams: dict[str, StreamConfig] = Field(default_factory=dict)
     sources: dict[str, AnySourceConfig] = Field(default_factory=dict)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
@@ -464,6 +473,7 @@ class Settings:
     env: Mapping[str, str] = field(repr=False, default_factory=dict)
     d1_sink: D1SinkConfig | None = None  # [sinks.d1]: the remote D1 sink, when configured
     retention: RetentionConfig = field(default_factory=lambda: RetentionConfig())
+    broker_master: str | None = None  # the Sentinel master's name, for sentinel:// URLs
 
     @property
     def sinks_used(self) -> tuple[str, ...]:
@@ -530,6 +540,7 @@ class Settings:
             env=env,
             d1_sink=cfg.sinks.d1,
             retention=cfg.retention,
+            broker_master=env.get("SLUICE_BROKER_MASTER") or cfg.broker.master_name,
         )
 
     def stream(self, name: str) -> Stream:

@@ -25,16 +25,17 @@ def d1_config(
     *,
     page_size: int = 500,
     max_batches: int = 10,
-    visibility_timeout: int = 3600,
+    visibility_timeout: int | None = None,
     max_retries: int = 8,
     inflight_lease: float = 14400,
     source: str = "d1_usage",
 ) -> str:
+    # No visibility timeout unless asked: the default, as deployed.
+    vt = "" if visibility_timeout is None else f"visibility_timeout = {visibility_timeout}\n"
     return f"""
 [pipeline]
 page_size = {page_size}
-visibility_timeout = {visibility_timeout}
-max_retries = {max_retries}
+{vt}max_retries = {max_retries}
 inflight_lease = {inflight_lease}
 
 [sources.{source}]
