@@ -6,7 +6,9 @@ operations through the same functions the CLI uses."""
 from __future__ import annotations
 
 import base64
+import json
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -68,6 +70,7 @@ class Deployment:
     settings: Settings
     url: str
     store_kind: str
+    d1: Path  # the D1 source's file
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
@@ -83,7 +86,7 @@ def deployment(request: pytest.FixtureRequest, env: Env) -> Iterator[Deployment]
     ctx = celery.configure(settings)
     web = create_app(ctx, celery, auth=ConsoleAuth(token=TOKEN, user="ops", password="pw"))
     with running(web) as url:
-        yield Deployment(settings, url, request.param)
+        yield Deployment(settings, url, request.param, d1)
     ctx.close()
 
 
@@ -325,3 +328,136 @@ def test_every_api_route_is_in_the_openapi_description(deployment: Deployment) -
     assert served and served <= described, served - described
     for _, path in served:
         assert path in web.text, path
+
+
+def form_token(html: str) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert found, html
+    return found.group(1)
+
+
+def test_a_letter_is_edited_or_fetched_again_from_its_page(deployment: Deployment) -> None:
+    d = deployment
+    sink = sink_of(d)
+    letters(d.settings, 2, "ValidationError", sink)
+    first, second = sorted(r["id"] for r in api(d, "/letters")["letters"])
+    s, _ = login(d)
+    page = s.get(f"{d.url}/letters/{first}", timeout=30)
+    assert page.status_code == 200 and "Edit and queue" in page.text
+    csrf = form_token(page.text)
+
+    # What the stream would refuse is shown with the form, and nothing is queued.
+    values = api(d, f"/letters/{first}")["record"]
+    record = dict(zip(values["columns"], values["row"], strict=True))
+    bad = s.post(
+        f"{d.url}/letters/{first}/edit",
+        data={"csrf_token": csrf, "record": json.dumps({**record, "metric_value": "lots"})},
+        timeout=30,
+    )
+    assert bad.status_code == 422 and "invalid" in bad.text and "nothing was queued" in bad.text
+    not_json = s.post(
+        f"{d.url}/letters/{first}/edit", data={"csrf_token": csrf, "record": "{"}, timeout=30
+    )
+    assert not_json.status_code == 422
+    assert api(d, f"/letters/{first}")["status"] == "pending"
+    good = s.post(
+        f"{d.url}/letters/{first}/edit",
+        data={"csrf_token": csrf, "record": json.dumps({**record, "metric_value": 1.5})},
+        timeout=30,
+    )
+    assert good.status_code == 200 and "Queued the edited record" in good.text
+    assert api(d, f"/letters/{first}")["status"] == "replayed"
+
+    # The D1 file still holds the second letter's key: read again, and queued.
+    key = api(d, f"/letters/{second}")["record_key"]
+    conn = sqlite3.connect(d.d1)
+    conn.execute("UPDATE usage_events SET idempotency_key = ? WHERE rowid = 1", (key,))
+    conn.commit()
+    conn.close()
+    fetched = s.post(f"{d.url}/letters/{second}/refetch", data={"csrf_token": csrf}, timeout=30)
+    assert fetched.status_code == 200, fetched.text
+    assert "Re-read the record from its source" in fetched.text
+    assert api(d, f"/letters/{second}")["status"] == "replayed"
+    # A key the source does not hold: said so, nothing changes.
+    from sluice.shared.state import open_state
+
+    store = open_state(d.settings)
+    row = valid_row(0)
+    row[3] = "idem_not_in_the_source"
+    write_letters(
+        store,
+        [
+            DeadLetter(
+                stream="usage_events",
+                sink=sink,
+                source="d1_usage",
+                page_id="p",
+                record_key="idem_not_in_the_source",
+                record=record_of_row(COLUMNS, row),
+                error_class="SchemaMismatch",
+                error_message="column metric_unit does not exist",
+            )
+        ],
+    )
+    store.dispose()
+    third = api(d, "/letters", error_class="SchemaMismatch")["letters"][0]["id"]
+    gone = post(d, f"/letters/{third}/refetch")
+    assert gone.status_code == 200 and gone.json()["missing"] and not gone.json()["refetched"]
+    page = s.post(f"{d.url}/letters/{third}/refetch", data={"csrf_token": csrf}, timeout=30)
+    assert page.status_code == 409 and "has no record with key" in page.text
+
+
+def test_a_cursor_reset_is_confirmed_and_a_backfill_is_followed(env: Env) -> None:
+    """An HTTP API source: the reset asks first; the backfill's run page shows its range."""
+    env.write_config(
+        """
+[sources.bn]
+kind = "binance"
+base_url = "http://127.0.0.1:9"
+symbols = ["BTCUSDT", "ETHUSDT"]
+interval = "1h"
+"""
+    )
+    settings = Settings.load(env.vars)
+    ctx = celery.configure(settings)
+    web = create_app(ctx, celery, auth=ConsoleAuth(token=TOKEN))
+    with running(web) as url:
+        d = Deployment(settings, url, "postgres", env.dir / "none")
+        s, csrf = login(d)
+        ask = s.post(
+            url + "/sources/bn/reset",
+            data={"csrf_token": csrf, "to": "2026-01-01T00:00:00Z"},
+            timeout=30,
+        )
+        assert ask.status_code == 200 and "Reset the cursor of bn?" in ask.text
+        assert api(d, "/runs")["runs"] == []  # nothing moved yet
+        from sluice.producers.cursors import CursorStore
+
+        assert CursorStore(ctx.state).get_all("bn") == {}
+        done = s.post(
+            url + "/sources/bn/reset",
+            data={"csrf_token": csrf, "to": "2026-01-01T00:00:00Z", "confirm": "yes"},
+            timeout=30,
+        )
+        assert done.status_code == 200 and "Reset the cursors of bn" in done.text
+        cursors = CursorStore(ctx.state).get_all("bn")
+        assert set(cursors) == {"BTCUSDT", "ETHUSDT"}
+        assert {c.isoformat() for c in cursors.values()} == {"2026-01-01T00:00:00+00:00"}
+        bad = s.post(url + "/sources/bn/reset", data={"csrf_token": csrf, "to": "soon"})
+        assert bad.status_code == 422 and "not an ISO-8601 time" in bad.text
+
+        started = s.post(
+            url + "/sources/bn/backfill",
+            data={"csrf_token": csrf, "start": "2026-01-01", "end": "2026-01-02"},
+            timeout=30,
+        )
+        assert started.status_code == 200 and "/runs/" in started.url
+        run_id = started.url.rsplit("/", 1)[1]
+        assert "2026-01-01T00:00:00Z → 2026-01-02T00:00:00Z" in started.text
+        progress = api(d, f"/backfills/{run_id}")
+        assert progress["status"] == "queued" and progress["source"] == "bn"
+        by_api = post(d, "/sources/bn/backfill", {"start": "2026-02-01", "end": "2026-01-01"})
+        assert by_api.status_code == 400 and "after its start" in by_api.json()["error"]
+        unconfirmed = post(d, "/sources/bn/reset", {"to": "2026-01-01T00:00:00Z"})
+        assert unconfirmed.status_code == 400 and "confirm" in unconfirmed.json()["error"]
+    ctx.close()

@@ -151,8 +151,9 @@ def letter(request: Request, letter_id: int, done: str | None = None) -> HTMLRes
 def refetch(request: Request, letter_id: int) -> Response:
     result = dlq.refetch(console_of(request).ctx, [letter_id])
     if letter_id not in result.refetched:
-        why = result.missing + result.invalid
-        detail = "; ".join(str(w.get("reason") or w) for w in why) or "nothing to re-read"
+        why = [f"the source has no record with key {m['key']!r}" for m in result.missing]
+        why += [f"the record read again is refused: {i['error']}" for i in result.invalid]
+        detail = "; ".join(why) or "nothing to re-read"
         raise HTTPException(409, f"could not re-fetch letter {letter_id}: {detail}")
     return _see_other(f"/letters/{letter_id}?done=refetch")
 
