@@ -212,6 +212,14 @@ class StatusReport:
             parts |= {"state", "dead_letters"}
         return parts
 
+    def source_errors(self, source: SourceReport) -> dict[str, str]:
+        """What could not be read of `source`, less what an unreachable store explains (its
+        pages in flight, kept in the Redis broker)."""
+        explained = (
+            {"in_flight"} if self.broker == "redis" and "redis" in self.unreachable else set()
+        )
+        return {f: m for f, m in source.errors.items() if f not in explained}
+
     @property
     def broker_name(self) -> str:
         """The broker as an operator names it: redis, rabbitmq, …"""
@@ -244,7 +252,7 @@ class StatusReport:
         for name, s in self.sources.items():
             if s.failed:
                 out.append(f"source {name}: last run failed")
-            out += [f"source {name}: cannot read {fact}" for fact in s.errors]
+            out += [f"source {name}: cannot read {fact}" for fact in self.source_errors(s)]
         pending = self.dead_letters_pending
         if pending:
             out.append(f"{pending} dead letters pending")
@@ -401,7 +409,7 @@ def _run_text(report: StatusReport, s: SourceReport) -> str:
         text += f"; {own}"
     for why in dict.fromkeys(s.unknown.values()):  # each reason once
         text += f"; unknown here: {why}"
-    for fact, msg in s.errors.items():
+    for fact, msg in report.source_errors(s).items():
         first = msg.splitlines()[0] if msg else ""
         text += f"; cannot read {fact}: {first[:80]}"
     return text

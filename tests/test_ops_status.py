@@ -172,6 +172,22 @@ def test_status_reports_what_it_can_when_postgres_is_down(env: Env) -> None:
     assert line.endswith("unknown: postgres unreachable") and "never ran" not in text.stdout
 
 
+def test_status_says_the_broker_is_unreachable(env: Env) -> None:
+    """Redis down: the queues, the workers and the pages in flight are unknown, said once."""
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 10)
+    env.write_config(d1_config(d1))
+    migrate_sqlite(env.sqlite_path)
+    down = dict(env.vars, SLUICE_BROKER_URL="redis://127.0.0.1:1/0")
+    text = sluice("status", env=down, timeout=120)
+    assert text.returncode == 3, text.stdout + text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0] == "queues: unknown: redis unreachable"
+    assert "workers: unknown: redis unreachable" in lines
+    assert "dead letters pending: 0" in lines  # PostgreSQL still answers
+    assert lines[lines.index("problems:") + 1 :][:2] == ["  redis unreachable", ""]
+
+
 def test_status_says_a_sqlite_state_store_is_unreachable(env: Env) -> None:
     """A deployment without PostgreSQL keeps its runs in the SQLite file: when that file cannot
     be read, the runs are unknown, not "never ran", and status exits 3."""
