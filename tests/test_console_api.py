@@ -461,3 +461,20 @@ interval = "1h"
         unconfirmed = post(d, "/sources/bn/reset", {"to": "2026-01-01T00:00:00Z"})
         assert unconfirmed.status_code == 400 and "confirm" in unconfirmed.json()["error"]
     ctx.close()
+
+
+def test_no_template_lets_data_through_unescaped() -> None:
+    """Autoescape is on for every template, and none marks a value safe or turns escaping off:
+    a record's text can never become markup."""
+    from sluice.ops.console.web import ENV
+
+    folder = Path(api_module.__file__).parent / "templates"
+    templates = sorted(folder.glob("*.html"))
+    assert len(templates) >= 10
+    for path in templates:
+        text = path.read_text()
+        for unsafe in ("|safe", "| safe", "autoescape false", "Markup(", "style="):
+            assert unsafe not in text, f"{path.name}: {unsafe}"
+        assert "<script>" not in text and "onclick" not in text, path.name  # CSP: no inline JS
+    assert ENV.autoescape is True
+    assert "&lt;b&gt;" in ENV.from_string("{{ v }}").render(v="<b>")

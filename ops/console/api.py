@@ -25,7 +25,6 @@ from sluice.ops.console.selection import LetterSelection
 from sluice.shared.controls import controls
 
 API = "/api/v1"
-OPENAPI_PATH = f"{API}/openapi.json"
 
 router = APIRouter(prefix=API, dependencies=[Depends(guard)])
 ConsoleDep = Annotated[Console, Depends(console_of)]

@@ -4,6 +4,8 @@ pages_sources the rest."""
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
@@ -15,6 +17,8 @@ from sluice.ops.console.web import render
 
 router = APIRouter(include_in_schema=False)
 protected = APIRouter(include_in_schema=False, dependencies=[Depends(guard)])
+
+FAILED_LOGIN_PAUSE = 1.0  # seconds
 
 
 def _see_other(url: str) -> RedirectResponse:
@@ -49,6 +53,8 @@ async def login(request: Request) -> Response:
     auth = console.auth
     ok = (bool(token) and auth.token_ok(token)) or (bool(user) and auth.password_ok(user, password))
     if not ok:
+        # A pause per wrong guess: guessing the token through the form is slow.
+        await asyncio.sleep(FAILED_LOGIN_PAUSE)
         return render(
             request,
             "login.html",
