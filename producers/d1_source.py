@@ -561,6 +561,8 @@ class D1Source:
             out.read("unprocessed", lambda: self._backlog(out))
         if self.cfg.capture == "watermark" and state is not None:
             out.cursor = out.read("cursor", lambda: self.changes.cursor(state))
+            if "cursor" not in out.errors:
+                out.read("backlog", lambda: self._after_watermark(out))
         return out
 
     def _backlog(self, out: D1Status) -> None:
@@ -580,6 +582,29 @@ class D1Source:
             out.caught_up = not first
             oldest = first[0]["t"] if first else None
         out.oldest_unprocessed = event_time(oldest)
+
+    def _after_watermark(self, out: D1Status) -> None:
+        """Watermark capture: the event time of the first row after the committed cursor (in
+        watermark order: one row read), or caught up when there is none."""
+        col = next((c.name for c in self.stream.columns if c.type == "timestamp"), None)
+        time_sql = quote(col) if col else "NULL"
+        mark = self.changes.column
+        by_rowid = self.cfg.watermark_column == "rowid"
+        at = out.cursor
+        if at is None:
+            where, params = f"{mark} IS NOT NULL", []
+        elif by_rowid or at[1] is None:
+            where, params = f"{mark} > ?", [at[0]]
+        else:
+            where = f"({mark} > ? OR ({mark} = ? AND {self.key} > ?))"
+            params = [at[0], at[0], at[1]]
+        order = mark if by_rowid else f"{mark}, {self.key}"
+        first = self.db.query(
+            f"SELECT {time_sql} AS t FROM {self.table} WHERE {where} ORDER BY {order} LIMIT 1",
+            params,
+        )
+        out.caught_up = not first
+        out.oldest_unprocessed = event_time(first[0]["t"]) if first else None
 
     def acknowledge(self, ack: Any) -> None:
         if isinstance(ack, dict) and "capture" in ack:

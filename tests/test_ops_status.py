@@ -472,10 +472,20 @@ def test_a_d1_source_reports_its_backlog_or_its_cursor(env: Env) -> None:
         assert isinstance(mark, D1Status) and mark.errors == {}
         assert (mark.unprocessed, mark.cursor, mark.lag_from) == (50, None, "stream")
         assert "cursor" not in mark.facts()
+        times = [
+            datetime.fromisoformat(t)
+            for (t,) in sqlite3.connect(d1).execute(
+                "SELECT timestamp FROM usage_events ORDER BY rowid"
+            )
+        ]
+        # Mark capture: the least event time of the rows not processed yet.
+        assert mark.oldest_unprocessed == min(times) and not mark.caught_up
 
         tail = source_status(settings, "tail", store)
         assert isinstance(tail, D1Status) and tail.errors == {}
         assert (tail.unprocessed, tail.cursor) == (None, None)
+        # Watermark capture, nothing committed yet: everything waits, from the first row.
+        assert tail.oldest_unprocessed == times[0] and not tail.caught_up
         with store.write() as conn:
             conn.execute(
                 text(
@@ -487,6 +497,12 @@ def test_a_d1_source_reports_its_backlog_or_its_cursor(env: Env) -> None:
         assert isinstance(tail, D1Status)
         assert tail.cursor == [7, None] and tail.facts()["cursor"] == [7, None]
         assert tail.facts()["unprocessed"] is None
+        assert tail.oldest_unprocessed == times[7]  # the first row after the cursor (rowid 8)
+        with store.write() as conn:
+            conn.execute(text("UPDATE source_progress SET cursor = '[50,null]'"))
+        tail = source_status(settings, "tail", store)
+        assert isinstance(tail, D1Status) and tail.caught_up
+        assert tail.backlog_age(datetime.now(UTC)) == 0
         # Without the state store, what lives there is unknown, not an error.
         unknown = source_status(settings, "tail", None)
         assert isinstance(unknown, D1Status) and unknown.cursor is None and not unknown.errors
