@@ -197,7 +197,7 @@ def serve(ctx: Context, app: Any, host: str, port: int, inspect_timeout: float =
     sock = bind(host, port)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    print(f"sluice serve: http://{shown}:{bound}/ ({' '.join(ENDPOINTS[1:])})", flush=True)
+    print(f"sluice serve: http://{shown}:{bound} ({' '.join(ENDPOINTS)})", flush=True)
     config = uvicorn.Config(web, log_level="warning", access_log=False, lifespan="on")
     # uvicorn stops gracefully on SIGTERM or Ctrl-C, then raises the signal again for the
     # handler in place before it: a no-op here, so a stop requested that way exits 0.
