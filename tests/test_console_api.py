@@ -478,3 +478,29 @@ def test_no_template_lets_data_through_unescaped() -> None:
         assert "<script>" not in text and "onclick" not in text, path.name  # CSP: no inline JS
     assert ENV.autoescape is True
     assert "&lt;b&gt;" in ENV.from_string("{{ v }}").render(v="<b>")
+
+
+def test_every_page_renders_on_either_store(deployment: Deployment) -> None:
+    d = deployment
+    letters(d.settings, 2, "OperationalError", sink_of(d))
+    run_id = post(d, "/sources/d1_usage/run").json()["run_id"]
+    letter_id = api(d, "/letters")["letters"][0]["id"]
+    for path, expected in [
+        ("/", "d1_usage"),
+        ("/letters", "OperationalError"),
+        (f"/letters/{letter_id}", "the sink refused it"),
+        ("/runs", run_id[:12]),
+        (f"/runs/{run_id}", "queued"),
+        ("/sources", "Run now"),
+        ("/api/v1/docs", "/api/v1/letters/groups"),
+    ]:
+        r = requests.get(d.url + path, headers=bearer(), timeout=60)
+        assert r.status_code == 200, (path, r.text[:500])
+        assert expected in r.text, path
+        assert r.headers["Content-Type"].startswith("text/html")
+    overview = requests.get(d.url + "/", headers=bearer(), timeout=60).text
+    assert f"state in {d.store_kind}" in overview
+    status = api(d, "/status")
+    assert status["state"] == d.store_kind
+    missing = requests.get(d.url + "/runs/nope", headers=bearer(), timeout=30)
+    assert missing.status_code == 400 and "no run with id" in missing.text
