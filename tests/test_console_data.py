@@ -4,6 +4,8 @@ and filtered; sources paused. Real databases, migrated as `sluice migrate` does.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,6 +19,8 @@ from sluice.shared.database import postgres_engine
 from sluice.shared.letters import DeadLetter, record_of_row, write_letters
 from sluice.shared.migrations import migrate_sqlite
 from sluice.shared.state import StateStore, sqlite_engine
+from tests.conftest import Env
+from tests.test_cli import sluice
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -242,3 +246,33 @@ def test_pause_is_kept_until_resumed(store: StateStore) -> None:
     assert control is not None and control.reason == "maintenance"
     set_paused(store, "usage", False)
     assert paused(store, "usage") is None
+
+
+def test_cli_pages_groups_and_dry_runs(env: Env) -> None:
+    env.write_config("")
+    store = StateStore(postgres_engine(env.pg_url))
+    fill(store, 30)
+    store.dispose()
+    first = sluice("dlq", "list", "--limit", "12", "--json", env=env.vars)
+    assert first.returncode == 0, first.stderr
+    rows = json.loads(first.stdout)
+    assert len(rows) == 12 and rows[0]["record_key"] == "key-29"
+    after = re.search(r"--after (\d+)", first.stderr)
+    assert after is not None
+    second = json.loads(
+        sluice("dlq", "list", "--limit", "12", "--after", after[1], "--json", env=env.vars).stdout
+    )
+    assert [r["record_key"] for r in second] == [f"key-{i}" for i in range(17, 5, -1)]
+    groups = sluice("dlq", "groups", env=env.vars).stdout.splitlines()
+    assert "error class" in groups[0]
+    assert groups[1].split()[0] == "20" and groups[1].endswith("ValidationError")
+    assert groups[2].split()[0] == "10" and groups[2].endswith("RejectedBySink")
+    assert "2026-01-01 00:00:00" in groups[2]  # the first RejectedBySink failure
+    dry = sluice("dlq", "discard", "--error-class", "RejectedBySink", "--dry-run", env=env.vars)
+    assert dry.stdout.strip() == "would discard 10 dead letter(s)"
+    nothing = sluice("dlq", "discard", env=env.vars)
+    assert nothing.returncode == 2 and "--all" in nothing.stderr
+    done = sluice("dlq", "discard", "--error-class", "RejectedBySink", "--json", env=env.vars)
+    assert json.loads(done.stdout) == {"discarded": 10, "dry_run": False}
+    left = json.loads(sluice("dlq", "groups", "--json", env=env.vars).stdout)
+    assert [(g["error_class"], g["count"]) for g in left] == [("ValidationError", 20)]
