@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sluice.ops.prune_sinks import KeyCheck, SinkUnavailableError
+from sluice.ops.prune_sinks import CACHE_MIB, KeyCheck, SinkUnavailableError
 from sluice.shared.cloudflare import MAX_BOUND_PARAMS, D1Client
 from sluice.shared.database import quote, sqlite_connect
 from sluice.shared.errors import D1Error, SourceError
@@ -106,7 +106,8 @@ class LocalTable(_Table):
     ) -> None:
         if not path.exists():
             raise SourceError(f"D1 file not found: {path}")
-        self.conn = sqlite_connect(path, busy_timeout_ms, cache_mib=16)
+        # Deleting in rowid order updates the key's index at random: a large cache keeps it.
+        self.conn = sqlite_connect(path, busy_timeout_ms, cache_mib=CACHE_MIB)
         rowid = True
         try:
             self.conn.execute(f"SELECT rowid FROM {quote(cfg.table or stream.table)} LIMIT 0")
