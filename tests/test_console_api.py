@@ -504,3 +504,24 @@ def test_every_page_renders_on_either_store(deployment: Deployment) -> None:
     assert status["state"] == d.store_kind
     missing = requests.get(d.url + "/runs/nope", headers=bearer(), timeout=30)
     assert missing.status_code == 400 and "no run with id" in missing.text
+
+
+def test_an_unreachable_state_store_is_said_in_one_line(env: Env) -> None:
+    """PostgreSQL down: the API answers 503 naming it, the pages say it, the overview still
+    shows what it could read; nothing answers with a traceback."""
+    env.write_config(d1_config(env.dir / "d1.sqlite"))
+    down = dict(env.vars, SLUICE_POSTGRES_URL="postgresql://postgres@127.0.0.1:1/sluice")
+    settings = Settings.load(down)
+    ctx = celery.configure(settings)
+    web = create_app(ctx, celery, auth=ConsoleAuth(token=TOKEN))
+    with running(web) as url:
+        r = requests.get(url + "/api/v1/letters", headers=bearer(), timeout=60)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"].startswith("cannot reach PostgreSQL")
+        page = requests.get(url + "/runs", headers=bearer(), timeout=60)
+        assert page.status_code == 503 and "cannot reach PostgreSQL" in page.text
+        assert "Traceback" not in page.text
+        overview = requests.get(url + "/", headers=bearer(), timeout=60)
+        assert overview.status_code == 200 and "Could not read everything" in overview.text
+        assert "postgres" in overview.text
+    ctx.close()

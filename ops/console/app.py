@@ -8,6 +8,7 @@ route but /health, /metrics, /login and the static files asks `guard` first: who
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -43,6 +44,7 @@ from sluice.shared.errors import SluiceError
 from sluice.shared.state import StateStore
 
 HERE = Path(__file__).resolve().parent
+log = logging.getLogger("sluice.console")
 
 #: No inline script or style, nothing from another origin, never inside a frame.
 CSP = (
@@ -145,6 +147,22 @@ def _error_json(code: int, message: str, headers: Mapping[str, str] | None = Non
     return JSONResponse({"error": message}, status_code=code, headers=dict(headers or {}))
 
 
+def _explained(request: Request, exc: BaseException) -> Response | None:
+    """The one-line explanation of an error a user can act on (see ops/commands/failures.py),
+    as JSON or a page: 503 for what is unreachable, 400 for what was asked wrong."""
+    from sluice.ops.commands.common import ExitCode
+    from sluice.ops.commands.failures import explain
+    from sluice.ops.console import web
+
+    found = explain(exc)
+    if found is None:
+        return None
+    code = 503 if found[0] == ExitCode.UNAVAILABLE else 400
+    if is_api(request) or request.url.path in ("/status", "/stats"):
+        return _error_json(code, found[1])
+    return web.error_page(request, code, found[1])
+
+
 def create_app(
     ctx: Context,
     celery: Any,
@@ -241,8 +259,18 @@ def create_app(
     @app.exception_handler(SluiceError)
     async def refused(request: Request, exc: SluiceError) -> Response:
         # Our own errors name what was wrong (an unknown source, a bad time): the user's to fix.
+        return _explained(request, exc) or _error_json(400, str(exc))
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception) -> Response:
+        # A database or broker that does not answer is said in one line (503), as the CLI says
+        # it; anything else is a bug: 500, its traceback in the log.
+        found = _explained(request, exc)
+        if found is not None:
+            return found
+        log.exception("%s %s failed", request.method, request.url.path)
         if is_api(request):
-            return _error_json(400, str(exc))
-        return web.error_page(request, 400, str(exc))
+            return _error_json(500, "internal error: see the sluice serve log")
+        return web.error_page(request, 500, "Internal error: see the sluice serve log.")
 
     return app
