@@ -546,3 +546,53 @@ def test_status_shows_the_last_prune_of_each_target(env: Env) -> None:
     for target in ("letters", "cache:postgres", "cache:sqlite"):
         assert f"  {target}" in section and "ok" in section
     assert "0 deleted, 0 kept" in section
+
+
+def test_prune_during_ingestion_with_a_sink_table_locked(env: Env, workers: WorkerPool) -> None:
+    """While real workers ingest new rows, PostgreSQL's table is locked (a long migration, say):
+    the prune cannot learn what that sink holds, keeps its batch and stops (exit 3); once the
+    lock is gone the ingestion completes and the next prune deletes what both sinks hold."""
+    ctx, sample, d1 = ingest(env, workers, 2_000, d1_days=7, batch_size=250, sink_timeout_seconds=1)
+    age(d1)
+    conn = sqlite3.connect(d1, isolation_level=None)
+    conn.execute(
+        "INSERT INTO usage_events (id, organisation_id, project_id, idempotency_key, metric_name,"
+        " metric_value, unit, \"timestamp\", metadata) SELECT id || '-new', organisation_id,"
+        " project_id, idempotency_key || '-new', metric_name, metric_value, unit, \"timestamp\","
+        " metadata FROM usage_events"
+    )
+    conn.close()
+    before = d1_rows(d1)
+    locker = psycopg2.connect(libpq_dsn(env.pg_url))
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            drain(ctx, "d1_usage", timeout=240)
+        except BaseException as exc:
+            errors.append(exc)
+
+    ingestion = threading.Thread(target=run)
+    try:
+        with locker.cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE")
+            ingestion.start()
+            code, out = prune_json(env, "--only", "d1")
+        locker.rollback()
+    finally:
+        locker.close()
+    assert code == 3, out
+    assert out["d1:d1_usage"]["deleted"] == 0 and out["d1:d1_usage"]["kept"] == 250
+    assert d1_rows(d1) == {i: v for i, v in d1_rows(d1).items() if i in before}
+    assert {i for i in before if i not in d1_rows(d1)} == set()
+    ingestion.join()
+    assert errors == []
+    code, out = prune_json(env, "--only", "d1")
+    assert code == 0, out
+    after = d1_rows(d1)
+    assert assert_deleted_only_what_sinks_hold(env, before, after) == out["d1:d1_usage"]["deleted"]
+    assert out["d1:d1_usage"]["deleted"] > 1_900
+    new = {i for i in before if i.endswith("-new")}
+    assert new <= set(after) and all(after[i][1] is not None for i in new)
+    assert {f"{k}-new" for k in sample.distinct_valid_keys} <= set(pg_keys(env.pg_url))
