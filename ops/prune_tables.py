@@ -16,7 +16,6 @@ from typing import Any
 
 from sqlalchemy import text
 
-from sluice.ops.metrics import BUCKETS
 from sluice.ops.prune_d1 import Tally
 from sluice.shared.state import StateStore
 
@@ -120,6 +119,10 @@ class Rollup:
         """The daily sums of the rows of `source` (a table or CTE name)."""
         le = ""
         if self.bucket:
+            # Imported here: the metrics pull in status and every source kind, which a worker
+            # loading the prune task does not need at start.
+            from sluice.ops.metrics import BUCKETS
+
             cases = " ".join(f"WHEN d <= {b!r} THEN '{b!r}'" for b in BUCKETS)
             le = f", CASE {cases} ELSE '+Inf' END AS le"
         grain = ", ".join(self._grain)
