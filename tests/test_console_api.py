@@ -282,7 +282,7 @@ def test_letters_filter_group_dry_run_and_discard(deployment: Deployment) -> Non
     shown = api(d, f"/letters/{one['id']}")
     assert shown["record"]["columns"] == list(COLUMNS)
     missing = requests.get(f"{d.url}/api/v1/letters/999999", headers=bearer(), timeout=30)
-    assert missing.status_code == 400 and "no dead letter" in missing.json()["error"]
+    assert missing.status_code == 404 and "no dead letter" in missing.json()["error"]
 
 
 def test_sources_pause_resume_run_and_runs(deployment: Deployment) -> None:
@@ -503,7 +503,7 @@ def test_every_page_renders_on_either_store(deployment: Deployment) -> None:
     status = api(d, "/status")
     assert status["state"] == d.store_kind
     missing = requests.get(d.url + "/runs/nope", headers=bearer(), timeout=30)
-    assert missing.status_code == 400 and "no run with id" in missing.text
+    assert missing.status_code == 404 and "no run with id" in missing.text
 
 
 def test_an_unreachable_state_store_is_said_in_one_line(env: Env) -> None:

@@ -123,7 +123,12 @@ def test_an_operator_works_the_console_in_chromium(env: Env) -> None:
 
     d1 = env.dir / "d1.sqlite"
     write_d1_file(d1, 1_000)
-    env.write_config(d1_config(d1, page_size=250))
+    # An HTTP API source beside it, never run here: the sources page then offers a cursor
+    # reset and a backfill (its screenshot shows them).
+    env.write_config(
+        d1_config(d1, page_size=250)
+        + '\n[sources.bn]\nkind = "binance"\nsymbols = ["BTCUSDT"]\nbase_url = "http://127.0.0.1:9"\n'
+    )
     migrate_sqlite(env.sqlite_path)
     settings = Settings.load(env.vars)
     replayed_keys, _ = letters(settings)

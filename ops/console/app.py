@@ -259,6 +259,14 @@ def create_app(
     @app.exception_handler(SluiceError)
     async def refused(request: Request, exc: SluiceError) -> Response:
         # Our own errors name what was wrong (an unknown source, a bad time): the user's to fix.
+        # A letter or run that does not exist is not found (404).
+        from sluice.ops.dlq import UnknownLettersError
+        from sluice.ops.runs import UnknownRunError
+
+        if isinstance(exc, UnknownLettersError | UnknownRunError):
+            if is_api(request):
+                return _error_json(404, str(exc))
+            return web.error_page(request, 404, str(exc))
         return _explained(request, exc) or _error_json(400, str(exc))
 
     @app.exception_handler(Exception)

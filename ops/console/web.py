@@ -87,5 +87,18 @@ def render(request: Request, template: str, status_code: int = 200, **context: A
     return HTMLResponse(page, status_code=status_code)
 
 
+TITLES = {
+    400: "Cannot do that",
+    401: "Not logged in",
+    403: "Refused",
+    404: "Not found",
+    409: "Could not do that",
+    422: "Invalid input",
+    500: "Internal error",
+    503: "Unavailable",
+}
+
+
 def error_page(request: Request, code: int, message: str) -> HTMLResponse:
-    return render(request, "error.html", status_code=code, code=code, message=message)
+    title = TITLES.get(code, "Error")
+    return render(request, "error.html", status_code=code, code=code, title=title, message=message)
