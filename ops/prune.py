@@ -128,13 +128,19 @@ def _jobs(
                 return _prune_d1(settings, name, cfg, cutoff, dry_run)
 
             jobs.append((f"d1:{name}", d1))
+    # Each kind's cutoff has a name of its own: the jobs run after this function returns.
+    letters_cutoff = now - r.letters_days * DAY
+    runs_cutoff = now - r.runs_days * DAY
     if "letters" in wanted and r.letters_days:
-        cutoff = now - r.letters_days * DAY
-        jobs.append(("letters", lambda: prune_letters(stores.get("state"), cutoff, size, dry_run)))
-    if "runs" in wanted and r.runs_days:
-        cutoff = now - r.runs_days * DAY
         jobs.append(
-            ("source_runs", lambda: SOURCE_RUNS.prune(stores.get("state"), cutoff, size, dry_run))
+            ("letters", lambda: prune_letters(stores.get("state"), letters_cutoff, size, dry_run))
+        )
+    if "runs" in wanted and r.runs_days:
+        jobs.append(
+            (
+                "source_runs",
+                lambda: SOURCE_RUNS.prune(stores.get("state"), runs_cutoff, size, dry_run),
+            )
         )
         for sink in settings.sinks_used:
             if sink == "d1":
@@ -142,7 +148,7 @@ def _jobs(
             rollup = ingestion_runs(sink)
 
             def runs(sink: str = sink, rollup: Rollup = rollup) -> Tally:
-                return rollup.prune(stores.get(sink), cutoff, size, dry_run)
+                return rollup.prune(stores.get(sink), runs_cutoff, size, dry_run)
 
             jobs.append((f"ingestion_runs:{sink}", runs))
     if "cache" in wanted and r.cache_days:
