@@ -127,6 +127,9 @@ def run_source(
     summary.status = "ok"
     source = None
     try:
+        abandoned = ctx.progress.forget_unpublished(name)
+        if abandoned is not None:
+            log.warning("source %s: page %s of a run that died is read again", name, abandoned)
         source = open_source(ctx.settings, name)
         stream = source.stream
         # HTTP sources keep a cursor per partition: they need every window in flight, not the
@@ -243,6 +246,7 @@ def publish_page(
             for r in rejected
         ]
         send_dead_letters(letters, page_id, member)
+    ctx.progress.published(source)
 
 
 def _split_unsendable(

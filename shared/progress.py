@@ -71,6 +71,10 @@ class Progress:
     def _resume(source: str) -> str:
         return f"{_PREFIX}:resume:{source}"
 
+    @staticmethod
+    def _publishing(source: str) -> str:
+        return f"{_PREFIX}:publishing:{source}"
+
     def register(
         self,
         source: str,
@@ -92,10 +96,29 @@ class Progress:
         p.set(self._ack(page_id), msgpack.packb([source, ack]), ex=self.key_ttl)
         p.zadd(self._inflight(source), {page_id: time.time()})
         p.hset(self._resume(source), page_id, msgpack.packb(last_key))
+        p.set(self._publishing(source), page_id, ex=self.key_ttl)
         if rows:
             self._reserve(keys=[f"{_PREFIX}:order"], args=[rows], client=p)
         results = p.execute()
         return int(results[-1]) if rows else None
+
+    def published(self, source: str) -> None:
+        """The page registered last for `source` is on its queues."""
+        self.r.delete(self._publishing(source))
+
+    def forget_unpublished(self, source: str) -> str | None:
+        """Called by a run that just took the source's lock: a page registered by a run that
+        died before it published the page has no message anywhere, and would hold its rows
+        back until the lease ran out. It is taken out of flight, so this run reads its rows
+        again (should it have been published after all, its rows are read twice: a duplicate
+        the sinks skip). Returns its id, or None."""
+        page_id = self.r.get(self._publishing(source))
+        if page_id is None:
+            return None
+        found = page_id.decode() if isinstance(page_id, bytes) else str(page_id)
+        self.done(source, found)
+        self.r.delete(self._publishing(source))
+        return found
 
     def committed(self, page_id: str, member: str, hold: str | None = None) -> bool:
         """Record that `member` (a sink, or a page's dead letters) is done with the page; True

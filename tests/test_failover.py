@@ -277,3 +277,32 @@ def test_sentinel_url_without_a_master_name_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="SLUICE_BROKER_MASTER"):
         open_redis("sentinel://127.0.0.1:26379;sentinel://127.0.0.1:26380", None)
+
+
+def test_beat_lock_status_and_health_reach_the_master_through_sentinel(
+    env: Env, cluster: Cluster
+) -> None:
+    from celery import Celery
+    from redbeat.schedulers import get_redis
+
+    from sluice.ops.serve import check_broker
+    from sluice.ops.status import broker_queue_depths
+    from sluice.producers.schedule import use_redbeat
+
+    env.vars["SLUICE_BROKER_URL"] = cluster.url
+    env.vars["SLUICE_BROKER_MASTER"] = MASTER
+    ctx = app.configure(Settings.load(env.vars))
+    master = redis.Redis(port=cluster.master_port)
+    # Beat's lock and schedule: celery-redbeat's own client, given the sentinels.
+    beat = Celery("beat-probe")
+    use_redbeat(beat, {}, ctx.redis_url, master_name=ctx.settings.broker_master)
+    get_redis(beat).set("sluice:probe:beat", "1")
+    assert master.get("sluice:probe:beat") == b"1"
+    # Page tracking and the source locks.
+    ctx.redis.set("sluice:probe:ctx", "1")
+    assert master.get("sluice:probe:ctx") == b"1"
+    # What `sluice status` and /health read.
+    master.lpush("ingest.postgres", "x")
+    assert broker_queue_depths(ctx)["ingest.postgres"].waiting == 1
+    check_broker(ctx.broker_url, MASTER)
+    master.close()
