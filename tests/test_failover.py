@@ -31,8 +31,9 @@ from sluice.ops.status import total_depth
 from sluice.ops.workers import WorkerPool
 from sluice.producers.produce import RunSummary, run_source
 from sluice.shared.celery_app import app
+from sluice.shared.errors import ConfigError
 from sluice.shared.migrations import migrate_sqlite
-from sluice.shared.redis_client import open_redis
+from sluice.shared.redis_client import open_redis, parse_sentinel, redbeat_options
 from sluice.shared.settings import Settings
 from tests.conftest import Env
 from tests.helpers import d1_config, d1_processed, pg_keys, pg_scalar, sqlite_keys
@@ -272,9 +273,39 @@ def pool_restarts(env: Env) -> int:
     return sum(1 for p in (env.dir / "logs").glob("worker-*-r*.log"))
 
 
-def test_sentinel_url_without_a_master_name_is_refused() -> None:
-    from sluice.shared.errors import ConfigError
+def test_sentinel_urls_are_read_as_kombu_writes_them() -> None:
+    t = parse_sentinel(
+        "sentinel://:p%40ss@10.0.0.1:26379/2;sentinel://10.0.0.2:26380;sentinel://10.0.0.3"
+    )
+    assert t.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26380), ("10.0.0.3", 26379))
+    assert (t.db, t.username, t.password) == (2, None, "p@ss")
+    with pytest.raises(ConfigError, match="number"):
+        parse_sentinel("sentinel://h:1/zero")
+    with pytest.raises(ConfigError, match="not a sentinel URL"):
+        parse_sentinel("sentinel://h:1;redis://h:2")
+    url, options = redbeat_options("sentinel://h1:1/3;sentinel://h2:2", "m")
+    assert url.startswith("redis-sentinel://")
+    assert options["sentinels"] == [["h1", 1], ["h2", 2]]
+    assert (options["service_name"], options["db"]) == ("m", 3)
+    assert redbeat_options("redis://h:1/0", None)[0] == "redis://h:1/0"
 
+
+def test_the_master_name_comes_from_the_file_or_the_environment(tmp_path: Path) -> None:
+    cfg = tmp_path / "sluice.toml"
+    cfg.write_text('[broker]\nmaster_name = "from-file"\n')
+    url = "sentinel://127.0.0.1:1;sentinel://127.0.0.1:2"
+    s = Settings.load({"SLUICE_CONFIG": str(cfg), "SLUICE_BROKER_URL": url})
+    assert s.broker_master == "from-file"
+    s = Settings.load(
+        {"SLUICE_CONFIG": str(cfg), "SLUICE_BROKER_URL": url, "SLUICE_BROKER_MASTER": "env"}
+    )
+    assert s.broker_master == "env"
+    app.configure(s)
+    assert app.conf.broker_transport_options["master_name"] == "env"
+    assert app.conf.broker_url == url
+
+
+def test_sentinel_url_without_a_master_name_is_refused() -> None:
     with pytest.raises(ConfigError, match="SLUICE_BROKER_MASTER"):
         open_redis("sentinel://127.0.0.1:26379;sentinel://127.0.0.1:26380", None)
 
