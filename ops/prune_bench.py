@@ -46,7 +46,7 @@ def _fresh_database(url: str) -> None:
     admin.close()
 
 
-def _load_sinks(d1: Path, pg_url: str, sqlite_path: Path, lacking: int) -> set[str]:
+def load_sinks(d1: Path, pg_url: str, sqlite_path: Path, lacking: int) -> set[str]:
     """The D1 file's valid rows written to both sinks (deduped on the key, as the sinks do);
     `lacking` random keys are then removed from the SQLite sink. Returns those keys."""
     stream = CATALOG["usage_events"]
@@ -90,7 +90,7 @@ def run(rows: int, workdir: Path, pg_url: str, lacking: int, batch_size: int) ->
     _fresh_database(pg_url)
     migrate_postgres(pg_url)
     migrate_sqlite(sqlite_path)
-    missing = _load_sinks(d1, pg_url, sqlite_path, lacking)
+    missing = load_sinks(d1, pg_url, sqlite_path, lacking)
     config = workdir / "sluice.toml"
     config.write_text(
         f'[sources.d1]\nkind = "d1"\nstream = "usage_events"\npath = "{d1}"\n\n'

@@ -1,11 +1,13 @@
 """Deleting a D1 source's processed rows: only those whose key every sink of the stream holds.
 
-A batch is read in rowid order (key order for a table without rowids), skipping rows not
-processed or processed too recently; each row's stream key is normalised as the pipeline
-normalises it, every sink is asked which keys it holds, and only the rows every sink holds are
-deleted. A row whose key a sink lacks (a dead-lettered record, a sink restored from an old
-backup) stays, and is counted as kept. A sink that cannot answer keeps the whole batch and ends
-this source's prune: a prune is never the way a record is lost.
+A batch is read in processed_at order through an index on that column when the table has one
+that serves it without a sort (only old rows are read), else in rowid order (key order for a
+table without rowids: one pass over the table), skipping rows not processed or processed too
+recently. Each row's stream key is normalised as the pipeline normalises it, every sink is
+asked which keys it holds, and only the rows every sink holds are deleted. A row whose key a
+sink lacks (a dead-lettered record, a sink restored from an old backup) stays, and is counted
+as kept. A sink that cannot answer keeps the whole batch and ends this source's prune: a prune
+is never the way a record is lost.
 
 On a local file the batch is read, checked and deleted in one write transaction (BEGIN
 IMMEDIATE), so nothing changes between the check and the delete; the lock is held for the
@@ -60,17 +62,46 @@ class _Table:
         self.key = quote(cfg.key_column)
         self.has_rowid = has_rowid
         self.keys = ", ".join(quote(k) for k in stream.key)
+        self.by_age = False  # set by choose_order()
+        # Each row read: [rowid,] source key, processed_at, then the stream's key columns.
+        self.lead = 3 if has_rowid else 2
 
-    def select_sql(self, after: Any) -> str:
-        position = "rowid" if self.has_rowid else self.key
+    def choose_order(self, plan: str) -> None:
+        """Walk the old rows through an index on processed_at when the query plan of that walk
+        needs no sort (it then reads only old rows); else in rowid (or key) order, one pass
+        over the table, since through the index without that order every batch would sort
+        every old row."""
+        self.by_age = self.has_rowid and "TEMP B-TREE" not in plan and "INDEX" in plan
+
+    def plan_sql(self) -> str:
+        """The plan of a batch walked through processed_at (its parameters: cutoff, the
+        keyset's two values, limit)."""
+        return "EXPLAIN QUERY PLAN " + self.select_sql(("", 0), by_age=True)
+
+    def select_sql(self, after: Any, *, by_age: bool | None = None) -> str:
         lead = f"rowid, {self.key}" if self.has_rowid else self.key
-        # `+processed_at` keeps the planner on the rowid (or key) order: through an index on
-        # processed_at it would sort every old row for each batch.
-        where = "+processed_at < ?" + ("" if after is None else f" AND {position} > ?")
+        if self.by_age if by_age is None else by_age:
+            # Keyset on (processed_at, rowid): the index on processed_at holds the rowid, so
+            # this is its own order.
+            where = "processed_at < ?" + (
+                "" if after is None else " AND (processed_at, rowid) > (?, ?)"
+            )
+            order = "processed_at, rowid"
+        else:
+            position = "rowid" if self.has_rowid else self.key
+            # `+processed_at` keeps the planner on the rowid (or key) order.
+            where = "+processed_at < ?" + ("" if after is None else f" AND {position} > ?")
+            order = position
         return (
-            f"SELECT {lead}, {self.keys} FROM {self.table} WHERE {where}"
-            f" ORDER BY {position} LIMIT ?"
+            f"SELECT {lead}, processed_at, {self.keys} FROM {self.table} WHERE {where}"
+            f" ORDER BY {order} LIMIT ?"
         )
+
+    def after(self, row: Sequence[Any]) -> Any:
+        """Where the next batch starts: past this row."""
+        if self.by_age:
+            return (row[2], row[0])
+        return row[0]
 
     def delete_statements(
         self, rows: Sequence[Sequence[Any]], cutoff: str
@@ -128,6 +159,9 @@ class LocalTable(_Table):
     def select(self, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
         return self.conn.execute(sql, params).fetchall()
 
+    def plan(self, sql: str, params: list[Any]) -> str:
+        return " ".join(str(r[-1]) for r in self.conn.execute(sql, params))
+
     def delete(self, statements: list[tuple[str, list[Any], int]]) -> int:
         deleted = 0
         for sql, params, most in statements:
@@ -164,6 +198,9 @@ class RemoteTable(_Table):
         aliased = ", ".join(f"{c} AS c{i}" for i, c in enumerate(columns))
         found = self.client.query(f"SELECT {aliased} FROM {rest}", params)
         return [tuple(r[f"c{i}"] for i in range(len(columns))) for r in found]
+
+    def plan(self, sql: str, params: list[Any]) -> str:
+        return " ".join(str(r.get("detail", "")) for r in self.client.query(sql, params))
 
     def delete(self, statements: list[tuple[str, list[Any], int]]) -> int:
         # One D1 batch is one transaction: after each DELETE, a statement that fails (json()
@@ -225,15 +262,17 @@ def prune_d1_source(
     tally = Tally()
     table = open_table(name, cfg, stream, settings)
     try:
-        lead = 2 if table.has_rowid else 1
+        lead = table.lead
+        if table.has_rowid:
+            table.choose_order(table.plan(table.plan_sql(), [before, "", 0, size]))
         after: Any = None
         while True:
             with table.batch(write=not dry_run):
-                params = [before] + ([] if after is None else [after]) + [size]
-                rows = table.select(table.select_sql(after), params)
+                start = [] if after is None else list(after) if table.by_age else [after]
+                rows = table.select(table.select_sql(after), [before, *start, size])
                 if not rows:
                     break
-                after = rows[-1][0]
+                after = table.after(rows[-1])
                 keys: list[list[Any]] = []
                 at: list[int] = []
                 for i, row in enumerate(rows):

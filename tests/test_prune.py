@@ -23,7 +23,9 @@ import pytest
 from sqlalchemy import text
 
 from sluice.ops.metrics import postgres_totals, sqlite_totals
-from sluice.ops.prune import last_prunes
+from sluice.ops.prune import last_prunes, run_prune
+from sluice.ops.prune_bench import load_sinks
+from sluice.ops.prune_d1 import open_table
 from sluice.ops.sample import Sample, write_d1_file
 from sluice.ops.workers import WorkerPool
 from sluice.producers.produce import run_source
@@ -32,7 +34,7 @@ from sluice.shared.celery_app import app
 from sluice.shared.context import Context
 from sluice.shared.database import libpq_dsn, postgres_engine
 from sluice.shared.migrations import migrate_sqlite
-from sluice.shared.settings import Settings
+from sluice.shared.settings import D1SourceConfig, Settings
 from sluice.shared.state import open_state
 from tests.conftest import Env
 from tests.fakes.d1_server import FakeD1
@@ -597,3 +599,48 @@ def test_prune_during_ingestion_with_a_sink_table_locked(env: Env, workers: Work
     new = {i for i in before if i.endswith("-new")}
     assert new <= set(after) and all(after[i][1] is not None for i in new)
     assert {f"{k}-new" for k in sample.distinct_valid_keys} <= set(pg_keys(env.pg_url))
+
+
+@pytest.mark.parametrize("indexed", [True, False], ids=["processed_at-index", "no-index"])
+def test_the_walk_follows_the_tables_indexes(env: Env, indexed: bool) -> None:
+    """With the shipped index on processed_at the prune reads only old rows, in that order;
+    without it, one pass in rowid order. Either way: the same rows go."""
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 3_000)
+    conn = sqlite3.connect(d1, isolation_level=None)
+    if not indexed:
+        conn.execute("DROP INDEX idx_usage_events_unprocessed")
+    # Processed at various times, out of rowid order; the last 500 rows recently.
+    conn.execute(
+        "UPDATE usage_events SET processed_at = strftime('%Y-%m-%dT%H:%M:%fZ', '2020-01-01',"
+        " '+' || ((rowid * 7919) % 1000) || ' minutes')"
+    )
+    conn.execute(
+        "UPDATE usage_events SET processed_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+        " WHERE rowid > 2500"
+    )
+    conn.close()
+    env.write_config(d1_config(d1) + retention(d1_days=1, batch_size=128))
+    settings = Settings.load(env.vars)
+    migrate_sqlite(env.sqlite_path)
+    lacking = load_sinks(d1, env.pg_url, env.sqlite_path, 20)
+    before = d1_rows(d1)
+    cfg = settings.source("d1_usage")
+    assert isinstance(cfg, D1SourceConfig)
+    table = open_table("d1_usage", cfg, settings.stream("usage_events"), settings)
+    try:
+        table.choose_order(table.plan(table.plan_sql(), [OLD, "", 0, 1]))
+        assert table.by_age is indexed
+    finally:
+        table.close()
+    (dry,) = run_prune(settings, only="d1", dry_run=True)
+    (result,) = run_prune(settings, only="d1")
+    after = d1_rows(d1)
+    gone = assert_deleted_only_what_sinks_hold(env, before, after)
+    assert gone == result.deleted == dry.deleted
+    assert result.kept == dry.kept == len(after) - 500
+    old = {i for i, (_, p) in before.items() if p is not None and p < "2021"}
+    assert len(old) == 2_500
+    held = set(pg_keys(env.pg_url)) & set(sqlite_keys(env.sqlite_path))
+    assert {i for i in old if i in after} == {i for i in old if before[i][0] not in held}
+    assert any(before[i][0] in lacking for i in old if i in after)
