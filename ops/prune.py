@@ -251,6 +251,10 @@ def _record(stores: _Stores, result: PruneResult, started: datetime) -> None:
                 },
             )
     except (SluiceError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        if "prune_runs" in str(exc):  # a store the schema was not upgraded on
+            result.notes.append("not recorded: no prune_runs table (run `sluice migrate`)")
+            result.status = "failed"
+            return
         result.notes.append(f"not recorded in prune_runs: {_one_line(exc)}")
         result.unavailable = result.unavailable or _unreachable(exc)
 
