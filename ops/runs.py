@@ -81,7 +81,8 @@ def list_runs(store: StateStore, f: RunFilters) -> RunPage:
             params[column] = value
     if f.before is not None:
         at, run_id = f.before
-        clauses.append("(started_at < :at OR (started_at = :at AND run_id < :run_id))")
+        # `started_at <= :at` alone bounds the index range; the rest drops the ties before it.
+        clauses.append("started_at <= :at AND (started_at < :at OR run_id < :run_id)")
         params.update(at=store.ts(at), run_id=run_id)
     where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
     sql = (

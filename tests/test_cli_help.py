@@ -45,8 +45,8 @@ def option(path: str, name: str) -> click.Option:
 def test_the_tree_holds_every_command() -> None:
     assert set(COMMANDS) == {path.split()[1] for path in IDS if path.count(" ") == 1}
     assert {"sluice dlq list", "sluice dlq show", "sluice config check"} <= set(IDS)
-    # The root, dlq's seven, config's one, runs' two, source's five.
-    assert len(IDS) == 1 + len(COMMANDS) + 7 + 1 + 2 + 5
+    # The root, dlq's seven, config's one, runs' two, source's five, bench's one.
+    assert len(IDS) == 1 + len(COMMANDS) + 7 + 1 + 2 + 5 + 1
 
 
 @pytest.mark.parametrize(("path", "command", "ctx"), ALL, ids=IDS)

@@ -17,8 +17,11 @@ from sluice.ops.commands.common import (
 from sluice.ops.commands.progress import Progress
 from sluice.shared.embedded import stop_services
 
+CONSOLE_STORES = ("postgres", "sqlite")
 
-@click.command()
+
+@click.group(invoke_without_command=True)
+@click.pass_context
 @click.option(
     "--sink",
     "sinks",
@@ -65,6 +68,7 @@ from sluice.shared.embedded import stop_services
     "--keep-services", is_flag=True, help="Leave the bench's embedded servers running afterwards."
 )
 def bench(
+    click_ctx: click.Context,
     sinks: tuple[str, ...],
     records: int,
     page_size: int,
@@ -88,7 +92,10 @@ def bench(
     Examples:
       sluice bench --sink postgres --records 200000 --runs 1
       sluice bench --json > bench.json
+      sluice bench console --letters 1000000 --runs 1000000
     """
+    if click_ctx.invoked_subcommand is not None:
+        return ExitCode.OK  # `sluice bench console`: its own command measures
     results: list[BenchResult] = []
     try:
         for sink in sinks or SINKS:
@@ -116,4 +123,87 @@ def bench(
         print_json(doc if len(results) > 1 else results[0].as_dict())
     else:
         click.echo("\n\n".join(format_result(r) for r in results))
+    return ExitCode.OK
+
+
+@bench.command()
+@click.option(
+    "--store",
+    "stores",
+    multiple=True,
+    type=click.Choice(CONSOLE_STORES),
+    help="Measure on this state store (repeatable). Default: both.",
+)
+@click.option(
+    "--letters", type=POSITIVE, metavar="N", default=1_000_000, help="Dead letters to store."
+)
+@click.option(
+    "--runs", "n_runs", type=POSITIVE, metavar="N", default=1_000_000, help="Source runs to store."
+)
+@click.option(
+    "--queries", type=POSITIVE, metavar="N", default=700, help="Run history queries to time."
+)
+@click.option(
+    "--postgres-server",
+    metavar="URL",
+    help="A PostgreSQL server to create the bench's database on (default: the bench's own"
+    " embedded server in --data-dir).",
+)
+@click.option(
+    "--database",
+    default="sluice_console_bench",
+    help="The database the bench creates (dropped first if it exists) on the server.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".sluice/bench"),
+    help="Folder of the bench's own embedded servers and files (never a real database).",
+)
+@json_option
+def console(
+    stores: tuple[str, ...],
+    letters: int,
+    n_runs: int,
+    queries: int,
+    postgres_server: str | None,
+    database: str,
+    data_dir: Path,
+    as_json: bool,
+) -> ExitCode:
+    """Time the console's queries on a million dead letters and runs.
+
+    Fills a fresh database per store (--database on PostgreSQL, a file in --data-dir for
+    SQLite) with --letters dead letters and --runs source runs, then times the first page of
+    letters, a deep keyset page, pages filtered by class, source and text, counts and groups
+    (medians of 5), and --queries run history queries (p50, p95).
+
+    \b
+    Examples:
+      sluice bench console
+      sluice bench console --store sqlite --letters 100000 --runs 100000 --json
+    """
+    from sluice.ops.bench_console import format_console_result, run_console_bench
+    from sluice.shared.embedded import ensure_postgres
+
+    data_dir = data_dir.resolve()
+    results = []
+    try:
+        for store in stores or CONSOLE_STORES:
+            server = ""
+            if store == "postgres":
+                server = postgres_server or ensure_postgres(data_dir)
+            with Progress(f"bench console {store}", "steps", quiet=as_json) as progress:
+                results.append(
+                    run_console_bench(
+                        store, letters, n_runs, queries, data_dir, server, progress.say, database
+                    )
+                )
+    finally:
+        if postgres_server is None:
+            stop_services(data_dir)
+    if as_json:
+        print_json({r.store: r.as_dict() for r in results})
+    else:
+        click.echo("\n\n".join(format_console_result(r) for r in results))
     return ExitCode.OK
