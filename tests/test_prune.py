@@ -644,3 +644,67 @@ def test_the_walk_follows_the_tables_indexes(env: Env, indexed: bool) -> None:
     held = set(pg_keys(env.pg_url)) & set(sqlite_keys(env.sqlite_path))
     assert {i for i in old if i in after} == {i for i in old if before[i][0] not in held}
     assert any(before[i][0] in lacking for i in old if i in after)
+
+
+def test_the_remote_d1_sink_is_asked_too(env: Env, workers: WorkerPool) -> None:
+    """A stream written to PostgreSQL and a remote D1 sink (the fake D1): the prune asks the
+    D1 sink through its REST API, within 100 bound parameters, and keeps what it lacks."""
+    from sluice.shared.cloudflare import D1Client
+    from sluice.shared.migrations import migrate_d1
+
+    with FakeD1() as fake:
+        remote = env.dir / "remote-sink.sqlite"
+        fake.add_database(DB_ID, remote)
+        env.vars["TEST_D1_SINK_TOKEN"] = fake.token
+        with D1Client(
+            account_id=fake.account_id,
+            database_id=DB_ID,
+            api_token=fake.token,
+            base_url=fake.base_url,
+        ) as client:
+            migrate_d1(client)
+        d1 = env.dir / "d1.sqlite"
+        sample = write_d1_file(d1, 1_500)
+        env.write_config(
+            d1_config(d1, page_size=500)
+            + f"""
+[streams.usage_events]
+sinks = ["postgres", "d1"]
+
+[sinks.d1]
+account_id = "{fake.account_id}"
+database_id = "{DB_ID}"
+base_url = "{fake.base_url}"
+api_token_env = "TEST_D1_SINK_TOKEN"
+"""
+            + retention(d1_days=3, batch_size=400)
+        )
+        ctx = app.configure(Settings.load(env.vars))
+        workers.start("pg", PG_QUEUES, 2)
+        workers.start("d1", ["ingest.d1"], 2)
+        drain(ctx, "d1_usage")
+        age(d1)
+        lacking = sorted(sample.distinct_valid_keys)[:7]
+        sink = sqlite3.connect(remote, isolation_level=None)
+        sink.execute(
+            f"DELETE FROM usage_events WHERE idempotency_key IN ({','.join('?' * 7)})", lacking
+        )
+        held_remote = {r[0] for r in sink.execute("SELECT idempotency_key FROM usage_events")}
+        sink.close()
+        before = d1_rows(d1)
+        fake.requests.clear()
+        code, out = prune_json(env, "--only", "d1")
+        assert code == 0, out
+        after = d1_rows(d1)
+        held = held_remote & set(pg_keys(env.pg_url))
+        gone = {i for i in before if i not in after}
+        assert gone and all(before[i][0] in held for i in gone)
+        assert {i for i in before if i in after} == {i for i in before if before[i][0] not in held}
+        assert len(gone) == out["d1:d1_usage"]["deleted"]
+        asked = [
+            s
+            for r in fake.requests
+            if isinstance(r.body, dict)
+            for s in (r.body.get("batch") or [r.body])
+        ]
+        assert asked and all(len(s.get("params") or []) <= 100 for s in asked)
