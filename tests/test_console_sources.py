@@ -12,11 +12,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from sluice.ops import runs, sources
 from sluice.ops.sample import write_d1_file
 from sluice.ops.workers import WorkerPool
 from sluice.producers.cursors import CursorStore, format_cursor
+from sluice.producers.produce import run_source
 from sluice.shared.celery_app import app
 from sluice.shared.migrations import migrate_sqlite
 from sluice.shared.settings import Settings
@@ -153,3 +155,24 @@ def test_backfill_runs_on_the_workers_and_reports_progress(env: Env, workers: Wo
         time.sleep(0.3)
     # Its live cursors never moved: the backfill keeps its own progress.
     assert CursorStore(ctx.state).get_all("bn") == {}
+
+
+def test_a_new_run_closes_a_dead_run_but_not_a_running_backfill(env: Env) -> None:
+    d1 = env.dir / "d1.sqlite"
+    write_d1_file(d1, 10)
+    env.write_config(d1_config(d1, page_size=100))
+    migrate_sqlite(env.sqlite_path)
+    ctx = app.configure(Settings.load(env.vars))
+    with ctx.state.write() as conn:
+        for run_id, kind in (("dead-run", "produce"), ("live-backfill", "backfill")):
+            conn.execute(
+                text(
+                    "INSERT INTO source_runs (run_id, source, stream, kind, started_at, status)"
+                    " VALUES (:r, 'd1_usage', 'usage_events', :k, :t, 'running')"
+                ),
+                {"r": run_id, "k": kind, "t": ctx.state.now()},
+            )
+    assert run_source(ctx, "d1_usage").status == "ok"
+    status = {r["run_id"]: r["status"] for r in runs.list_runs(ctx.state, runs.RunFilters()).rows}
+    assert status["dead-run"] == "died"
+    assert status["live-backfill"] == "running"
