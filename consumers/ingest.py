@@ -308,6 +308,7 @@ def _dead_letter(stream: Stream, page: Page, r: Rejected) -> DeadLetter:
         error_class=r.error_class,
         error_message=message,
         record_order=order,
+        run_id=page.run,
     )
 
 
@@ -338,6 +339,7 @@ def _dead_letter_message(body: object, exc: Exception) -> None:
                 record=encode_record({"message": body}),
                 error_class=type(exc).__name__,
                 error_message=str(exc),
+                run_id=str(info["run"]) if info.get("run") else None,
             )
         ]
     )

@@ -131,7 +131,8 @@ class RunDetail:
     run: dict[str, Any]
     # One row per page and sink that committed it: received, inserted, duplicates, invalid…
     pages: list[dict[str, Any]] = field(default_factory=list)
-    # The dead letters of those pages: id, sink, key, error (at most `letters_limit`).
+    # Its dead letters, items its source could not read included: id, sink, key, error (at
+    # most `letters_limit`; `letters_total` counts them all).
     letters: list[dict[str, Any]] = field(default_factory=list)
     letters_total: int = 0
 
@@ -155,29 +156,27 @@ def show_run(store: StateStore, run_id: str, letters_limit: int = 100) -> RunDet
                 {"r": run_id},
             )
         ]
-        letters: list[dict[str, Any]] = []
-        total = 0
-        page_ids = sorted({p["page_id"] for p in pages})
-        if page_ids:
-            where = " WHERE page_id IN :pages"
-            bind: Any = bindparam("pages", expanding=True)
-            total = int(
-                conn.execute(
-                    text("SELECT count(*) FROM failed_ingestions" + where).bindparams(bind),
-                    {"pages": page_ids},
-                ).scalar_one()
+        # Its letters carry its id; letters stored before they did are found by its pages.
+        page_ids = sorted({p["page_id"] for p in pages}) or [""]
+        where = " WHERE run_id = :r OR (run_id IS NULL AND page_id IN :pages)"
+        bind: Any = bindparam("pages", expanding=True)
+        params = {"r": run_id, "pages": page_ids}
+        total = int(
+            conn.execute(
+                text("SELECT count(*) FROM failed_ingestions" + where).bindparams(bind), params
+            ).scalar_one()
+        )
+        letters = [
+            dict(r._mapping)
+            for r in conn.execute(
+                text(
+                    "SELECT id, page_id, sink, record_key, error_class, error_message,"
+                    " status FROM failed_ingestions" + where + " ORDER BY id"
+                    f" LIMIT {int(letters_limit)}"
+                ).bindparams(bind),
+                params,
             )
-            letters = [
-                dict(r._mapping)
-                for r in conn.execute(
-                    text(
-                        "SELECT id, page_id, sink, record_key, error_class, error_message,"
-                        " status FROM failed_ingestions" + where + " ORDER BY id"
-                        f" LIMIT {int(letters_limit)}"
-                    ).bindparams(bind),
-                    {"pages": page_ids},
-                )
-            ]
+        ]
     for p in pages:
         p["started_at"] = read_time(p["started_at"])
         p["committed_at"] = read_time(p["committed_at"])

@@ -242,6 +242,7 @@ def publish_page(
                 record=record_of_item(r.item),
                 error_class=r.error_class,
                 error_message=r.error,
+                run_id=run_id,
             )
             for r in rejected
         ]

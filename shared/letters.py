@@ -49,6 +49,7 @@ class DeadLetter:
     error_class: str
     error_message: str
     record_order: int | None = None  # the record's source order, kept by a replay
+    run_id: str | None = None  # the run whose page carried it (a replay's, when it failed again)
 
     def as_message(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,12 +177,13 @@ def send_dead_letters(
 _UPSERT = """
 INSERT INTO failed_ingestions
     (stream, sink, record_key, source, page_id, payload, error_class, error_message,
-     record, record_hash, record_order, first_failed_at, last_failed_at)
+     record, record_hash, record_order, run_id, first_failed_at, last_failed_at)
 VALUES (:stream, :sink, :record_key, :source, :page_id, {payload}, :error_class, :error_message,
-        :record, :record_hash, :record_order, :now, :now)
+        :record, :record_hash, :record_order, :run_id, :now, :now)
 ON CONFLICT (stream, sink, record_hash) DO UPDATE SET
     source = excluded.source,
     page_id = excluded.page_id,
+    run_id = COALESCE(excluded.run_id, failed_ingestions.run_id),
     error_class = excluded.error_class,
     error_message = excluded.error_message,
     last_failed_at = excluded.last_failed_at,
@@ -206,6 +208,7 @@ def _params(store: StateStore, d: DeadLetter, payload: Any) -> dict[str, Any]:
         "record": d.record,
         "record_hash": record_hash(d.record),
         "record_order": d.record_order,
+        "run_id": text_field(d.run_id, 200) if d.run_id else None,
         "now": store.now(),
     }
 

@@ -175,6 +175,9 @@ def test_refetch_from_kv_fixes_an_unmappable_value(env: Env) -> None:
     run_queued_tasks(ctx)
     (letter,) = letters_of(ctx, "watchlist:1001")
     assert letter["sink"] == "source" and letter["error_class"] == "KvMappingError"
+    # A page of nothing but letters wrote no page to a sink: its letters name their run.
+    (run,) = runs.list_runs(ctx.state, runs.RunFilters(source="bot")).rows
+    assert [x["id"] for x in runs.show_run(ctx.state, run["run_id"]).letters] == [letter["id"]]
     watchlist = "SELECT ticker FROM watchlists WHERE chat_id = '1001' ORDER BY ticker"
     assert pg_rows(env.pg_url, watchlist) == []
     broken["value"] = json.dumps(["SPY", "TSLA"])

@@ -11,6 +11,8 @@ ALTER TABLE source_runs ADD COLUMN IF NOT EXISTS detail TEXT;
 ALTER TABLE failed_ingestions ADD COLUMN IF NOT EXISTS fixed_record BYTEA;
 ALTER TABLE failed_ingestions ADD COLUMN IF NOT EXISTS fixed_how TEXT;
 ALTER TABLE failed_ingestions ADD COLUMN IF NOT EXISTS fixed_at TIMESTAMPTZ;
+-- The run whose page carried the record, so a run shows every dead letter it left.
+ALTER TABLE failed_ingestions ADD COLUMN IF NOT EXISTS run_id TEXT;
 
 -- Run history newest first, keyset on (started_at, run_id): all runs, or one source's, one
 -- status's, one kind's.
@@ -25,7 +27,8 @@ CREATE INDEX IF NOT EXISTS idx_source_runs_kind_keyset
 -- Grouped counts per error class with their first and last time, read from the index alone.
 CREATE INDEX IF NOT EXISTS idx_failed_ingestions_class_times
     ON failed_ingestions (status, error_class, first_failed_at, last_failed_at);
--- A run's dead letters, by the pages it wrote.
+-- A run's dead letters: by its id, or (letters stored before they carried it) by its pages.
+CREATE INDEX IF NOT EXISTS idx_failed_ingestions_run ON failed_ingestions (run_id);
 CREATE INDEX IF NOT EXISTS idx_failed_ingestions_page ON failed_ingestions (page_id);
 
 -- Text search in keys and errors (`--text`): trigram indexes, where the server has pg_trgm and

@@ -15,6 +15,8 @@ ALTER TABLE source_runs ADD COLUMN detail TEXT;
 ALTER TABLE failed_ingestions ADD COLUMN fixed_record BLOB;
 ALTER TABLE failed_ingestions ADD COLUMN fixed_how TEXT;
 ALTER TABLE failed_ingestions ADD COLUMN fixed_at TEXT;
+-- The run whose page carried the record, so a run shows every dead letter it left.
+ALTER TABLE failed_ingestions ADD COLUMN run_id TEXT;
 
 -- Run history newest first, keyset on (started_at, run_id): all runs, or one source's, one
 -- status's, one kind's.
@@ -29,5 +31,6 @@ CREATE INDEX IF NOT EXISTS idx_source_runs_kind_keyset
 -- Grouped counts per error class with their first and last time, read from the index alone.
 CREATE INDEX IF NOT EXISTS idx_failed_ingestions_class_times
     ON failed_ingestions (status, error_class, first_failed_at, last_failed_at);
--- A run's dead letters, by the pages it wrote.
+-- A run's dead letters: by its id, or (letters stored before they carried it) by its pages.
+CREATE INDEX IF NOT EXISTS idx_failed_ingestions_run ON failed_ingestions (run_id);
 CREATE INDEX IF NOT EXISTS idx_failed_ingestions_page ON failed_ingestions (page_id);
