@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -225,7 +226,11 @@ def test_master_killed_mid_run_the_run_completes_after_failover(env: Env, cluste
                 "127.0.0.1",
                 cluster.replica_port,
             )
-            _wait(lambda: committed(env) > before, "a commit after the failover", timeout=180)
+            try:
+                _wait(lambda: committed(env) > before, "a commit after the failover", timeout=180)
+            except AssertionError:
+                print(diagnosis(env, ctx, runs))
+                raise
             first_commit = time.monotonic() - killed_at
             deadline = time.monotonic() + 300
             while True:
@@ -240,7 +245,9 @@ def test_master_killed_mid_run_the_run_completes_after_failover(env: Env, cluste
                     done = False
                 if done:
                     break
-                assert time.monotonic() < deadline, "the run did not complete after the failover"
+                assert time.monotonic() < deadline, "incomplete after the failover\n" + diagnosis(
+                    env, ctx, runs
+                )
                 time.sleep(0.5)
             complete = time.monotonic() - killed_at
         finally:
@@ -267,6 +274,22 @@ def test_master_killed_mid_run_the_run_completes_after_failover(env: Env, cluste
     assert after.connection_pool.get_master_address() == ("127.0.0.1", cluster.replica_port)  # type: ignore[attr-defined]
     after.close()
     direct.close()
+
+
+def diagnosis(env: Env, ctx: Any, runs: list[RunSummary]) -> str:
+    """What the pipeline looked like when it stalled: queues, pages in flight, the last runs
+    and the tail of each worker's log."""
+    lines = []
+    try:
+        flight = ctx.progress.in_flight("d1_usage")
+        lines.append(f"queued: {total_depth(ctx.redis)}, in flight: {flight}")
+    except redis.RedisError as exc:
+        lines.append(f"redis: {exc}")
+    lines += [f"run: {r.status} {r.pages} {r.error}" for r in runs[-3:]]
+    for log in sorted((env.dir / "logs").glob("*.log")):
+        tail = [x for x in log.read_text().splitlines() if "received" not in x][-15:]
+        lines += [f"== {log.name}", *tail]
+    return "\n".join(lines)
 
 
 def pool_restarts(env: Env) -> int:
