@@ -32,8 +32,8 @@ from tests.conftest import Env
 from tests.fakes.d1_server import FakeD1
 from tests.fakes.kv_server import FakeKV
 from tests.helpers import drain
-from tests.test_cli import sluice
-from tests.test_kv_source import NOW_MS, NS
+from tests.ops.test_cli import sluice
+from tests.producers.test_kv_source import NOW_MS, NS
 
 KV_STREAMS = ("users", "watchlists", "executions", "active_positions", "cache")
 DB_ID = "5b0e9b8c-3c2d-4f4e-8a1b-6c7d8e9f0a1b"
@@ -58,7 +58,7 @@ def remote(tmp_path: Path) -> Iterator[tuple[FakeD1, Path]]:
 
 
 def put_namespace(fake: FakeKV, keys: int) -> int:
-    """The bot's namespace with `keys` keys (as tests/test_kv_scale.py); returns the users."""
+    """The bot's namespace with `keys` keys (as in pipeline/test_kv_scale.py); returns the users."""
     users = (keys - 2) // 3  # chat_ids and the cache, then 3 keys per user
     ids = [str(100_000_000 + i) for i in range(users)]
     fake.put(NS, "chat_ids", ids)
