@@ -10,6 +10,10 @@ remote D1 when configured), `compare` finds:
   and the rest; extra keys (in a sink, not in the source), only for a stream no other configured
   source feeds, since rows do not record their source; where the source's capture keeps deleted
   rows in the sinks, its extra keys are reported apart, as deleted at the source;
+- rows an operator edited by hand (`sluice dlq edit`): a sink row equal to the edited record of
+  one of this source's replayed letters, where the source's row is invalid, absent or different,
+  is reported apart as repaired by edit (with its letter), neither extra nor a difference. A
+  re-fetched or replayed record is the source's own and needs nothing: it compares as any row;
 - a seeded random sample of keys compared field by field after normalisation (timestamps, floats,
   JSON text vs jsonb, integers SQLite or D1 return as floats), skipping the columns the source
   says it cannot know;
@@ -41,6 +45,7 @@ from sluice.ops.reconcile_report import (
     KeyList,
     Orphans,
     ReconcileReport,
+    Repairs,
     SinkComparison,
     StreamComparison,
     render_reconcile,
@@ -49,6 +54,7 @@ from sluice.ops.reconcile_sinks import Key, SinkReader, open_readers
 from sluice.producers.registry import open_source
 from sluice.producers.source import Snapshotting
 from sluice.shared.errors import SinkError, SourceError
+from sluice.shared.letters import SOURCE_SINK, decode_record
 from sluice.shared.records import Validator, record_key
 from sluice.shared.settings import Settings
 from sluice.shared.state import open_state
@@ -144,6 +150,9 @@ class SourceSide:
     sampled: dict[Key, list[list[Any]]] = field(default_factory=dict)
     # Per sampled key, per row: the columns the source cannot know (never compared).
     unknown: dict[Key, list[set[str]]] = field(default_factory=dict)
+    # Every valid source row of each key an operator edited (sampled or not), to tell whether
+    # the sink's edited row differs from the source's.
+    watched: dict[Key, list[list[Any]]] = field(default_factory=dict)
 
 
 def _hash(seed: int, key: Key) -> int:
@@ -155,10 +164,13 @@ class SourceReader:
     """Takes in a snapshot: per stream, validates, counts and keys the rows, and keeps a seeded
     sample of keys with every row of each."""
 
-    def __init__(self, settings: Settings, sample: int, seed: int) -> None:
+    def __init__(
+        self, settings: Settings, sample: int, seed: int, watch: dict[str, set[Key]] | None = None
+    ) -> None:
         self.settings = settings
         self.sample = sample
         self.seed = seed
+        self.watch = watch or {}
         self.sides: dict[str, SourceSide] = {}
         self.validators: dict[str, Validator] = {}
 
@@ -185,10 +197,13 @@ class SourceReader:
         side.invalid += len(bad)
         side.invalid_keys.update(record_key(stream, r.row) for r in bad)
         cols = stream.columns
+        watch = self.watch.get(name, set())
         for row in good:
             norm = [canon(c, v) for c, v in zip(cols, row, strict=True)]
             key = tuple(norm[i] for i in stream.key_indexes)
             side.keys.add(key)
+            if key in watch:
+                side.watched.setdefault(key, []).append(norm)
             self._offer(side, key, norm)
 
     def _offer(self, side: SourceSide, key: Key, row: list[Any]) -> None:
@@ -218,8 +233,15 @@ class Snapshot:
     sides: dict[str, SourceSide]
 
 
-def read_snapshot(settings: Settings, name: str, sample: int, seed: int) -> Snapshot:
-    """Read the source whole, once. Raises SourceError for a source kind without a snapshot."""
+def read_snapshot(
+    settings: Settings,
+    name: str,
+    sample: int,
+    seed: int,
+    watch: dict[str, set[Key]] | None = None,
+) -> Snapshot:
+    """Read the source whole, once; `watch`: per stream, keys whose every row is kept (the
+    edited ones). Raises SourceError for a source kind without a snapshot."""
     cfg = settings.source(name)
     source = open_source(settings, name)
     try:
@@ -229,12 +251,12 @@ def read_snapshot(settings: Settings, name: str, sample: int, seed: int) -> Snap
                 " only D1 and KV sources can be read whole",
                 source=name,
             )
-        reader = SourceReader(settings, sample, seed)
+        reader = SourceReader(settings, sample, seed, watch)
         reader.read(source.snapshot())
         for side in reader.sides.values():
             side.unknown = {
                 key: [source.unknown_columns(side.stream, row) for row in rows]
-                for key, rows in side.sampled.items()
+                for key, rows in (side.watched | side.sampled).items()
             }
         skipped = {n: s for n in cfg.streams if (s := source.skipped_columns(n)) is not None}
         return Snapshot(source.capture, source.keeps_deleted, skipped, reader.sides)
@@ -254,11 +276,13 @@ def compare(
     check_extra: bool,
     keeps_deleted: bool,
     limit: int,
+    edits: dict[Key, list[Edit]] | None = None,
 ) -> SinkComparison:
     """The stream in one sink against the source's side of it. `dead`: the record keys of this
     source's pending dead letters for the stream and sink; `check_extra`: whether the source is
     the stream's only one (rows do not record their source); `keeps_deleted`: whether keys the
-    source deleted are expected in the sink."""
+    source deleted are expected in the sink; `edits`: the records operators edited by hand and
+    queued to this sink, by key."""
     in_sink = {
         tuple(canon(stream.columns[i], v) for i, v in zip(stream.key_indexes, k, strict=True))
         for k in reader.keys(stream)
@@ -272,6 +296,11 @@ def compare(
         # Such a capture never removes a row: a key the source no longer holds is expected.
         deleted, extra = KeyList.of(extra, limit), set()
     checked, differences = _sample(stream, side, reader, in_sink)
+    repaired = _repaired(stream, side, reader, in_sink, edits or {})
+    if repaired:
+        # The operator's record, kept as they chose it: not extra, not a difference.
+        extra -= repaired.keys()
+        differences = [d for d in differences if d.key not in repaired]
     return SinkComparison(
         sink=reader.name,
         rows=len(in_sink),
@@ -284,7 +313,45 @@ def compare(
         differences=differences[: limit * 4],
         orphans=_orphans(stream, reader, limit),
         deleted_at_source=deleted,
+        repaired_by_edit=Repairs.of(repaired, limit),
     )
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A record an operator edited and queued in place of a dead letter's, as the pipeline's
+    validation writes it (normalised as `canon` does)."""
+
+    letter: int
+    row: list[Any]
+
+
+def _repaired(
+    stream: Stream,
+    side: SourceSide,
+    reader: SinkReader,
+    in_sink: set[Key],
+    edits: dict[Key, list[Edit]],
+) -> dict[Key, int]:
+    """The sink's keys whose row is an operator's edited record and not what the source holds
+    (its row there invalid, gone or different): key → the edit's letter."""
+    wanted = sorted(k for k in edits if k in in_sink)
+    out: dict[Key, int] = {}
+    for row in reader.rows(stream, wanted) if wanted else ():
+        norm = [canon(c, v) for c, v in zip(stream.columns, row, strict=True)]
+        key = tuple(norm[i] for i in stream.key_indexes)
+        matching = [
+            e for e in edits.get(key, []) if not differences(stream, key, [e.row], norm, [set()])
+        ]
+        if not matching:
+            continue  # neither the edit nor (perhaps) the source: extra or differs, as any row
+        source_rows = side.watched.get(key)
+        if source_rows and not differences(
+            stream, key, source_rows, norm, side.unknown.get(key) or [set() for _ in source_rows]
+        ):
+            continue  # the edit wrote what the source holds: nothing to say
+        out[key] = max(e.letter for e in matching)
+    return out
 
 
 def _sample(
@@ -345,8 +412,24 @@ def _orphans(stream: Stream, reader: SinkReader, limit: int) -> Orphans:
 # -- the whole source -----------------------------------------------------------------------------
 
 
-def _dead_letters(settings: Settings, source: str) -> dict[tuple[str, str], set[str]]:
-    """Pending dead letters of this source: (stream, sink) → record keys."""
+@dataclass
+class Letters:
+    """What the dead letters of one source say to reconcile."""
+
+    pending: dict[tuple[str, str], set[str]]  # (stream, sink) → record keys
+    edits: dict[tuple[str, str], dict[Key, list[Edit]]]  # (stream, sink) → key → edits
+
+    def watch(self) -> dict[str, set[Key]]:
+        """Per stream, the edited keys."""
+        out: dict[str, set[Key]] = {}
+        for (stream, _), by_key in self.edits.items():
+            out.setdefault(stream, set()).update(by_key)
+        return out
+
+
+def _dead_letters(settings: Settings, source: str) -> Letters:
+    """This source's pending dead letters, and the edited records its replayed letters queued
+    (the last state of each: a replayed edit that failed again is pending, not an edit)."""
     store = open_state(settings)
     try:
         with store.read() as conn:
@@ -357,14 +440,53 @@ def _dead_letters(settings: Settings, source: str) -> dict[tuple[str, str], set[
                 ),
                 {"s": source},
             ).all()
+            edited = conn.execute(
+                text(
+                    "SELECT id, stream, sink, fixed_record FROM failed_ingestions"
+                    " WHERE source = :s AND status = 'replayed' AND fixed_how = 'edit'"
+                    " AND fixed_record IS NOT NULL"
+                ),
+                {"s": source},
+            ).all()
     except SQLAlchemyError as exc:
         raise SinkError(f"state store ({store.name}): {str(exc).strip().splitlines()[0]}") from exc
     finally:
         store.dispose()
-    out: dict[tuple[str, str], set[str]] = {}
+    out = Letters({}, {})
     for stream, sink, key in found:
-        out.setdefault((stream, sink), set()).add(key)
+        out.pending.setdefault((stream, sink), set()).add(key)
+    for letter, stream_name, sink, fixed in edited:
+        if stream_name not in settings.streams:
+            continue
+        stream = settings.stream(stream_name)
+        # A letter of the source itself: its edit went to every sink of the stream.
+        sinks = list(stream.sinks) if sink == SOURCE_SINK else [sink]
+        for row in _edited_rows(stream, fixed):
+            key = tuple(row[i] for i in stream.key_indexes)
+            for s in sinks:
+                out.edits.setdefault((stream_name, s), {}).setdefault(key, []).append(
+                    Edit(int(letter), row)
+                )
     return out
+
+
+def _edited_rows(stream: Stream, fixed: Any) -> list[list[Any]]:
+    """A letter's `fixed_record` as the sink wrote it: validated (as the ingest task does) and
+    normalised; [] when it holds nothing the stream takes."""
+    record = decode_record(bytes(fixed))
+    if not isinstance(record, dict) or not isinstance(record.get("columns"), list):
+        return []
+    rows = record.get("rows") if "rows" in record else [record.get("row")]
+    columns = record["columns"]
+    if not isinstance(rows, list):
+        return []
+    ordered = []
+    for row in rows:
+        if isinstance(row, list) and len(row) == len(columns):
+            values = dict(zip(columns, row, strict=True))
+            ordered.append([values.get(c) for c in stream.column_names])
+    good, _ = Validator(stream).validate(stream.column_names, ordered)
+    return [[canon(c, v) for c, v in zip(stream.columns, r, strict=True)] for r in good]
 
 
 def _feeders(settings: Settings) -> dict[str, list[str]]:
@@ -390,10 +512,12 @@ def reconcile(
     not configured, or the source has no snapshot."""
     cfg = settings.source(source)
     started = time.perf_counter()
-    snapshot = read_snapshot(settings, source, sample, seed)
-    source_seconds = time.perf_counter() - started
-
+    # The letters first: the source keeps every row of the keys operators edited.
     letters = _dead_letters(settings, source)
+    read_started = time.perf_counter()
+    snapshot = read_snapshot(settings, source, sample, seed, letters.watch())
+    source_seconds = time.perf_counter() - read_started
+
     feeders = _feeders(settings)
     needed = [s for s in SINKS if any(s in settings.stream(n).sinks for n in cfg.streams)]
     readers = open_readers(settings, needed)
@@ -412,17 +536,20 @@ def reconcile(
                 skipped_columns=snapshot.skipped.get(name),
                 others=others,
                 dead_letters={
-                    sink: len(keys) for (s, sink), keys in sorted(letters.items()) if s == name
+                    sink: len(keys)
+                    for (s, sink), keys in sorted(letters.pending.items())
+                    if s == name
                 },
                 sinks={
                     sink: compare(
                         stream,
                         side,
                         readers[sink],
-                        dead=letters.get((name, sink), set()),
+                        dead=letters.pending.get((name, sink), set()),
                         check_extra=not others,
                         keeps_deleted=snapshot.keeps_deleted,
                         limit=limit,
+                        edits=letters.edits.get((name, sink)),
                     )
                     for sink in stream.sinks
                 },

@@ -29,6 +29,28 @@ class KeyList:
 
 
 @dataclass(frozen=True)
+class Repairs:
+    """Sink rows that are an operator's edit of a dead letter's record and not the source's
+    row: how many, and the first few keys in key order with the letter of each."""
+
+    total: int
+    keys: list[Key]
+    letters: list[int]  # the letter of each listed key
+
+    @classmethod
+    def of(cls, found: dict[Key, int], limit: int) -> Repairs:
+        keys = sorted(found)[:limit]
+        return cls(len(found), keys, [found[k] for k in keys])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "keys": [list(k) for k in self.keys],
+            "letters": list(self.letters),
+        }
+
+
+@dataclass(frozen=True)
 class Difference:
     """A sampled key whose sink row differs from the source's in `column`."""
 
@@ -74,6 +96,8 @@ class SinkComparison:
     differences: list[Difference]  # the first few differences
     orphans: Orphans
     deleted_at_source: KeyList | None = None  # kept in the sink by design (capture mode)
+    # Edited by an operator and so not the source's row: reported, not a mismatch.
+    repaired_by_edit: Repairs = field(default_factory=lambda: Repairs(0, [], []))
 
     @property
     def ok(self) -> bool:
@@ -96,6 +120,7 @@ class SinkComparison:
         }
         if self.deleted_at_source is not None:
             out["deleted_at_source"] = self.deleted_at_source.as_dict()
+        out["repaired_by_edit"] = self.repaired_by_edit.as_dict()
         out["ok"] = self.ok
         return out
 
@@ -209,6 +234,16 @@ def render_reconcile(report: ReconcileReport) -> str:
                 notes.append(
                     f"{name}: kept in {sink} though gone from the table ({report.capture} capture"
                     f" never deletes) ({gone.total}): {_keys(gone)}"
+                )
+            fixed = d.repaired_by_edit
+            if fixed.total:
+                notes.append(
+                    f"repaired by edit, differs from the source: {name} in {sink}"
+                    f" ({fixed.total}): "
+                    + ", ".join(
+                        f"{_key(k)} (letter {n})"
+                        for k, n in zip(fixed.keys, fixed.letters, strict=True)
+                    )
                 )
         if s.dead_letters:
             notes.append(
