@@ -16,8 +16,8 @@ from sluice.shared.settings import Settings
 from tests.conftest import Env
 from tests.fakes.kv_server import FakeKV
 from tests.helpers import drain
+from tests.ops.test_reconcile import put_namespace
 from tests.pipeline.test_kv_pipeline import PG_QUEUES, kv_config, lite_rows, pg_rows
-from tests.test_reconcile import put_namespace
 
 
 def test_kv_namespace_at_scale_migrates_into_both_sinks(env: Env) -> None:

@@ -2,8 +2,9 @@
 SQLite and the fake remote D1 reconciles clean; tampering with any sink is caught and named;
 a D1 source's invalid rows are reported as dead letters, not as missing.
 
-3,000 keys by default; `SLUICE_RECONCILE_KEYS=50000 pytest -s tests/test_reconcile.py -k kv` runs
-the full size (50,000 keys) and prints the figures (keys, records per stream, times, the report)."""
+3,000 keys by default; `SLUICE_RECONCILE_KEYS=50000 pytest -s tests/ops/test_reconcile.py -k kv`
+runs the full size (50,000 keys) and prints the figures (keys, records per stream, times,
+the report)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from tests.conftest import Env
 from tests.helpers import d1_config, drain
 from tests.ops.test_cli import sluice
 from tests.ops.test_console_repairs import in_sinks, letters_of
-from tests.test_reconcile import lite_exec, pg_exec, reconcile_json
+from tests.ops.test_reconcile import lite_exec, pg_exec, reconcile_json
 
 pytestmark = pytest.mark.timeout(600)
 
