@@ -20,6 +20,7 @@ import pytest
 import redis
 from sqlalchemy.engine import make_url
 
+from sluice.ops.workers import WorkerPool
 from sluice.shared.database import libpq_dsn
 from sluice.shared.migrations import migrate_postgres
 
@@ -171,3 +172,11 @@ def env(tmp_path: Path, pg_url: str, redis_url: str) -> Env:
         }
     )
     return Env(vars_, tmp_path, sqlite_path, pg_url, redis_url)
+
+
+@pytest.fixture
+def workers(env: Env) -> Iterator[WorkerPool]:
+    """Real `sluice worker` processes for this test, stopped after it."""
+    pool = WorkerPool(env.vars, env.dir / "logs")
+    yield pool
+    pool.stop()

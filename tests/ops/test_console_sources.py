@@ -8,10 +8,8 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from sqlalchemy import text
 
 from sluice.ops import runs, sources
@@ -29,13 +27,6 @@ from tests.ops.test_cli import sluice
 from tests.producers.test_http_sources import config as http_config
 
 ALL_QUEUES = ["produce", "ingest.postgres", "dead_letter", "progress"]
-
-
-@pytest.fixture
-def workers(env: Env) -> Iterator[WorkerPool]:
-    pool = WorkerPool(env.vars, env.dir / "logs")
-    yield pool
-    pool.stop()
 
 
 def wait_run(

@@ -9,7 +9,6 @@ import re
 import shutil
 import sqlite3
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,13 +166,6 @@ def exported_names(body: str) -> set[str]:
         names.update(family.name + s for s in suffixes.get(family.type, ()))
         names.update(s.name for s in family.samples)
     return names
-
-
-@pytest.fixture
-def workers(env: Env) -> Iterator[WorkerPool]:
-    pool = WorkerPool(env.vars, env.dir / "logs")
-    yield pool
-    pool.stop()
 
 
 def test_every_metric_the_rules_and_dashboard_name_is_exported(

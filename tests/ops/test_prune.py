@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,13 +46,6 @@ OLD = "2020-01-01T00:00:00.000Z"
 def retention(**values: Any) -> str:
     body = "\n[retention]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
     return body
-
-
-@pytest.fixture
-def workers(env: Env) -> Iterator[WorkerPool]:
-    pool = WorkerPool(env.vars, env.dir / "logs")
-    yield pool
-    pool.stop()
 
 
 def ingest(env: Env, workers: WorkerPool, n: int, **keep: Any) -> tuple[Context, Sample, Path]:

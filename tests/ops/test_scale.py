@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from sluice.ops.status import pool_size
 from sluice.ops.workers import WorkerPool
@@ -19,13 +16,6 @@ from tests.ops.test_cli import sluice
 
 HOST = socket.gethostname()
 FIXED, AUTO = f"fixed@{HOST}", f"auto@{HOST}"
-
-
-@pytest.fixture
-def workers(env: Env) -> Iterator[WorkerPool]:
-    pool = WorkerPool(env.vars, env.dir / "logs")
-    yield pool
-    pool.stop()
 
 
 def stats(nodes: list[str]) -> dict[str, Any]:

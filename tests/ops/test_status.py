@@ -9,7 +9,6 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -42,13 +41,6 @@ from tests.ops.test_worker_roles import wait_online
 
 PG_QUEUES = ["dead_letter", "ingest.postgres", "progress"]
 RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
-
-
-@pytest.fixture
-def workers(env: Env) -> Iterator[WorkerPool]:
-    pool = WorkerPool(env.vars, env.dir / "logs")
-    yield pool
-    pool.stop()
 
 
 def status_json(env: dict[str, str], code: int = 0) -> dict[str, object]:

@@ -4,13 +4,7 @@ the threads-pool SQLite writer, started with no --hostname."""
 
 from __future__ import annotations
 
-import json
 import socket
-import time
-from collections.abc import Iterator
-from typing import Any
-
-import pytest
 
 from sluice.ops.status import pool_size
 from sluice.ops.workers import WorkerPool, default_hostname, role_for_queues, role_of
@@ -19,6 +13,9 @@ from sluice.shared.settings import Settings
 from sluice.shared.sinks.sqlite import WRITER_THREADS
 from tests.conftest import Env
 from tests.ops.test_cli import sluice
+
+# The same worker pool fixture and inspect helpers as the scale tests.
+from tests.ops.test_scale import scale, stats, wait_online
 
 HOST = socket.gethostname()
 POSTGRES, SQLITE = f"postgres@{HOST}", f"sqlite@{HOST}"
@@ -36,31 +33,6 @@ def test_a_workers_role_comes_from_its_queues() -> None:
     assert role_of("postgres@db1") == "postgres"
     assert role_of("postgres-2@db1") == "postgres"  # a second one on the same host
     assert role_of("lite@db1") == "lite" and role_of("d1-writer@h") == "d1-writer"
-
-
-@pytest.fixture
-def workers(env: Env) -> Iterator[WorkerPool]:
-    pool = WorkerPool(env.vars, env.dir / "logs")
-    yield pool
-    pool.stop()
-
-
-def stats(nodes: list[str]) -> dict[str, Any]:
-    inspect = app.control.inspect(timeout=1, destination=nodes, limit=len(nodes))
-    result: dict[str, Any] = inspect.stats() or {}
-    return result
-
-
-def wait_online(nodes: list[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while set(stats(nodes)) != set(nodes):
-        assert time.monotonic() < deadline, f"workers {nodes} never answered"
-
-
-def scale(env: Env, *args: str) -> tuple[int, list[dict[str, Any]]]:
-    r = sluice("scale", *args, "--json", env=env.vars, timeout=120)
-    assert r.stdout, r.stderr
-    return r.returncode, json.loads(r.stdout)
 
 
 def test_scale_by_role_grows_prefork_and_reports_a_threads_pool(

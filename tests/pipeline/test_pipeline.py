@@ -7,9 +7,6 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from sluice.ops.sample import write_d1_file
 from sluice.ops.workers import WorkerPool
@@ -37,13 +34,6 @@ def configure(env: Env) -> Context:
     ctx = app.configure(Settings.load(env.vars))
     migrate_sqlite(env.sqlite_path)
     return ctx
-
-
-@pytest.fixture
-def workers(env: Env) -> Iterator[WorkerPool]:
-    pool = WorkerPool(env.vars, env.dir / "logs")
-    yield pool
-    pool.stop()
 
 
 def assert_exact(env: Env, expected: set[str]) -> None:
