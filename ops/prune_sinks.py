@@ -24,21 +24,12 @@ from sluice.shared.database import libpq_dsn, postgres_url, quote
 from sluice.shared.errors import ConfigError, D1Error, SinkError
 from sluice.shared.settings import Settings
 from sluice.shared.sinks.d1 import d1_client
+from sluice.shared.sinks.postgres import PG_TYPES  # a bound key array is typed as the sink holds it
 from sluice.shared.streams import Stream
 
 PG_KEYS_PER_QUERY = 1000
 SQLITE_PARAMS_PER_QUERY = 400  # SQLite builds before 3.32 allow 999 bound parameters
 CACHE_MIB = 64  # page cache of the SQLite sink's reader, and of a local D1 file being pruned
-
-# How PostgreSQL is told the type of a bound key (a VALUES list is text otherwise).
-PG_TYPES = {
-    "text": "text",
-    "int": "bigint",
-    "float": "double precision",
-    "decimal": "numeric",
-    "timestamp": "timestamptz",
-    "json": "jsonb",
-}
 
 
 class SinkUnavailableError(SinkError):

@@ -10,6 +10,7 @@ from sluice.ops.backfill import BackfillSummary, parse_time, run_backfill
 from sluice.ops.commands.common import (
     POSITIVE,
     ExitCode,
+    F,
     json_option,
     pipeline_context,
     print_json,
@@ -29,24 +30,29 @@ def _iso_time(ctx: click.Context, param: click.Parameter, value: str) -> datetim
         ) from None
 
 
+def time_range(fn: F) -> F:
+    """The `--from`/`--to` options of a range to fetch again: [start, end)."""
+    fn = click.option(
+        "--to",
+        "end",
+        metavar="ISO",
+        callback=_iso_time,
+        required=True,
+        help="End of the range (exclusive).",
+    )(fn)
+    return click.option(
+        "--from",
+        "start",
+        metavar="ISO",
+        callback=_iso_time,
+        required=True,
+        help="Start of the range, e.g. 2024-01-01 or 2024-01-01T00:00:00Z (UTC if no zone).",
+    )(fn)
+
+
 @click.command()
 @click.argument("source")
-@click.option(
-    "--from",
-    "start",
-    metavar="ISO",
-    callback=_iso_time,
-    required=True,
-    help="Start of the range, e.g. 2024-01-01 or 2024-01-01T00:00:00Z (UTC if no zone).",
-)
-@click.option(
-    "--to",
-    "end",
-    metavar="ISO",
-    callback=_iso_time,
-    required=True,
-    help="End of the range (exclusive).",
-)
+@time_range
 @click.option(
     "--max-windows",
     type=POSITIVE,

@@ -9,7 +9,7 @@ from datetime import datetime
 import click
 
 from sluice.ops import sources
-from sluice.ops.commands.backfill import _iso_time
+from sluice.ops.commands.backfill import _iso_time, time_range
 from sluice.ops.commands.common import (
     CommandError,
     ExitCode,
@@ -141,17 +141,7 @@ def reset(name: str, to: datetime, yes: bool, as_json: bool) -> ExitCode:
 
 @source.command()
 @click.argument("name")
-@click.option(
-    "--from",
-    "start",
-    metavar="ISO",
-    callback=_iso_time,
-    required=True,
-    help="Start of the range, e.g. 2024-01-01 or 2024-01-01T00:00:00Z (UTC if no zone).",
-)
-@click.option(
-    "--to", "end", metavar="ISO", callback=_iso_time, required=True, help="End (exclusive)."
-)
+@time_range
 @click.option("--follow", is_flag=True, help="Print its progress until it ends.")
 @json_option
 def backfill(name: str, start: datetime, end: datetime, follow: bool, as_json: bool) -> ExitCode:
