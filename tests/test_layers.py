@@ -5,6 +5,9 @@ command line) may import everything. Read from the sources' import statements.""
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +50,21 @@ def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from sluice.producers.registry import open_source\n")
     assert imports(module) == [(2, "sluice.producers.registry")]
+
+
+def test_only_the_sluice_name_is_installed(tmp_path: Path) -> None:
+    """Installed, the folders answer only under `sluice.`: `import shared` (or ops, producers,
+    consumers) from outside the checkout finds nothing of ours, so no module loads twice."""
+    code = (
+        "import importlib.util, json\n"
+        "names = ['shared', 'ops', 'producers', 'consumers']\n"
+        "bare = {n: importlib.util.find_spec(n) is not None for n in names}\n"
+        "ours = {n: importlib.util.find_spec('sluice.' + n) is not None for n in names}\n"
+        "print(json.dumps([bare, ours]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    bare, ours = json.loads(out.stdout)
+    assert bare == dict.fromkeys(bare, False), f"bare names importable: {bare}"
+    assert ours == dict.fromkeys(ours, True), f"sluice.* missing: {ours}"
