@@ -20,6 +20,15 @@ from sluice.shared.embedded import stop_services
 CONSOLE_STORES = ("postgres", "sqlite")
 
 
+# Both benches run their own embedded servers in this folder, never on a real database.
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".sluice/bench"),
+    help="Folder of the bench's own embedded servers and files (never a real database).",
+)
+
+
 @click.group(invoke_without_command=True)
 @click.pass_context
 @click.option(
@@ -57,12 +66,7 @@ CONSOLE_STORES = ("postgres", "sqlite")
     metavar="N",
     help="Rows already in the sink's table before each limit and pipeline run.",
 )
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path(".sluice/bench"),
-    help="Folder of the bench's own embedded servers and files (never a real database).",
-)
+@data_dir_option
 @json_option
 @click.option(
     "--keep-services", is_flag=True, help="Leave the bench's embedded servers running afterwards."
@@ -154,12 +158,7 @@ def bench(
     default="sluice_console_bench",
     help="The database the bench creates (dropped first if it exists) on the server.",
 )
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path(".sluice/bench"),
-    help="Folder of the bench's own embedded servers and files (never a real database).",
-)
+@data_dir_option
 @json_option
 def console(
     stores: tuple[str, ...],
