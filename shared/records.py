@@ -15,7 +15,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +34,9 @@ DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 SUB_MICROSECOND = re.compile(r"[.,]\d{6}0*[1-9]")
 # A JSON \u0000 escape (a NUL character): the backslash that starts it is not itself escaped.
 JSON_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+# Rows a page is split into when its values are not all plain: small enough that a bad record
+# sends few good ones value by value, large enough that the column passes still pay off.
+CHUNK_ROWS = 50
 
 
 class InvalidValue(ValueError):
@@ -273,11 +276,26 @@ class Validator:
         """The page's valid rows (normalised, in the stream's column order) and its rejected
         ones (each with its index in `rows`). With `orders` (one per row), each valid row ends
         with its source order, which the sinks store beside the columns."""
-        if tuple(columns) == self.stream.column_names:
-            fast = self._all_plain(rows, orders)
-            if fast is not None:
-                return fast, []
-        return self._each(columns, rows, orders)
+        if tuple(columns) != self.stream.column_names:
+            return self._each(columns, rows, orders)
+        fast = self._all_plain(rows, orders)
+        if fast is not None:
+            return fast, []
+        # Some value needs a closer look: only the chunks that hold one go value by value, so a
+        # page with one bad record costs little more than a clean one.
+        good: list[Row] = []
+        bad: list[Rejected] = []
+        for start in range(0, len(rows), CHUNK_ROWS):
+            part = rows[start : start + CHUNK_ROWS]
+            part_orders = None if orders is None else orders[start : start + CHUNK_ROWS]
+            plain = self._all_plain(part, part_orders)
+            if plain is not None:
+                good += plain
+                continue
+            ok, rejected = self._each(columns, part, part_orders)
+            good += ok
+            bad += [replace(r, index=start + (r.index or 0)) for r in rejected]
+        return good, bad
 
     def _all_plain(
         self, rows: Sequence[Any], orders: Sequence[int | None] | None = None

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sluice.shared.database import libpq_dsn
-from sluice.shared.records import Rejected, Validator, dedupe, record_key
+from sluice.shared.records import CHUNK_ROWS, Rejected, Validator, dedupe, record_key
 from sluice.shared.streams import USAGE_EVENTS, Column, Stream
 
 COLUMNS = USAGE_EVENTS.column_names
@@ -515,14 +515,21 @@ ODD_VALUES = st.sampled_from(
 
 
 @given(
-    rows=st.lists(st.tuples(st.integers(0, 8), ODD_VALUES, st.booleans()), min_size=1, max_size=30),
+    # A page spanning several chunks, with odd values at any rows of it.
+    length=st.integers(1, 3 * CHUNK_ROWS + 7),
+    odd=st.dictionaries(
+        st.integers(0, 3 * CHUNK_ROWS + 6), st.tuples(st.integers(0, 8), ODD_VALUES), max_size=8
+    ),
     shape=st.sampled_from(["list", "tuple", "short"]),
+    with_orders=st.booleans(),
 )
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 def test_page_at_once_matches_value_by_value(
-    rows: list[tuple[int, object, bool]], shape: str
+    length: int, odd: dict[int, tuple[int, object]], shape: str, with_orders: bool
 ) -> None:
-    """Whatever the page holds, validate() gives exactly what the per-value checks give."""
+    """Whatever the page holds, validate() gives exactly what the per-value checks give: the
+    same rows (with their source orders) and the same rejections, each at its place in the
+    page."""
     base = [
         "id-1",
         "org_1",
@@ -535,13 +542,16 @@ def test_page_at_once_matches_value_by_value(
         '{"region":"eu"}',
     ]
     page: list[Any] = []
-    for i, (col, value, odd) in enumerate(rows):
+    for i in range(length):
         r: list[Any] = [f"id-{i}", *base[1:3], f"k-{i}", *base[4:]]
-        if odd:
+        if i in odd:
+            col, value = odd[i]
             r[col] = value
-        page.append(tuple(r) if shape == "tuple" else r[:8] if shape == "short" and odd else r)
+        page.append(tuple(r) if shape == "tuple" else r[:8] if shape == "short" and i in odd else r)
     v = Validator(USAGE_EVENTS)
-    assert v.validate(USAGE_EVENTS.column_names, page) == v._each(USAGE_EVENTS.column_names, page)
+    orders = range(1000, 1000 + len(page)) if with_orders else None
+    names = USAGE_EVENTS.column_names
+    assert v.validate(names, page, orders) == v._each(names, page, orders)
 
 
 @pytest.mark.parametrize(
