@@ -41,7 +41,7 @@ from sluice.shared.errors import (
     UnknownStreamError,
 )
 from sluice.shared.letters import DeadLetter, encode_record, record_of_row, send_dead_letters
-from sluice.shared.page import Page, decode
+from sluice.shared.page import Page, decode, unpack
 from sluice.shared.progress import letters_member
 from sluice.shared.records import Rejected, Validator, dedupe, record_key
 from sluice.shared.sinks import PageMeta, Sink, WriteResult
@@ -325,8 +325,12 @@ def _index_of(page: Page, row: Sequence[Any], stream: Stream) -> int | None:
 
 
 def _dead_letter_message(body: object, exc: Exception) -> None:
-    """A message we cannot read at all is kept whole as one dead letter."""
-    info = body if isinstance(body, dict) else {}
+    """A message we cannot read at all is kept whole, as it arrived, as one dead letter."""
+    try:
+        fields = unpack(body)
+    except MessageError:
+        fields = None
+    info = fields if isinstance(fields, dict) else {}
     page_id = str(info.get("id") or "unknown")
     send_dead_letters(
         [

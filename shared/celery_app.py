@@ -15,6 +15,7 @@ from typing import Any
 
 from celery import Celery, Task, signals
 from kombu import Queue
+from kombu.exceptions import EncodeError
 
 from sluice.shared.context import Context, SourceOpener
 from sluice.shared.heartbeat import Heartbeat
@@ -28,12 +29,17 @@ def ingest_queue(sink: str) -> str:
 
 
 def send_page(page: Page) -> None:
-    """Put a page on its sink's queue. Its repr (task events, Flower, logs) names the page: the
-    repr Celery would build of the first KB of its records cost more CPU than the rest of the
-    publish but the serialisation, and showed record values to whoever reads Flower."""
+    """Put a page on its sink's queue, packed (shared/page.py). Raises kombu's EncodeError, as
+    Celery's own serialisation would, for a value the queue cannot carry. Its repr (task
+    events, Flower, logs) names the page: a repr of its records showed their values to whoever
+    reads Flower."""
+    try:
+        body = page.pack()
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise EncodeError(exc) from exc
     app.send_task(
         "sluice.ingest",
-        args=[page.encode()],
+        args=[body],
         queue=ingest_queue(page.sink),
         argsrepr=f"(<page {page.id}: {len(page.rows)} {page.stream} records for {page.sink}>,)",
     )
