@@ -74,6 +74,13 @@ def cap_malloc_arenas(n: int) -> bool:
         return False
 
 
+# How long a thread of a threads-pool worker may hold the GIL while another waits for it
+# (Python's default is 5 ms). The SQLite writer's committing thread gives the GIL up at every
+# statement it runs, and waited up to that long each time to take it back from a thread
+# validating the next page; a shorter turn keeps the commits going.
+THREADS_SWITCH_INTERVAL = 0.0005
+
+
 class WorkerPool:
     """Worker processes started with the same environment; stopped on exit (warm, then cold)."""
 

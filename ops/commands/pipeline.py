@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from sluice.ops.commands.common import (
@@ -13,7 +15,12 @@ from sluice.ops.commands.common import (
     pipeline_context,
     print_json,
 )
-from sluice.ops.workers import MALLOC_ARENAS, cap_malloc_arenas, default_hostname
+from sluice.ops.workers import (
+    MALLOC_ARENAS,
+    THREADS_SWITCH_INTERVAL,
+    cap_malloc_arenas,
+    default_hostname,
+)
 from sluice.producers.schedule import BEAT_LOCK_TIMEOUT, BEAT_MAX_LOOP_INTERVAL
 from sluice.shared.celery_app import QUEUES
 
@@ -83,6 +90,7 @@ def worker(
 
     if pool == "threads":
         cap_malloc_arenas(MALLOC_ARENAS)
+        sys.setswitchinterval(THREADS_SWITCH_INTERVAL)
     app.configure(load_settings())
     consumed = queues or ",".join(QUEUES)
     argv = ["worker", "-Q", consumed, "-l", loglevel]
