@@ -397,6 +397,17 @@ class MigrationState:
         """Record that every sink committed `page` (and its dead letters are stored); twice is
         harmless (one row per page number)."""
         with self.store.write() as conn:
+            # Lock the migration's row first, as `enqueued` does by updating it: the two then run
+            # one after the other, and the second sees what the first committed. Otherwise the
+            # last page's acknowledgement and `enqueued` could each miss the other, leaving a
+            # migration whose pages are all in `enqueued` forever (and the next run would redo it).
+            conn.execute(
+                text(
+                    "UPDATE source_migrations SET status = status"
+                    " WHERE source = :s AND attempt = :a"
+                ),
+                {"s": source, "a": attempt},
+            )
             conn.execute(
                 text(
                     "INSERT INTO source_migration_pages (source, attempt, page)"
