@@ -88,12 +88,20 @@ def demo(
 def report(r: DemoResult) -> str:
     """The demo's counts per sink, speed and where its data is."""
     lines = [
-        f"{'':<12}{'fetched':>10}{'inserted':>10}{'duplicates':>12}{'dead letters':>14}",
-        f"{'pipeline':<12}{r.fetched:>10}{r.inserted:>10}{r.duplicates:>12}{r.dead_letters:>14}",
+        f"{'':<12}{'fetched':>10}{'inserted':>10}{'duplicates':>12}{'updated':>9}"
+        f"{'dead letters':>14}",
+        f"{'pipeline':<12}{r.fetched:>10}{r.inserted:>10}{r.duplicates:>12}{'':>9}"
+        f"{r.dead_letters:>14}",
     ]
     for sink, c in r.sinks.items():
         lines.append(
-            f"{sink:<12}{'':>10}{c['inserted']:>10}{c['duplicates']:>12}{c['invalid']:>14}"
+            f"{sink:<12}{'':>10}{c['inserted']:>10}{c['duplicates']:>12}{c['updated']:>9}"
+            f"{c['invalid']:>14}"
+        )
+    if any(c["updated"] for c in r.sinks.values()):
+        lines.append(
+            "(updated: repeats of a key whose earlier read reached the sink after a later one;"
+            " the sink keeps the earlier read)"
         )
     lines.append(f"\n{r.fetched} records in {r.seconds}s: {r.records_per_second} records/s")
     lines += [f"{k:<12} {v}" for k, v in r.data.items()]
