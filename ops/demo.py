@@ -100,6 +100,9 @@ def run_demo(
         t0 = time.perf_counter()
         count(0, records, "")
         while True:
+            # Done when a run made with nothing in flight finds nothing: a run made while pages
+            # are in flight resumes after them, so it cannot tell whether all is read.
+            idle = ctx.progress.in_flight(SOURCE) == 0 and total_depth(ctx.redis) == 0
             summary = run_source(ctx, SOURCE)
             if summary.status == "failed":
                 raise RuntimeError(f"source run failed: {summary.error}")
@@ -108,7 +111,7 @@ def run_demo(
             in_flight = ctx.progress.in_flight(SOURCE)
             count(max(0, result.fetched - in_flight * page_size), records, "")
             if summary.pages == 0:
-                if in_flight == 0 and total_depth(ctx.redis) == 0:
+                if idle:
                     break
                 time.sleep(0.2)
         result.seconds = round(time.perf_counter() - t0, 2)

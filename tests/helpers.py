@@ -57,10 +57,14 @@ def drain(
     while time.monotonic() < deadline:
         if tick is not None:
             tick()
+        # Idle before the run, nothing found by it: caught up. (A run made while pages were in
+        # flight resumes after them, so finding nothing then proves nothing: an HTTP window
+        # acknowledged before an earlier one leaves its cursor behind, to be fetched again.)
+        idle = ctx.progress.in_flight(source) == 0 and total_depth(ctx.redis) == 0
         s = run_source(ctx, source)
         assert s.status == "ok", s.error
         runs.append(s)
-        if s.pages == 0 and ctx.progress.in_flight(source) == 0 and total_depth(ctx.redis) == 0:
+        if s.pages == 0 and idle:
             return runs
         if s.pages == 0:
             time.sleep(0.2)
