@@ -145,12 +145,7 @@ def _collect(state: Any, sqlite_path: Path, run_ids: list[str], result: DemoResu
             ),
             params,
         ).scalar_one()
-    result.sinks["postgres"] = {
-        "inserted": int(ins),
-        "duplicates": int(dup),
-        "updated": int(upd),
-        "invalid": int(inv),
-    }
+    result.sinks["postgres"] = _counts(ins, dup, upd, inv)
     lite = sqlite_connect(sqlite_path)
     try:
         marks = ", ".join("?" for _ in run_ids)
@@ -162,16 +157,21 @@ def _collect(state: Any, sqlite_path: Path, run_ids: list[str], result: DemoResu
         ).fetchone()
     finally:
         lite.close()
-    result.sinks["sqlite"] = {
-        "inserted": row[0],
-        "duplicates": row[1],
-        "updated": row[2],
-        "invalid": row[3],
-    }
+    result.sinks["sqlite"] = _counts(*row)
     # A record written to both sinks counts once.
     result.inserted = max(s["inserted"] for s in result.sinks.values())
     result.duplicates = max(s["duplicates"] + s["updated"] for s in result.sinks.values())
     result.dead_letters = int(dead)
+
+
+def _counts(inserted: Any, duplicates: Any, updated: Any, invalid: Any) -> dict[str, int]:
+    """A sink's sums of its ingestion_runs counts."""
+    return {
+        "inserted": int(inserted),
+        "duplicates": int(duplicates),
+        "updated": int(updated),
+        "invalid": int(invalid),
+    }
 
 
 def _safe(url: str) -> str:
