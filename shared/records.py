@@ -15,7 +15,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -292,9 +292,9 @@ class Validator:
             if plain is not None:
                 good += plain
                 continue
-            ok, rejected = self._each(columns, part, part_orders)
+            ok, rejected = self._each(columns, part, part_orders, offset=start)
             good += ok
-            bad += [replace(r, index=start + (r.index or 0)) for r in rejected]
+            bad += rejected
         return good, bad
 
     def _all_plain(
@@ -328,7 +328,9 @@ class Validator:
         columns: Sequence[str],
         rows: Sequence[Any],
         orders: Sequence[int | None] | None = None,
+        offset: int = 0,
     ) -> tuple[list[Row], list[Rejected]]:
+        """Value by value; a rejection's index is its row's place in `rows` plus `offset`."""
         order = self._order(columns)
         width = len(columns)
         good: list[Row] = []
@@ -341,7 +343,7 @@ class Validator:
                         raw if isinstance(raw, list | tuple) else [raw],
                         None,
                         f"record must be a list of {width} values",
-                        index=index,
+                        index=offset + index,
                     )
                 )
                 continue
@@ -350,14 +352,14 @@ class Validator:
             for (col, check), value in zip(checks, row, strict=True):
                 if value is None:
                     if col.required:
-                        bad.append(Rejected(row, col.name, "is required", index=index))
+                        bad.append(Rejected(row, col.name, "is required", index=offset + index))
                         break
                     out.append(None)
                     continue
                 try:
                     out.append(check(value))
                 except InvalidValue as exc:
-                    bad.append(Rejected(row, col.name, str(exc), index=index))
+                    bad.append(Rejected(row, col.name, str(exc), index=offset + index))
                     break
             else:
                 if orders is not None:
